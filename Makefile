@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/declora run --out runs/demo
+	$(BIN)/declora run --out runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q tests

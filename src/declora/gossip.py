@@ -1,0 +1,55 @@
+"""The gossip step in simulation: every peer's tensors become W times the stacked tensors.
+
+Row i of W holds peer i's weights over itself and its neighbours, so `W @ X` is what each peer
+would compute after receiving its neighbours' values. Also the quantities that describe how far
+the peers are from agreeing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BYTES_PER_VALUE = 4  # fp32 on the wire
+
+
+class SimulatedGossip:
+    """Mixes stacked tensors ([n, ...]) with a fixed doubly stochastic matrix."""
+
+    def __init__(self, mixing: np.ndarray) -> None:
+        self.n = mixing.shape[0]
+        self.identity = bool(np.allclose(mixing, np.eye(self.n)))
+        self.W = torch.as_tensor(mixing, dtype=torch.float32)
+        if self.n > 256 and float((mixing != 0).mean()) < 0.1:
+            self.W = self.W.to_sparse()
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.identity:
+            return values
+        out = {}
+        for k, v in values.items():
+            flat = v.reshape(self.n, -1)
+            w = self.W.to(flat.dtype)
+            out[k] = (w @ flat).reshape(v.shape)
+        return out
+
+
+def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The paper's evaluated model: each factor (and head) averaged over peers."""
+    return {k: v.mean(dim=0) for k, v in values.items()}
+
+
+def consensus_distance(values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:
+    """sqrt(mean_i sum_layers ||B_i A_i - mean_j B_j A_j||_F^2): disagreement of the peers'
+    weight updates, which is what the factors' product changes in the model."""
+    total = 0.0
+    for name in lora_modules:
+        a, b = values[f"{name}.lora_A"], values[f"{name}.lora_B"]
+        prod = torch.bmm(b.float(), a.float())
+        total += float((prod - prod.mean(dim=0, keepdim=True)).pow(2).sum()) / a.shape[0]
+    return total**0.5
+
+
+def values_per_peer(values: dict[str, torch.Tensor]) -> int:
+    """How many numbers one peer sends to one neighbour per round."""
+    return sum(int(v[0].numel()) for v in values.values())

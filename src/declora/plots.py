@@ -1,0 +1,69 @@
+"""PNG plots for the run directory (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import networkx as nx
+import numpy as np
+
+
+def label_distribution(counts: np.ndarray, label_names: list[str], path: Path) -> Path:
+    """Stacked bars: how many examples of each class every peer holds."""
+    n = counts.shape[0]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * n + 2), 3.6))
+    bottom = np.zeros(n)
+    for c, name in enumerate(label_names):
+        ax.bar(np.arange(n), counts[:, c], bottom=bottom, label=name)
+        bottom += counts[:, c]
+    ax.set_xlabel("peer")
+    ax.set_ylabel("training examples")
+    ax.set_title("Label distribution per peer")
+    ax.set_xticks(np.arange(n))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_per_round(
+    series: dict[str, tuple[list[int], list[float]]],
+    ylabel: str,
+    path: Path,
+    *,
+    title: str | None = None,
+    log: bool = False,
+) -> Path:
+    """One line per run (or per view of a run) against the round number."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for label, (x, y) in series.items():
+        if x:
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_title(title or ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def topology(graph: nx.Graph, path: Path, *, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    pos = nx.circular_layout(graph) if graph.number_of_nodes() <= 64 else nx.spring_layout(graph)
+    nx.draw_networkx(graph, pos, ax=ax, node_size=260, font_size=7, node_color="#8fb8de")
+    ax.set_title(title)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

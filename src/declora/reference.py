@@ -1,0 +1,137 @@
+"""The reference engine: one PEFT model with a named adapter per peer, peers one after another.
+
+Slow but obviously right. Tests hold the batched engine to it; it also exposes the same
+`stacked()` / `load_stacked()` view so the round loop and the gossip code are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from declora.adapters import AdapterSpec, make_optimizer
+from declora.task import ClassificationTask, Example
+
+
+def peer_name(i: int) -> str:
+    return f"peer-{i}"
+
+
+def peft_param_name(spec: AdapterSpec, canonical: str, adapter: str) -> str:
+    """Map a canonical parameter name to the PEFT parameter of one named adapter."""
+    module, _, leaf = canonical.rpartition(".")
+    if leaf in ("lora_A", "lora_B"):
+        return f"base_model.model.{module}.{leaf}.{adapter}.weight"
+    root = spec.head_root or ""
+    rest = module[len(root) :]
+    return f"base_model.model.{root}.modules_to_save.{adapter}{rest}.{leaf}"
+
+
+def lora_config(spec: AdapterSpec) -> LoraConfig:
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.lora_modules),
+        modules_to_save=[spec.head_root] if spec.head_modules else None,
+    )
+
+
+class ReferenceEngine:
+    """n PEFT adapters on one model, trained peer by peer, each with its own AdamW."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: AdapterSpec,
+        n_peers: int,
+        init: dict[str, torch.Tensor],
+        task: ClassificationTask,
+        *,
+        lr: float,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+    ) -> None:
+        self.spec, self.n, self.task = spec, n_peers, task
+        self.max_grad_norm = max_grad_norm
+        cfg = lora_config(spec)
+        self.model: PeftModel = get_peft_model(model, cfg, adapter_name=peer_name(0))
+        for i in range(1, n_peers):
+            self.model.add_adapter(peer_name(i), cfg)
+        named = dict(self.model.named_parameters())
+        self.names = list(init)
+        self.peer_params: list[dict[str, nn.Parameter]] = [
+            {k: named[peft_param_name(spec, k, peer_name(i))] for k in self.names}
+            for i in range(n_peers)
+        ]
+        self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
+        heads = set(spec.head_modules)
+        self.optimizers = []
+        for params in self.peer_params:
+            lora = [p for k, p in params.items() if k.rpartition(".")[0] not in heads]
+            head = [p for k, p in params.items() if k.rpartition(".")[0] in heads]
+            groups = [{"params": lora, "lr": lr}]
+            if head:
+                groups.append({"params": head, "lr": head_lr or lr})
+            self.optimizers.append(make_optimizer(optimizer, groups, lr, weight_decay, momentum))
+
+    def remove(self) -> nn.Module:
+        """Strip the PEFT wrappers so the base model can be reused."""
+        return self.model.unload()
+
+    def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor:
+        self.model.train()
+        losses = []
+        for i, examples in enumerate(peer_examples):
+            self.model.set_adapter(peer_name(i))
+            opt = self.optimizers[i]
+            opt.zero_grad(set_to_none=True)
+            loss = self.task.peer_losses(self.model, self.task.collate(examples), 1)
+            loss.sum().backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    list(self.peer_params[i].values()), self.max_grad_norm
+                )
+            opt.step()
+            losses.append(loss.detach())
+        return torch.cat(losses)
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([p[k].detach() for p in self.peer_params]) for k in self.names}
+
+    @torch.no_grad()
+    def load_stacked(self, values: dict[str, torch.Tensor]) -> None:
+        for i, params in enumerate(self.peer_params):
+            for k, v in values.items():
+                params[k].copy_(v[i])
+
+    @torch.inference_mode()
+    def logits_single(
+        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
+    ) -> torch.Tensor:
+        saved = {k: p.detach().clone() for k, p in self.peer_params[0].items()}
+        self.model.eval()
+        self.model.set_adapter(peer_name(0))
+        try:
+            for k, v in values.items():
+                self.peer_params[0][k].copy_(v)
+            return self.task.logits(self.model, self.task.collate(examples))
+        finally:
+            for k, v in saved.items():
+                self.peer_params[0][k].copy_(v)
+
+    @torch.inference_mode()
+    def logits_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
+        self.model.eval()
+        batch = self.task.collate(examples)
+        out = []
+        for i in range(self.n):
+            self.model.set_adapter(peer_name(i))
+            out.append(self.task.logits(self.model, batch))
+        return torch.stack(out)

@@ -1,0 +1,209 @@
+"""The round loop: K local steps on every peer, one gossip step, evaluation every E rounds.
+
+Baselines are the same loop with another plan: FedAvg is W = 11^T/n, local-only is W = I,
+centralized is one peer holding the pooled data with the same total batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from declora.gossip import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
+from declora.gossip import values_per_peer as count_values
+from declora.metrics import classification_metrics
+from declora.sampling import PeerSampler
+from declora.task import Example
+from declora.topology import Topology
+
+
+class Engine(Protocol):
+    n: int
+
+    def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor: ...
+    def stacked(self) -> dict[str, torch.Tensor]: ...
+    def load_stacked(self, values: dict[str, torch.Tensor]) -> None: ...
+    def logits_single(
+        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
+    ) -> torch.Tensor: ...
+    def logits_all_peers(self, examples: Sequence[Example]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who trains on what and who talks to whom, for one algorithm."""
+
+    algorithm: str
+    parts: list[np.ndarray]
+    mixing: np.ndarray
+    batch_size: int
+    messages: np.ndarray  # per peer: how many copies of its values it sends each round
+
+    @property
+    def n(self) -> int:
+        return len(self.parts)
+
+
+def make_plan(algorithm: str, topology: Topology, parts: list[np.ndarray], batch_size: int) -> Plan:
+    n = len(parts)
+    if algorithm == "dec-lora":
+        deg = np.array(topology.degrees)
+        return Plan(algorithm, parts, topology.mixing, batch_size, deg)
+    if algorithm == "fedavg":  # each peer uploads once; the server's broadcast is not counted
+        return Plan(algorithm, parts, np.full((n, n), 1.0 / n), batch_size, np.ones(n))
+    if algorithm == "local-only":
+        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n))
+    if algorithm == "centralized":
+        pooled = np.sort(np.concatenate(parts))
+        return Plan(algorithm, [pooled], np.eye(1), batch_size * n, np.zeros(1))
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+
+
+class Evaluator:
+    """Held-out metrics of the averaged model and of each peer's own model."""
+
+    def __init__(
+        self,
+        test: Sequence[Example],
+        num_classes: int,
+        *,
+        binary_f1: bool = False,
+        batch_size: int = 128,
+        max_examples: int | None = None,
+        final_max_examples: int | None = None,
+        peer_max_examples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.test, self.num_classes, self.binary_f1 = test, num_classes, binary_f1
+        self.batch_size = batch_size
+        order = np.random.default_rng(seed).permutation(len(test))
+        self.avg_idx = self._by_length(order[: max_examples or len(test)])
+        self.final_idx = self._by_length(order[: final_max_examples or len(test)])
+        self.peer_idx = self._by_length(order[: peer_max_examples or len(test)])
+
+    def _by_length(self, idx: np.ndarray) -> np.ndarray:
+        """Evaluation order by length, so batches carry little padding (metrics ignore order)."""
+        return np.array(sorted(idx, key=lambda i: len(self.test[i]["input_ids"])), dtype=np.int64)
+
+    def _labels(self, idx: np.ndarray) -> np.ndarray:
+        return np.array([self.test[i]["label"] for i in idx])
+
+    def _batches(self, idx: np.ndarray, size: int) -> list[list[Example]]:
+        return [[self.test[i] for i in idx[s : s + size]] for s in range(0, len(idx), size)]
+
+    def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]:
+        idx = self.final_idx if final else self.avg_idx
+        values = average(engine.stacked())
+        logits = [engine.logits_single(values, b) for b in self._batches(idx, self.batch_size)]
+        preds = torch.cat(logits).argmax(-1).numpy()
+        out = classification_metrics(
+            preds, self._labels(idx), self.num_classes, binary_f1=self.binary_f1
+        )
+        return {**out, "eval_examples": len(idx)}
+
+    def peers(self, engine: Engine) -> list[dict[str, float]]:
+        size = max(1, self.batch_size // max(1, min(engine.n, 8)))
+        logits = [engine.logits_all_peers(b) for b in self._batches(self.peer_idx, size)]
+        preds = torch.cat(logits, dim=1).argmax(-1).numpy()
+        labels = self._labels(self.peer_idx)
+        return [
+            classification_metrics(p, labels, self.num_classes, binary_f1=self.binary_f1)
+            for p in preds
+        ]
+
+
+def summarize_peers(per_peer: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in per_peer[0]:
+        vals = np.array([m[key] for m in per_peer])
+        out[f"peers_{key}"] = float(vals.mean())
+        out[f"peers_{key}_min"] = float(vals.min())
+        out[f"peers_{key}_max"] = float(vals.max())
+    return out
+
+
+@dataclass
+class Result:
+    """What one algorithm's run produced."""
+
+    algorithm: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    peer_metrics: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, torch.Tensor] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def last(self, key: str) -> float | None:
+        for rec in reversed(self.records):
+            if key in rec:
+                return rec[key]
+        return None
+
+    def best(self, key: str) -> float | None:
+        vals = [r[key] for r in self.records if key in r]
+        return max(vals) if vals else None
+
+
+def train(
+    engine: Engine,
+    plan: Plan,
+    train_examples: Sequence[Example],
+    evaluator: Evaluator,
+    *,
+    rounds: int,
+    local_steps: int,
+    seed: int,
+    eval_every: int,
+    eval_peers: str = "final",
+    lora_modules: tuple[str, ...] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+    mix_keys: set[str] | None = None,
+) -> Result:
+    """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters."""
+    samplers = [PeerSampler(p, plan.batch_size, seed, i) for i, p in enumerate(plan.parts)]
+    gossip = SimulatedGossip(plan.mixing)
+    result = Result(plan.algorithm)
+    sent_per_round: np.ndarray | None = None
+    bytes_sent = np.zeros(plan.n)
+    losses: list[torch.Tensor] = []
+    start = time.perf_counter()
+    bar = tqdm(range(1, rounds + 1), desc=plan.algorithm, unit="round", disable=not progress)
+    for t in bar:
+        for _ in range(local_steps):
+            batches = [[train_examples[j] for j in s.next()] for s in samplers]
+            losses.append(engine.train_step(batches))
+        values = engine.stacked()
+        shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
+        if sent_per_round is None:
+            sent_per_round = plan.messages * count_values(shared) * BYTES_PER_VALUE
+        engine.load_stacked(gossip.mix(shared))
+        bytes_sent += sent_per_round
+        if t % eval_every and t != rounds:
+            continue
+        rec: dict[str, Any] = {
+            "round": t,
+            "examples_per_peer": t * local_steps * plan.batch_size,
+            "train_loss": float(torch.stack(losses).mean()),
+        }
+        losses = []
+        rec.update(evaluator.average(engine, final=t == rounds))
+        if eval_peers == "every" or (eval_peers == "final" and t == rounds):
+            result.peer_metrics = evaluator.peers(engine)
+            rec.update(summarize_peers(result.peer_metrics))
+        rec["consensus_distance"] = consensus_distance(engine.stacked(), lora_modules)
+        rec["bytes_sent"] = float(bytes_sent.mean())
+        rec["bytes_sent_total"] = float(bytes_sent.sum())
+        rec["wall_seconds"] = round(time.perf_counter() - start, 3)
+        result.records.append(rec)
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['accuracy']:.3f}")
+        if on_record:
+            on_record(rec)
+    result.final = {k: v.clone() for k, v in engine.stacked().items()}
+    result.wall_seconds = time.perf_counter() - start
+    return result

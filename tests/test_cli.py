@@ -1,0 +1,191 @@
+"""The command line end to end on a tiny model and a small CSV, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from declora.cli import app
+from tests.conftest import WORDS, tiny_bert
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_bert().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    rows = ["text,label,topic"]
+    for i in range(240):
+        words = rng.choice(WORDS, size=6)
+        label = ["neg", "neu", "pos"][int(sum(len(w) for w in words) % 3)]
+        rows.append(f"{' '.join(words)} {i},{label},t{i % 6}")
+    f = tmp_path_factory.mktemp("data") / "tweets.csv"
+    f.write_text("\n".join(rows) + "\n")
+    return f
+
+
+def _args(model_dir, data, out, *extra):
+    base = [
+        "run",
+        "--quiet",
+        "--out",
+        str(out),
+        "--set",
+        f"model.name={model_dir}",
+        "--set",
+        "data.name=file",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        "topology.peers=4",
+        "--set",
+        "train.rounds=4",
+        "--set",
+        "train.local_steps=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "data.min_size=4",
+        "--set",
+        "lora.r=2",
+    ]
+    for item in extra:
+        base += ["--set", item]
+    return base
+
+
+def test_run_writes_a_complete_run_directory(tiny_model_dir, csv_file, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, _args(tiny_model_dir, csv_file, out))
+    assert res.exit_code == 0, res.output
+    assert "Dec-LoRA (averaged model)" in res.stdout
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["topology"]["peers"] == 4 and cfg["train"]["rounds"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [2, 4]
+    for key in (
+        "train_loss",
+        "accuracy",
+        "macro_f1",
+        "consensus_distance",
+        "bytes_sent",
+        "wall_seconds",
+    ):
+        assert key in lines[-1]
+    assert "peers_accuracy" in lines[-1]  # peers evaluated at the final round
+    # ring of 4: every peer sends to 2 neighbours each round
+    per_round = lines[-1]["bytes_sent"] / 4
+    assert per_round > 0 and lines[0]["bytes_sent"] == pytest.approx(2 * per_round)
+    for sub in ["average", "peer-0", "peer-3"]:
+        assert (out / "adapters" / sub / "adapter_model.safetensors").is_file()
+        assert (out / "adapters" / sub / "adapter_config.json").is_file()
+    for png in ["accuracy.png", "label_distribution.png", "consensus.png", "topology.png"]:
+        assert (out / png).stat().st_size > 1000
+    counts = json.loads((out / "label_counts.json").read_text())
+    assert np.array(counts["counts"]).sum() == counts["data"]["train"]["total"]
+    for b in ["centralized", "local-only"]:
+        assert (out / "baselines" / b / "metrics.jsonl").is_file()
+    local = json.loads((out / "baselines/local-only/metrics.jsonl").read_text().splitlines()[-1])
+    assert local["bytes_sent"] == 0
+    assert "Centralized LoRA" in (out / "report.md").read_text()
+
+
+def test_same_seed_same_metrics(tiny_model_dir, csv_file, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        res = runner.invoke(
+            app,
+            _args(tiny_model_dir, csv_file, tmp_path / name, "baselines=[]", "eval.peers=never"),
+        )
+        assert res.exit_code == 0, res.output
+        text = (tmp_path / name / "metrics.jsonl").read_text()
+        recs = [json.loads(x) for x in text.splitlines()]
+        for r in recs:
+            r.pop("wall_seconds")
+        runs.append(recs)
+    assert runs[0] == runs[1]
+    res = runner.invoke(
+        app,
+        _args(
+            tiny_model_dir, csv_file, tmp_path / "c", "baselines=[]", "eval.peers=never", "seed=7"
+        ),
+    )
+    other = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert other[-1]["train_loss"] != runs[0][-1]["train_loss"]
+
+
+def test_existing_run_directory_is_not_overwritten(tiny_model_dir, csv_file, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = runner.invoke(app, _args(tiny_model_dir, csv_file, out, "baselines=[]"))
+    assert res.exit_code == 2 and "already exists" in res.stderr
+    res = runner.invoke(app, [*_args(tiny_model_dir, csv_file, out, "baselines=[]"), "--overwrite"])
+    assert res.exit_code == 2 and "not a declora run directory" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+BAD = [
+    (["topology.knd=ring"], "topology.knd: unknown key"),
+    (["topology.kind=rng"], "topology.kind"),
+    (["train.rounds=many"], "train.rounds"),
+    (["algorithm.name=gossip"], "algorithm.name"),
+    (["data.path=/nonexistent/file.csv"], "/nonexistent/file.csv"),
+    (["data.label_column=sentiment"], "sentiment"),
+    (["topology.peers=500"], "500 peers"),
+    (["data.partition=natural", "data.group_column=topic", "topology.peers=8"], "group"),
+    (["topology.kind=edges", "topology.edge_file={edges}"], "connected"),
+    (["topology.mixing=uniform", "topology.kind=star"], "regular"),
+    (["topology.matrix_file={matrix}"], "symmetric"),
+    (["model.name={notmodel}"], "not a model folder"),
+    (["lora.targets=[nope]"], "lora.targets"),
+]
+
+
+@pytest.mark.parametrize(("sets", "expect"), BAD)
+def test_bad_input_gives_one_clear_error(sets, expect, tiny_model_dir, csv_file, tmp_path):
+    edges = tmp_path / "edges.txt"
+    edges.write_text("0 1\n2 3\n")
+    matrix = tmp_path / "w.csv"
+    matrix.write_text("0.5,0.5,0,0\n0.25,0.5,0.25,0\n0,0.25,0.5,0.25\n0,0,0.25,0.75\n")
+    notmodel = tmp_path / "notmodel"
+    notmodel.mkdir()
+    sets = [s.format(edges=edges, matrix=matrix, notmodel=notmodel) for s in sets]
+    out = tmp_path / "out"
+    res = runner.invoke(app, _args(tiny_model_dir, csv_file, out, *sets))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error:") and expect in res.stderr
+    assert "Traceback" not in res.output
+    assert not out.exists(), "a failed check must not leave a run directory behind"
+
+
+def test_missing_config_file(tmp_path):
+    res = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+
+
+def test_topology_command():
+    res = runner.invoke(app, ["topology", "--kind", "ring", "--peers", "10"])
+    assert res.exit_code == 0 and "spectral gap" in res.stdout.lower()
+    res = runner.invoke(
+        app, ["topology", "--kind", "complete", "--peers", "5", "--mixing", "fedavg", "--json"]
+    )
+    data = json.loads(res.stdout)
+    assert data["peers"] == 5 and data["spectral_gap"] == pytest.approx(1.0)
+    res = runner.invoke(app, ["topology", "--kind", "er", "--peers", "6", "--mixing", "nope"])
+    assert res.exit_code == 2 and "mixing" in res.stderr
