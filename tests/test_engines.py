@@ -38,7 +38,7 @@ def _run(
     parts = partition(labels, N_PEERS, "dirichlet", seed=seed, alpha=1.0, min_size=4)
     topo = build_topology(kind, N_PEERS, "laplacian")
     plan = make_plan(algorithm, topo, parts, batch_size=5)
-    kwargs = dict(lr=5e-3 if optimizer == "adamw" else 0.1, max_grad_norm=1.0, optimizer=optimizer)
+    kwargs = dict(lr=5e-3 if optimizer == "adamw" else 1.0, max_grad_norm=1.0, optimizer=optimizer)
     if engine_cls is BatchedEngine:
         kwargs["peer_chunk"] = chunk
     engine = engine_cls(model, spec, plan.n, init, task, **kwargs)
@@ -69,8 +69,8 @@ def test_batched_matches_reference(tokenizer, task, chunk, optimizer):
     for k in batched.final:
         torch.testing.assert_close(batched.final[k], ref.final[k], atol=1e-5, rtol=1e-4)
     # B moved away from its zero init, so the comparison is not trivially between zeros
-    b_keys = [k for k in batched.final if k.endswith("lora_B")]
-    assert all(batched.final[k].abs().max() > 1e-4 for k in b_keys)
+    b_max = [float(batched.final[k].abs().max()) for k in batched.final if k.endswith("lora_B")]
+    assert min(b_max) > 1e-6 and max(b_max) > 1e-3
     assert batched.records[-1]["accuracy"] == pytest.approx(ref.records[-1]["accuracy"])
     assert batched.peer_metrics == ref.peer_metrics
 

@@ -56,7 +56,7 @@ def test_real_run_and_peft_export(minilm_path, tmp_path):
     from declora.task import ClassificationTask
 
     fresh = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
-    spec = build_spec(fresh, ["query", "value"], 8, 16.0, 0.0, True)
+    spec = build_spec(fresh, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, 0.0, True)
     avg = average(res.final)
     eng = BatchedEngine(fresh, spec, 1, avg, ClassificationTask(tok), lr=1e-3)
     mask = batch["attention_mask"].bool()

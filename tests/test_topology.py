@@ -329,7 +329,7 @@ def test_unknown_kind_lists_the_choices():
 
 
 def test_unknown_rule_lists_the_choices():
-    with pytest.raises(TopologyError, match=r"topology\.rule 'metro' is unknown") as info:
+    with pytest.raises(TopologyError, match=r"topology\.mixing 'metro' is unknown") as info:
         build_topology("ring", 4, "metro")
     assert "laplacian, metropolis, uniform, fedavg, identity" in str(info.value)
     with pytest.raises(TopologyError, match="is unknown"):

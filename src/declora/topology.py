@@ -61,7 +61,7 @@ def _check_kind(kind: object) -> str:
 def _check_rule(rule: object) -> str:
     """Reject mixing rules this module cannot build."""
     if rule not in MIXING_RULES:
-        raise _unknown("rule", rule, MIXING_RULES)
+        raise _unknown("mixing", rule, MIXING_RULES)
     return str(rule)
 
 
