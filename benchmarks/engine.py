@@ -29,6 +29,7 @@ def _setup(n_peers: int, batch: int):
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from declora.config import load_config
     from declora.run import prepare
 
@@ -113,23 +114,48 @@ def throughput(n: int, b: int, steps: int) -> dict:
     return out
 
 
+def _vm_hwm_mib() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would carry over the
+    parent's peak across exec on Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_child(n: int, b: int, steps: int) -> None:
     """Runs in a fresh process: a few steps with n peers, then prints peak RSS (MiB)."""
     from declora.batched import BatchedEngine
 
     cfg, prep = _setup(n, b)
+    import gc
+
+    gc.collect()
+    setup_peak = _vm_hwm_mib()
+    reset = _reset_peak()
     chunk = max(1, cfg.train.max_pass_examples // b)
     eng = BatchedEngine(prep.model, prep.spec, n, prep.init, prep.task, lr=1e-3, peer_chunk=chunk)
     start = time.perf_counter()
     for s in range(steps):
         eng.train_step(_batches(prep, n, b, s))
     secs = (time.perf_counter() - start) / steps
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
             {
                 "peers": n,
-                "peak_rss_mib": peak_kib / 1024,
+                "peak_rss_mib": _vm_hwm_mib(),
+                "setup_peak_mib": setup_peak,
+                "peak_reset_after_setup": reset,
                 "seconds_per_step": secs,
                 "trainable_params": sum(p.numel() for p in eng.params.values()),
             }
@@ -182,7 +208,10 @@ def main() -> None:
     tp = throughput(args.peers, args.batch, args.steps)
     print(json.dumps(tp, indent=2))
     mem = memory([int(x) for x in args.memory_peers.split(",")], args.batch, args.memory_steps)
-    print("peak memory (fresh process per row):")
+    print(
+        "peak resident memory while training (fresh process per row; peak reset after "
+        "loading model and data):"
+    )
     for r in mem:
         print(
             f"  {r['peers']:>4} peers: {r['peak_rss_mib']:8.0f} MiB  "

@@ -107,8 +107,8 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """How often and on how much of the held-out split the models are evaluated."""
 
-    every: int = Field(12, ge=1)
-    max_examples: int | None = Field(500, ge=1, description="held-out examples per evaluation")
+    every: int = Field(6, ge=1)
+    max_examples: int | None = Field(300, ge=1, description="held-out examples per evaluation")
     final_max_examples: int | None = Field(
         2000, ge=1, description="held-out examples at the last round (None: all)"
     )

@@ -113,6 +113,9 @@ def write_report(
         title="Training loss (mean over peers)",
     )
     d = prep.data
+    main = results[cfg.algorithm.name]
+    final_n = main.last("eval_examples")
+    peer_n = min(cfg.eval.peer_max_examples or len(prep.test_examples), len(prep.test_examples))
     text = f"""# declora run: {cfg.name}
 
 {NAMES.get(cfg.algorithm.name, cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
@@ -122,8 +125,11 @@ r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{d.name}` ({len(d.train_l
 (alpha={cfg.data.alpha}); {cfg.train.rounds} rounds x {cfg.train.local_steps} local steps x batch
 {cfg.train.batch_size} per peer; seed {cfg.seed}.
 
-## Results (final round; evaluated on {len(prep.test_examples)} held-out examples or the
-`eval.max_examples` subset)
+## Results
+
+Final round: the averaged model on {final_n} held-out examples, each peer's own model on
+{peer_n}; "best acc." is the best averaged-model accuracy over the evaluated rounds (the paper's
+metric; rounds before the last use {cfg.eval.max_examples or "all"} examples).
 
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
