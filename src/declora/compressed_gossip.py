@@ -1,0 +1,185 @@
+"""Gossip with compressed messages, simulated on stacked tensors ([n, ...]).
+
+Two schemes share the same contract as `declora.gossip.SimulatedGossip.mix` plus exact byte
+accounting (`last_bytes`) and checkpointable state:
+
+* `CompressedGossip`: every peer sends a compressed copy of its value (optionally with error
+  feedback) and mixes its own exact value with what it decoded from its neighbours.
+* `ChocoGossip`: peers send compressed *differences* to public copies, so the message size in
+  information terms shrinks as the peers agree (Koloskova et al., 2019).
+
+Row i of W is peer i's weights over itself and its neighbours; W is assumed symmetric (as the
+topology module builds it), so a peer's row also lists the peers that receive its messages.
+Encoding order is fixed (tensors in dict order, then peers 0..n-1), and stochastic rounding draws
+from one seeded generator, so a run is reproducible for a seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from declora.compress import Compressor
+from declora.errors import ConfigError, TopologyError
+
+_GENERATOR_KEY = "generator"
+
+
+class _GossipBase:
+    """The parts both schemes share: the matrix, who talks to whom, the RNG and byte counts."""
+
+    _state_prefix = "state"
+
+    def __init__(self, mixing: np.ndarray, compressor: Compressor, seed: int) -> None:
+        mixing = np.asarray(mixing, dtype=np.float64)
+        if mixing.ndim != 2 or mixing.shape[0] != mixing.shape[1] or mixing.shape[0] == 0:
+            raise TopologyError(
+                f"mixing matrix has shape {mixing.shape}; it must be square, one row per peer"
+            )
+        self.n = mixing.shape[0]
+        self.compressor = compressor
+        self.W = torch.as_tensor(mixing, dtype=torch.float32)
+        self.self_weight = torch.as_tensor(np.diag(mixing).copy(), dtype=torch.float32)
+        off_diagonal = (mixing != 0) & ~np.eye(self.n, dtype=bool)
+        # How many neighbours receive each peer's packet; 0 means the peer is isolated.
+        self.degree = off_diagonal.sum(axis=1).astype(np.int64)
+        self.senders = [i for i in range(self.n) if self.degree[i] > 0]
+        self.isolated = torch.as_tensor(self.degree == 0)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_bytes = np.zeros(self.n, dtype=np.int64)
+        self._memory: dict[str, torch.Tensor] = {}  # residuals or public copies, per tensor
+
+    def _memory_for(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The per-tensor state (zeros at first); it must keep the tensor's shape across rounds."""
+        mem = self._memory.get(name)
+        if mem is None:
+            mem = torch.zeros_like(x)
+            self._memory[name] = mem
+        elif mem.shape != x.shape:
+            raise ValueError(
+                f"tensor {name!r} changed shape from {tuple(mem.shape)} to {tuple(x.shape)}"
+            )
+        return mem.to(x.device)
+
+    def _send(self, value: torch.Tensor, peer: int, sent: np.ndarray) -> torch.Tensor:
+        """Encode one peer's tensor, count its bytes once per neighbour, return what they see."""
+        packet = self.compressor.encode(value, self.generator)
+        sent[peer] += packet.nbytes() * int(self.degree[peer])
+        return self.compressor.decode(packet).to(value.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Generator state plus per-tensor memory, all as tensors (safe for safetensors)."""
+        state = {_GENERATOR_KEY: self.generator.get_state()}
+        for name, mem in self._memory.items():
+            state[f"{self._state_prefix}.{name}"] = mem.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` saved, so a resumed run continues bit for bit."""
+        memory: dict[str, torch.Tensor] = {}
+        prefix = f"{self._state_prefix}."
+        for key, value in state.items():
+            if key == _GENERATOR_KEY:
+                continue
+            if not key.startswith(prefix):
+                raise ValueError(f"unexpected key {key!r} in a {type(self).__name__} state")
+            memory[key[len(prefix) :]] = value.detach().to(torch.float32).clone()
+        if _GENERATOR_KEY in state:
+            self.generator.set_state(state[_GENERATOR_KEY].to(torch.uint8).cpu())
+        self._memory = memory
+
+
+class CompressedGossip(_GossipBase):
+    """Each peer sends one compressed packet of each of its tensors; every neighbour decodes it.
+
+    A peer mixes its own EXACT value with its neighbours' decoded values:
+    x_i <- W_ii x_i + sum_{j != i} W_ij dec(enc(x_j)).
+
+    With error feedback a peer sends enc(x_i + e_i) and keeps e_i <- (x_i + e_i) - dec(...), so
+    what it fails to send one round is sent later instead of being lost; its own value in the
+    mix stays the exact x_i.
+    """
+
+    _state_prefix = "residual"
+
+    def __init__(
+        self,
+        mixing: np.ndarray,
+        compressor: Compressor,
+        *,
+        error_feedback: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mixing, compressor, seed)
+        self.error_feedback = error_feedback
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sent = np.zeros(self.n, dtype=np.int64)
+        out = {}
+        for name, v in values.items():
+            x = v.detach().to(torch.float32)
+            decoded = x.clone()  # isolated peers keep their exact value here
+            residual = self._memory_for(name, x) if self.error_feedback else None
+            for i in self.senders:
+                message = x[i] + residual[i] if residual is not None else x[i]
+                decoded[i] = self._send(message, i, sent)
+                if residual is not None:
+                    residual[i] = message - decoded[i]
+            if residual is not None:
+                self._memory[name] = residual
+            flat_x, flat_d = x.reshape(self.n, -1), decoded.reshape(self.n, -1)
+            w = self.W.to(flat_x.device)
+            own = self.self_weight.to(flat_x.device).unsqueeze(1)
+            # W @ dec swaps in the peer's own exact value through the diagonal correction; with a
+            # lossless compressor the correction is exactly zero and this is plain W @ x.
+            mixed = w @ flat_d + own * (flat_x - flat_d)
+            mixed[self.isolated.to(flat_x.device)] = flat_x[self.isolated.to(flat_x.device)]
+            out[name] = mixed.reshape(v.shape).to(v.dtype)
+        self.last_bytes = sent
+        return out
+
+
+class ChocoGossip(_GossipBase):
+    """CHOCO-gossip (Koloskova et al. 2019): every peer keeps public copies xhat_j of itself and
+    its neighbours; per round q_i = enc(x_i - xhat_i) is sent, everyone updates xhat_i +=
+    dec(q_i), then x_i <- x_i + gamma * sum_j W_ij (xhat_j - xhat_i). Compressed differences
+    shrink as peers agree, so quantization noise vanishes at consensus instead of stalling it.
+
+    xhat starts at zeros, so the first rounds send the values themselves. With W symmetric and
+    doubly stochastic, the network average of x is preserved every round for any compressor.
+    """
+
+    _state_prefix = "xhat"
+
+    def __init__(
+        self,
+        mixing: np.ndarray,
+        compressor: Compressor,
+        *,
+        gamma: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        ok = isinstance(gamma, int | float) and not isinstance(gamma, bool) and 0 < gamma <= 1
+        if not ok:
+            raise ConfigError(f"comm.gamma={gamma!r} is not supported; choose a value in (0, 1]")
+        super().__init__(mixing, compressor, seed)
+        self.gamma = float(gamma)
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sent = np.zeros(self.n, dtype=np.int64)
+        out = {}
+        for name, v in values.items():
+            x = v.detach().to(torch.float32)
+            xhat = self._memory_for(name, x)
+            for i in self.senders:
+                xhat[i] += self._send(x[i] - xhat[i], i, sent)
+            self._memory[name] = xhat
+            flat_x, flat_h = x.reshape(self.n, -1), xhat.reshape(self.n, -1)
+            w = self.W.to(flat_x.device)
+            # sum_j W_ij (xhat_j - xhat_i) = (W xhat)_i - xhat_i because rows of W sum to one.
+            mixed = flat_x + self.gamma * (w @ flat_h - flat_h)
+            mixed[self.isolated.to(flat_x.device)] = flat_x[self.isolated.to(flat_x.device)]
+            out[name] = mixed.reshape(v.shape).to(v.dtype)
+        self.last_bytes = sent
+        return out
