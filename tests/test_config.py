@@ -41,7 +41,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 
 def test_all_problems_are_reported_one_line_each():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["topology.peers=0", "train.lr=-1", "lora.rr=4", "comm.bits=4"])
+        load_config(None, ["topology.peers=0", "train.lr=-1", "lora.rr=4", "comm.bits=9"])
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == 4
     text = str(err.value)

@@ -124,9 +124,20 @@ class AlgorithmConfig(_Section):
 
 
 class CommConfig(_Section):
-    """What goes on the wire. Only exact fp32 values for now."""
+    """What goes on the wire: fp32, fp16/bf16, or k-bit quantized packed buffers."""
 
-    bits: Literal[32] = 32
+    bits: Literal[1, 2, 3, 4, 5, 6, 7, 8, 16, 32] = 32
+    half: Literal["fp16", "bf16"] = "fp16"
+    rounding: Literal["stochastic", "nearest"] = "stochastic"
+    granularity: Literal["tensor", "row", "block"] = "row"
+    block_size: int = Field(256, ge=1)
+    error_feedback: bool = False
+    scheme: Literal["plain", "choco"] = "plain"
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="CHOCO consensus step size")
+
+    @property
+    def exact(self) -> bool:
+        return self.bits == 32 and self.scheme == "plain"
 
 
 class RunConfig(_Section):

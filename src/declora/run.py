@@ -17,6 +17,8 @@ import torch
 from declora import plots
 from declora.adapters import AdapterSpec, build_spec, initial_state
 from declora.batched import BatchedEngine
+from declora.compress import make_compressor
+from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.config import RunConfig
 from declora.data import TextClassificationData, load_classification_data
 from declora.errors import ConfigError, PartitionError
@@ -29,7 +31,7 @@ from declora.report import summary_rows, write_report
 from declora.rundir import RunDir
 from declora.task import ClassificationTask, Example
 from declora.topology import Topology, build_topology
-from declora.trainer import Engine, Evaluator, Result, make_plan, train
+from declora.trainer import Communicator, Engine, Evaluator, Plan, Result, make_plan, train
 
 
 @dataclass
@@ -162,6 +164,20 @@ def make_engine(prep: Prepared, n_peers: int, batch_size: int) -> Engine:
     )
 
 
+def make_gossip(cfg: RunConfig, plan: Plan) -> Communicator | None:
+    """Compressed communication for gossip algorithms; None means exact fp32 mixing.
+
+    Only Dec-LoRA's neighbour exchange is compressed; FedAvg's server averaging, local-only and
+    centralized training stay exact (they send nothing or are not the object of study)."""
+    c = cfg.comm
+    if c.exact or plan.algorithm != "dec-lora":
+        return None
+    comp = make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half)
+    if c.scheme == "choco":
+        return ChocoGossip(plan.mixing, comp, gamma=c.gamma, seed=cfg.seed)
+    return CompressedGossip(plan.mixing, comp, error_feedback=c.error_feedback, seed=cfg.seed)
+
+
 def run_algorithm(
     prep: Prepared, algorithm: str, out: RunDir, *, export_peers: bool, progress: bool
 ) -> Result:
@@ -197,6 +213,7 @@ def run_algorithm(
             on_record=out.append_metrics,
             progress=progress,
             mix_keys=mix_keys,
+            gossip=make_gossip(cfg, plan),
         )
     finally:
         remove = getattr(engine, "remove", None)

@@ -23,6 +23,10 @@ from declora.task import Example
 from declora.topology import Topology
 
 
+class Communicator(Protocol):
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
 class Engine(Protocol):
     n: int
 
@@ -164,10 +168,14 @@ def train(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     mix_keys: set[str] | None = None,
+    gossip: Communicator | None = None,
 ) -> Result:
-    """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters."""
+    """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters.
+
+    `gossip` defaults to exact fp32 mixing with W; a compressed communicator also reports the
+    exact bytes of the buffers each peer sent (`last_bytes`)."""
     samplers = [PeerSampler(p, plan.batch_size, seed, i) for i, p in enumerate(plan.parts)]
-    gossip = SimulatedGossip(plan.mixing)
+    gossip = gossip or SimulatedGossip(plan.mixing)
     result = Result(plan.algorithm)
     sent_per_round: np.ndarray | None = None
     bytes_sent = np.zeros(plan.n)
@@ -183,7 +191,8 @@ def train(
         if sent_per_round is None:
             sent_per_round = plan.messages * count_values(shared) * BYTES_PER_VALUE
         engine.load_stacked(gossip.mix(shared))
-        bytes_sent += sent_per_round
+        measured = getattr(gossip, "last_bytes", None)
+        bytes_sent += sent_per_round if measured is None else measured
         if t % eval_every and t != rounds:
             continue
         rec: dict[str, Any] = {
