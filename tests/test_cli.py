@@ -191,3 +191,23 @@ def test_topology_command():
     assert data["peers"] == 5 and data["spectral_gap"] == pytest.approx(1.0)
     res = runner.invoke(app, ["topology", "--kind", "er", "--peers", "6", "--mixing", "nope"])
     assert res.exit_code == 2 and "mixing" in res.stderr
+
+
+def test_a_baseline_does_not_depend_on_what_ran_before_it(tmp_path, tokenizer, csv_file):
+    """With dropout in the base model, each algorithm still starts from the seed's RNG state."""
+    model_dir = tmp_path / "dropout-model"
+    tiny_bert(dropout=0.1).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    alone, after = tmp_path / "alone", tmp_path / "after"
+    res = runner.invoke(
+        app, _args(model_dir, csv_file, alone, "algorithm.name=centralized", "baselines=[]")
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, _args(model_dir, csv_file, after, "baselines=[centralized]"))
+    assert res.exit_code == 0, res.output
+
+    def records(path):
+        out = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in out]
+
+    assert records(alone) == records(after / "baselines" / "centralized")

@@ -182,6 +182,8 @@ def run_algorithm(
     prep: Prepared, algorithm: str, out: RunDir, *, export_peers: bool, progress: bool
 ) -> Result:
     cfg = prep.cfg
+    # every algorithm starts from the same RNG state (dropout masks), whatever ran before it
+    torch.manual_seed(cfg.seed)
     plan = make_plan(algorithm, prep.topology, prep.parts, cfg.train.batch_size)
     engine = make_engine(prep, plan.n, plan.batch_size)
     evaluator = Evaluator(
