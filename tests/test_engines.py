@@ -38,7 +38,13 @@ def _run(
     parts = partition(labels, N_PEERS, "dirichlet", seed=seed, alpha=1.0, min_size=4)
     topo = build_topology(kind, N_PEERS, "laplacian")
     plan = make_plan(algorithm, topo, parts, batch_size=5)
-    kwargs = dict(lr=5e-3 if optimizer == "adamw" else 1.0, max_grad_norm=1.0, optimizer=optimizer)
+    kwargs = dict(
+        schedule="linear" if optimizer == "sgd" else "constant",
+        total_steps=rounds * local_steps,
+        lr=5e-3 if optimizer == "adamw" else 1.0,
+        max_grad_norm=1.0,
+        optimizer=optimizer,
+    )
     if engine_cls is BatchedEngine:
         kwargs["peer_chunk"] = chunk
     engine = engine_cls(model, spec, plan.n, init, task, **kwargs)
@@ -165,3 +171,18 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tokenizer, task):
     torch.testing.assert_close(finals[0][0], finals[1][0], atol=1e-6, rtol=1e-5)
     for k in finals[0][1]:
         torch.testing.assert_close(finals[0][1][k], finals[1][1][k], atol=1e-6, rtol=1e-5)
+
+
+def test_linear_schedule_decays_to_zero():
+    from declora.adapters import make_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.4)
+    sched = make_scheduler(opt, "linear", total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)

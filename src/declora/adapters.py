@@ -7,6 +7,7 @@ linear of the trained head. Stacked values carry an extra leading peer axis.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,25 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, module)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor per completed step: constant, or linear / cosine decay to zero over
+    `total_steps` (a decayed rate lets noisy SGD settle instead of ending on a random swing)."""
+    if schedule == "constant" or not total_steps:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
+        )
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+        )
+    raise ValueError(f"unknown schedule {schedule!r}")
 
 
 def make_optimizer(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from declora.adapters import AdapterSpec, make_optimizer, set_submodule
+from declora.adapters import AdapterSpec, make_optimizer, make_scheduler, set_submodule
 from declora.stacked import StackedLinear, StackedLoraLinear
 from declora.task import ClassificationTask, Example
 
@@ -51,6 +51,8 @@ class BatchedEngine:
         max_grad_norm: float | None = 1.0,
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        schedule: str = "constant",
+        total_steps: int | None = None,
         peer_chunk: int | None = None,
         micro_batch: int | None = None,
     ) -> None:
@@ -84,6 +86,7 @@ class BatchedEngine:
                 {"params": [self.params[k] for k in self.head_param_names], "lr": head_lr or lr}
             )
         self.optimizer = make_optimizer(optimizer, groups, lr, weight_decay, momentum)
+        self.scheduler = make_scheduler(self.optimizer, schedule, total_steps)
 
     @property
     def head_param_names(self) -> list[str]:
@@ -132,6 +135,7 @@ class BatchedEngine:
         if self.max_grad_norm is not None:
             clip_per_peer(list(self.params.values()), self.max_grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         return torch.cat(losses)
 
     def _accumulate(self, rows: Sequence[Example], size: int) -> torch.Tensor:

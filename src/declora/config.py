@@ -87,12 +87,13 @@ class LoraSettings(_Section):
 class TrainConfig(_Section):
     """Local training: rounds x local steps, per-peer batch, AdamW."""
 
-    rounds: int = Field(36, ge=1)
+    rounds: int = Field(72, ge=1)
     local_steps: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="for optimizer=sgd")
     lr: float = Field(0.2, gt=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
     head_lr: float | None = Field(None, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
@@ -107,7 +108,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """How often and on how much of the held-out split the models are evaluated."""
 
-    every: int = Field(6, ge=1)
+    every: int = Field(12, ge=1)
     max_examples: int | None = Field(300, ge=1, description="held-out examples per evaluation")
     final_max_examples: int | None = Field(
         2000, ge=1, description="held-out examples at the last round (None: all)"

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from declora.adapters import AdapterSpec, make_optimizer
+from declora.adapters import AdapterSpec, make_optimizer, make_scheduler
 from declora.task import ClassificationTask, Example
 
 
@@ -57,6 +57,8 @@ class ReferenceEngine:
         max_grad_norm: float | None = 1.0,
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        schedule: str = "constant",
+        total_steps: int | None = None,
     ) -> None:
         self.spec, self.n, self.task = spec, n_peers, task
         self.max_grad_norm = max_grad_norm
@@ -80,6 +82,7 @@ class ReferenceEngine:
             if head:
                 groups.append({"params": head, "lr": head_lr or lr})
             self.optimizers.append(make_optimizer(optimizer, groups, lr, weight_decay, momentum))
+        self.schedulers = [make_scheduler(o, schedule, total_steps) for o in self.optimizers]
 
     def remove(self) -> nn.Module:
         """Strip the PEFT wrappers so the base model can be reused."""
@@ -99,6 +102,7 @@ class ReferenceEngine:
                     list(self.peer_params[i].values()), self.max_grad_norm
                 )
             opt.step()
+            self.schedulers[i].step()
             losses.append(loss.detach())
         return torch.cat(losses)
 

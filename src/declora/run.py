@@ -148,6 +148,8 @@ def make_engine(prep: Prepared, n_peers: int, batch_size: int) -> Engine:
         max_grad_norm=t.max_grad_norm,
         optimizer=t.optimizer,
         momentum=t.momentum,
+        schedule=t.schedule,
+        total_steps=t.rounds * t.local_steps,
     )
     if t.engine == "reference":
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
