@@ -135,3 +135,27 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How every peer optimizes its own parameters; shared by both engines."""
+
+    lr: float
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    total_steps: int | None = None
+
+    def build(
+        self, lora: list[torch.nn.Parameter], head: list[torch.nn.Parameter]
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """Optimizer (LoRA factors at lr, head at head_lr) and its learning-rate schedule."""
+        groups: list[dict] = [{"params": lora, "lr": self.lr}]
+        if head:
+            groups.append({"params": head, "lr": self.head_lr or self.lr})
+        opt = make_optimizer(self.optimizer, groups, self.lr, self.weight_decay, self.momentum)
+        return opt, make_scheduler(opt, self.schedule, self.total_steps)

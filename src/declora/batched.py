@@ -9,11 +9,12 @@ AdamW is element-wise, so that is exactly n independent optimizers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from declora.adapters import AdapterSpec, make_optimizer, make_scheduler, set_submodule
+from declora.adapters import AdapterSpec, OptimSettings, set_submodule
 from declora.stacked import StackedLinear, StackedLoraLinear
 from declora.task import ClassificationTask, Example
 
@@ -45,19 +46,14 @@ class BatchedEngine:
         init: dict[str, torch.Tensor],
         task: ClassificationTask,
         *,
-        lr: float,
-        head_lr: float | None = None,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        schedule: str = "constant",
-        total_steps: int | None = None,
         peer_chunk: int | None = None,
         micro_batch: int | None = None,
+        **optim: Any,
     ) -> None:
+        """`optim` holds the fields of `OptimSettings` (lr, head_lr, optimizer, ...)."""
         self.model, self.spec, self.n, self.task = model, spec, n_peers, task
-        self.max_grad_norm = max_grad_norm
+        settings = OptimSettings(**optim)
+        self.max_grad_norm = settings.max_grad_norm
         self.peer_chunk = peer_chunk or n_peers
         self.micro_batch = micro_batch
         for p in model.parameters():
@@ -80,13 +76,10 @@ class BatchedEngine:
                 self.params[f"{name}.bias"] = layer.bias
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
         head = set(self.head_param_names)
-        groups = [{"params": [p for k, p in self.params.items() if k not in head], "lr": lr}]
-        if head:
-            groups.append(
-                {"params": [self.params[k] for k in self.head_param_names], "lr": head_lr or lr}
-            )
-        self.optimizer = make_optimizer(optimizer, groups, lr, weight_decay, momentum)
-        self.scheduler = make_scheduler(self.optimizer, schedule, total_steps)
+        self.optimizer, self.scheduler = settings.build(
+            [p for k, p in self.params.items() if k not in head],
+            [self.params[k] for k in self.head_param_names],
+        )
 
     @property
     def head_param_names(self) -> list[str]:

@@ -7,12 +7,13 @@ Slow but obviously right. Tests hold the batched engine to it; it also exposes t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from declora.adapters import AdapterSpec, make_optimizer, make_scheduler
+from declora.adapters import AdapterSpec, OptimSettings
 from declora.task import ClassificationTask, Example
 
 
@@ -41,7 +42,7 @@ def lora_config(spec: AdapterSpec) -> LoraConfig:
 
 
 class ReferenceEngine:
-    """n PEFT adapters on one model, trained peer by peer, each with its own AdamW."""
+    """n PEFT adapters on one model, trained peer by peer, each with its own optimizer."""
 
     def __init__(
         self,
@@ -50,18 +51,11 @@ class ReferenceEngine:
         n_peers: int,
         init: dict[str, torch.Tensor],
         task: ClassificationTask,
-        *,
-        lr: float,
-        head_lr: float | None = None,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        schedule: str = "constant",
-        total_steps: int | None = None,
+        **optim: Any,
     ) -> None:
         self.spec, self.n, self.task = spec, n_peers, task
-        self.max_grad_norm = max_grad_norm
+        settings = OptimSettings(**optim)
+        self.max_grad_norm = settings.max_grad_norm
         cfg = lora_config(spec)
         self.model: PeftModel = get_peft_model(model, cfg, adapter_name=peer_name(0))
         for i in range(1, n_peers):
@@ -74,15 +68,13 @@ class ReferenceEngine:
         ]
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
         heads = set(spec.head_modules)
-        self.optimizers = []
+        self.optimizers, self.schedulers = [], []
         for params in self.peer_params:
             lora = [p for k, p in params.items() if k.rpartition(".")[0] not in heads]
             head = [p for k, p in params.items() if k.rpartition(".")[0] in heads]
-            groups = [{"params": lora, "lr": lr}]
-            if head:
-                groups.append({"params": head, "lr": head_lr or lr})
-            self.optimizers.append(make_optimizer(optimizer, groups, lr, weight_decay, momentum))
-        self.schedulers = [make_scheduler(o, schedule, total_steps) for o in self.optimizers]
+            opt, sched = settings.build(lora, head)
+            self.optimizers.append(opt)
+            self.schedulers.append(sched)
 
     def remove(self) -> nn.Module:
         """Strip the PEFT wrappers so the base model can be reused."""
