@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from declora.models import bundled_minilm_path
 from declora.task import ClassificationTask
@@ -43,6 +49,25 @@ def tiny_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.0) -> torch
         attention_probs_dropout_prob=dropout,
     )
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 30522, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama with what makes Llama models awkward: grouped-query
+    attention (4 query heads, 2 KV heads) and tied embeddings. MiniLM's vocabulary size by
+    default, so the bundled tokenizer fits."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
 WORDS = [

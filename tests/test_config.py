@@ -79,3 +79,27 @@ def test_config_file_errors(tmp_path):
     lst.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(lst)
+
+
+def test_causal_task_fills_its_own_defaults_but_keeps_explicit_keys():
+    cfg = load_config(None, ["task=causal-lm"])
+    assert (cfg.model.name, cfg.data.name) == ("smollm2", "chatterbot")
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.lora.train_head is False
+    cfg = load_config(None, ["task=causal-lm", "lora.targets=[all-linear]", "data.max_length=48"])
+    assert cfg.lora.targets == ["all-linear"] and cfg.data.max_length == 48
+    again = load_config(None, [])
+    assert again.lora.targets == ["query", "value"] and again.model.name == "minilm"
+
+
+def test_causal_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["task=causal-lm", "model.dtype=bfloat16"])
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_bad_causal_keys_are_reported():
+    with pytest.raises(ConfigError, match=r"model\.quantize"):
+        load_config(None, ["model.quantize=fp8"])
+    with pytest.raises(ConfigError, match=r"train\.peer_weighting"):
+        load_config(None, ["train.peer_weighting=size"])

@@ -29,6 +29,7 @@ def _run(
     chunk=None,
     seed=0,
     optimizer="adamw",
+    weighting="uniform",
 ):
     model = tiny_bert()
     spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
@@ -37,7 +38,7 @@ def _run(
     labels = np.array([e["label"] for e in examples])
     parts = partition(labels, N_PEERS, "dirichlet", seed=seed, alpha=1.0, min_size=4)
     topo = build_topology(kind, N_PEERS, "laplacian")
-    plan = make_plan(algorithm, topo, parts, batch_size=5)
+    plan = make_plan(algorithm, topo, parts, batch_size=5, weighting=weighting)
     kwargs = dict(
         schedule="linear" if optimizer == "sgd" else "constant",
         total_steps=rounds * local_steps,
@@ -47,7 +48,7 @@ def _run(
     )
     if engine_cls is BatchedEngine:
         kwargs["peer_chunk"] = chunk
-    engine = engine_cls(model, spec, plan.n, init, task, **kwargs)
+    engine = engine_cls(model, spec, plan.n, init, task, peer_weights=plan.weights, **kwargs)
     evaluator = Evaluator(examples[:40], 3, batch_size=16)
     res = train(
         engine,
@@ -65,12 +66,23 @@ def _run(
     return res, engine, spec
 
 
-@pytest.mark.parametrize(("chunk", "optimizer"), [(None, "adamw"), (3, "adamw"), (2, "sgd")])
-def test_batched_matches_reference(tokenizer, task, chunk, optimizer):
+@pytest.mark.parametrize(
+    ("chunk", "optimizer", "weighting"),
+    [(None, "adamw", "uniform"), (3, "adamw", "data-size"), (2, "sgd", "data-size")],
+)
+def test_batched_matches_reference(tokenizer, task, chunk, optimizer, weighting):
     batched, _, _ = _run(
-        BatchedEngine, tokenizer, task, "dec-lora", chunk=chunk, optimizer=optimizer
+        BatchedEngine,
+        tokenizer,
+        task,
+        "dec-lora",
+        chunk=chunk,
+        optimizer=optimizer,
+        weighting=weighting,
     )
-    ref, _, _ = _run(ReferenceEngine, tokenizer, task, "dec-lora", optimizer=optimizer)
+    ref, _, _ = _run(
+        ReferenceEngine, tokenizer, task, "dec-lora", optimizer=optimizer, weighting=weighting
+    )
     assert batched.final.keys() == ref.final.keys()
     for k in batched.final:
         torch.testing.assert_close(batched.final[k], ref.final[k], atol=1e-5, rtol=1e-4)
@@ -186,3 +198,50 @@ def test_linear_schedule_decays_to_zero():
         sched.step()
     assert lrs == pytest.approx([0.4, 0.3, 0.2, 0.1])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_data_size_weights_make_the_average_step_the_pooled_step(tokenizer, task):
+    """With weights n*N_i/N, the mean over peers of one SGD step equals sum_i (N_i/N) step_i:
+    the pooled objective's gradient, not the plain mean of the local gradients."""
+    from declora.trainer import peer_weights
+
+    parts = [np.arange(10), np.arange(30), np.arange(60), np.arange(100)]
+    w = peer_weights(parts, "data-size")
+    assert w.sum() == pytest.approx(4.0)
+    assert w.tolist() == pytest.approx([4 * 10 / 200, 4 * 30 / 200, 4 * 60 / 200, 4 * 100 / 200])
+    assert peer_weights(parts, "uniform").tolist() == [1.0] * 4
+    examples = synthetic_examples(tokenizer, 40)
+    groups = [examples[i * 5 : (i + 1) * 5] for i in range(4)]
+    steps = {}
+    for name, weights in (("uniform", None), ("weighted", w)):
+        model = tiny_bert()
+        spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
+        init = initial_state(model, spec, 0)
+        eng = BatchedEngine(
+            model,
+            spec,
+            4,
+            init,
+            task,
+            lr=0.1,
+            optimizer="sgd",
+            momentum=0.0,
+            peer_weights=weights,
+        )
+        eng.train_step(groups)
+        steps[name] = {k: v - init[k] for k, v in eng.stacked().items()}
+    for k, plain in steps["uniform"].items():
+        scale = torch.tensor(w, dtype=plain.dtype).view(-1, *([1] * (plain.dim() - 1)))
+        torch.testing.assert_close(steps["weighted"][k], scale * plain, atol=1e-7, rtol=1e-5)
+        pooled = (scale / 4 * plain).sum(0)  # sum_i N_i/N * step_i
+        torch.testing.assert_close(steps["weighted"][k].mean(0), pooled, atol=1e-7, rtol=1e-5)
+
+
+def test_local_only_and_centralized_ignore_peer_weighting():
+    topo = build_topology("ring", 3, "laplacian")
+    parts = [np.arange(5), np.arange(10), np.arange(45)]
+    assert make_plan("local-only", topo, parts, 2, "data-size").weights.tolist() == [1.0] * 3
+    assert make_plan("centralized", topo, parts, 2, "data-size").weights.tolist() == [1.0]
+    assert make_plan("dec-lora", topo, parts, 2, "data-size").weights.tolist() == pytest.approx(
+        [0.25, 0.5, 2.25]
+    )

@@ -25,9 +25,9 @@ def test_peft_round_trip(tmp_path, tokenizer, task):
     for _ in range(3):
         eng.train_step([examples[i * 10 : i * 10 + 10] for i in range(3)])
     values = average(eng.stacked())
-    expected = eng.logits_single(values, examples)
+    expected = eng.outputs_single(values, examples)
     peer1 = {k: v[1] for k, v in eng.stacked().items()}
-    expected_peer1 = eng.logits_all_peers(examples)[1]
+    expected_peer1 = eng.outputs_all_peers(examples)[1]
 
     for name, vals, want in [("average", values, expected), ("peer-1", peer1, expected_peer1)]:
         out = save_peft_adapter(tmp_path / name, spec, vals, str(base_dir))

@@ -61,5 +61,5 @@ def test_real_run_and_peft_export(minilm_path, tmp_path):
     eng = BatchedEngine(fresh, spec, 1, avg, ClassificationTask(tok), lr=1e-3)
     mask = batch["attention_mask"].bool()
     examples = [{k: batch[k][i][mask[i]].tolist() for k in batch} | {"label": 0} for i in range(3)]
-    want = eng.logits_single(avg, examples)
+    want = eng.outputs_single(avg, examples)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -151,11 +151,12 @@ class OptimSettings:
     total_steps: int | None = None
 
     def build(
-        self, lora: list[torch.nn.Parameter], head: list[torch.nn.Parameter]
+        self, lora: list[torch.nn.Parameter], head: list[torch.nn.Parameter], scale: float = 1.0
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """Optimizer (LoRA factors at lr, head at head_lr) and its learning-rate schedule."""
-        groups: list[dict] = [{"params": lora, "lr": self.lr}]
+        """Optimizer (LoRA factors at lr, head at head_lr, both times `scale`) and its
+        learning-rate schedule."""
+        groups: list[dict] = [{"params": lora, "lr": self.lr * scale}]
         if head:
-            groups.append({"params": head, "lr": self.head_lr or self.lr})
+            groups.append({"params": head, "lr": (self.head_lr or self.lr) * scale})
         opt = make_optimizer(self.optimizer, groups, self.lr, self.weight_decay, self.momentum)
         return opt, make_scheduler(opt, self.schedule, self.total_steps)

@@ -8,7 +8,8 @@ AdamW is element-wise, so that is exactly n independent optimizers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings, set_submodule
 from declora.stacked import StackedLinear, StackedLoraLinear
-from declora.task import ClassificationTask, Example
+from declora.task import Example, Task
 
 
 def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -44,18 +45,24 @@ class BatchedEngine:
         spec: AdapterSpec,
         n_peers: int,
         init: dict[str, torch.Tensor],
-        task: ClassificationTask,
+        task: Task,
         *,
         peer_chunk: int | None = None,
         micro_batch: int | None = None,
+        peer_weights: Sequence[float] | None = None,
         **optim: Any,
     ) -> None:
-        """`optim` holds the fields of `OptimSettings` (lr, head_lr, optimizer, ...)."""
+        """`peer_weights` scale each peer's updates (as a per-peer learning rate would);
+        `optim` holds the fields of `OptimSettings` (lr, head_lr, optimizer, ...)."""
         self.model, self.spec, self.n, self.task = model, spec, n_peers, task
         settings = OptimSettings(**optim)
         self.max_grad_norm = settings.max_grad_norm
         self.peer_chunk = peer_chunk or n_peers
         self.micro_batch = micro_batch
+        w = None if peer_weights is None else torch.as_tensor(peer_weights, dtype=torch.float32)
+        if w is not None and w.shape != (n_peers,):
+            raise ValueError(f"expected {n_peers} peer weights, got {tuple(w.shape)}")
+        self.peer_weights = None if w is None or bool((w == 1).all()) else w
         for p in model.parameters():
             p.requires_grad_(False)
         self._originals: dict[str, nn.Module] = {}
@@ -127,9 +134,23 @@ class BatchedEngine:
             self._select(slice(None))
         if self.max_grad_norm is not None:
             clip_per_peer(list(self.params.values()), self.max_grad_norm)
-        self.optimizer.step()
+        self._weighted_step()
         self.scheduler.step()
         return torch.cat(losses)
+
+    @torch.no_grad()
+    def _weighted_step(self) -> None:
+        """One optimizer step; with peer weights, each peer's update is scaled by its weight.
+        Optimizer updates are proportional to the learning rate (SGD, momentum, AdamW with
+        decoupled decay), so this is exactly a per-peer learning rate."""
+        if self.peer_weights is None:
+            self.optimizer.step()
+            return
+        before = {k: p.detach().clone() for k, p in self.params.items()}
+        self.optimizer.step()
+        for k, p in self.params.items():
+            w = self.peer_weights.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
+            p.copy_(before[k] + w * (p - before[k]))
 
     def _accumulate(self, rows: Sequence[Example], size: int) -> torch.Tensor:
         """One peer's large batch in passes of `size` rows (gradient accumulation)."""
@@ -150,11 +171,10 @@ class BatchedEngine:
         for k, v in values.items():
             self.params[k].copy_(v)
 
-    @torch.inference_mode()
-    def logits_single(
-        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
-    ) -> torch.Tensor:
-        """Logits of one adapter given by `values` (name -> tensor without peer axis)."""
+    @contextmanager
+    def use_single(self, values: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """The model running one adapter given by `values` (name -> tensor, no peer axis),
+        on any batch size: for evaluation of the averaged model and for generation."""
         self.model.eval()
         try:
             for name in self.spec.lora_modules:
@@ -163,21 +183,30 @@ class BatchedEngine:
             for name in self.spec.head_modules:
                 layer = self.model.get_submodule(name)
                 layer.single = (values[f"{name}.weight"], values.get(f"{name}.bias"))
-            return self.task.logits(self.model, self.task.collate(examples))
+            yield self.model
         finally:
             for layer in self.layers:
                 layer.single = None
 
     @torch.inference_mode()
-    def logits_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
-        """Each peer's own model on the same examples: [n, len(examples), classes]."""
+    def outputs_single(
+        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
+    ) -> torch.Tensor:
+        """Task outputs (logits, or per-example NLL) of one adapter given by `values`."""
+        with self.use_single(values) as model:
+            return self.task.outputs(model, self.task.collate(examples))
+
+    @torch.inference_mode()
+    def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Each peer's own model on the same examples: [n, len(examples), ...]."""
         self.model.eval()
         out = []
         try:
             for lo, hi in self._chunks():
                 self._select(slice(lo, hi))
                 batch = self.task.collate(list(examples) * (hi - lo))
-                out.append(self.task.logits(self.model, batch).view(hi - lo, len(examples), -1))
+                res = self.task.outputs(self.model, batch)
+                out.append(res.view(hi - lo, len(examples), *res.shape[1:]))
         finally:
             self._select(slice(None))
         return torch.cat(out)

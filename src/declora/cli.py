@@ -76,8 +76,14 @@ def run(
         return
     summary = json.loads((rundir.path / "summary.json").read_text())
     typer.echo("")
-    typer.echo(table_text(summary["rows"]))
+    typer.echo(table_text(summary["rows"], summary.get("columns")))
     typer.echo("")
+    cut = json.loads((rundir.path / "label_counts.json").read_text())["truncated_at_max_length"]
+    if cut.get("train") or cut.get("test"):
+        typer.echo(
+            f"cut at data.max_length={cfg.data.max_length} tokens: {cut['train']} training and "
+            f"{cut['test']} test examples"
+        )
     typer.echo(f"run directory: {rundir.path}")
     typer.echo(f"report:        {rundir.path / 'report.md'}")
     typer.echo(f"adapters:      {rundir.path / 'adapters'} (PEFT format)")
@@ -136,7 +142,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         _fail(exc)
         return
     summary = json.loads((run_dir / "summary.json").read_text())
-    typer.echo(table_text(summary["rows"]))
+    typer.echo(table_text(summary["rows"], summary.get("columns")))
 
 
 def main() -> None:

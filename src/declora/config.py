@@ -19,6 +19,14 @@ TopologyKind = Literal["ring", "complete", "star", "er", "torus", "exponential",
 MixingRule = Literal["laplacian", "metropolis", "uniform", "fedavg", "identity"]
 PartitionScheme = Literal["iid", "dirichlet", "label-skew", "natural", "quantity"]
 AlgorithmName = Literal["dec-lora", "centralized", "local-only", "fedavg"]
+TaskName = Literal["classification", "causal-lm"]
+
+# What a causal-LM run uses where the user leaves a key unset (classification defaults otherwise).
+CAUSAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"name": "chatterbot", "max_length": 128},
+    "model": {"name": "smollm2"},
+    "lora": {"targets": ["q_proj", "v_proj"], "train_head": False},
+}
 
 
 class _Section(BaseModel):
@@ -55,6 +63,9 @@ class DataConfig(_Section):
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    prompt_column: str = Field("prompt", description="causal-lm: the user turn")
+    response_column: str = Field("response", description="causal-lm: the answer")
+    messages_column: str = Field("messages", description="causal-lm: chat-format column")
     group_column: str | None = None
     partition: PartitionScheme = "dirichlet"
     alpha: float = Field(0.5, gt=0.0)
@@ -71,6 +82,10 @@ class ModelConfig(_Section):
     """The frozen base model: 'minilm' (bundled), a local folder, or a hub id when online."""
 
     name: str = "minilm"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    quantize: Literal["nf4", "int8"] | None = Field(
+        None, description="frozen base quantization (bitsandbytes, CUDA only)"
+    )
 
 
 class LoraSettings(_Section):
@@ -95,6 +110,10 @@ class TrainConfig(_Section):
     lr: float = Field(0.2, gt=0.0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     head_lr: float | None = Field(None, gt=0.0)
+    peer_weighting: Literal["uniform", "data-size"] = Field(
+        "uniform",
+        description="data-size: scale each peer's updates by n * its data share (pooled objective)",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     engine: Literal["batched", "reference"] = "batched"
@@ -116,6 +135,19 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     peers: Literal["final", "every", "never"] = "final"
     peer_max_examples: int | None = Field(150, ge=1)
+    generate_examples: int = Field(
+        32, ge=0, description="causal-lm: held-out prompts answered for the answer-match score"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="causal-lm: generation length bound")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "What is the capital of France?",
+            "What is a computer?",
+            "Do you like music?",
+            "Who wrote Romeo and Juliet?",
+        ],
+        description="causal-lm: questions answered by the averaged model in report.md",
+    )
 
 
 class AlgorithmConfig(_Section):
@@ -130,11 +162,14 @@ class CommConfig(_Section):
     bits: Literal[1, 2, 3, 4, 5, 6, 7, 8, 16, 32] = 32
     half: Literal["fp16", "bf16"] = "fp16"
     rounding: Literal["stochastic", "nearest"] = "stochastic"
-    granularity: Literal["tensor", "row", "block"] = "row"
+    granularity: Literal["tensor", "row", "block"] = "block"
     block_size: int = Field(256, ge=1)
     error_feedback: bool = False
     scheme: Literal["plain", "choco"] = "plain"
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="CHOCO consensus step size")
+    gossip_steps: int = Field(
+        1, ge=1, le=100, description="gossip exchanges per round (each costs its bytes)"
+    )
 
     @property
     def exact(self) -> bool:
@@ -146,6 +181,7 @@ class RunConfig(_Section):
 
     name: str = "demo"
     seed: int = 0
+    task: TaskName = "classification"
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -155,6 +191,17 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     baselines: list[AlgorithmName] = Field(default_factory=lambda: ["centralized", "local-only"])
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> RunConfig:
+        """Keys left unset take the causal-LM defaults when task=causal-lm."""
+        if self.task == "causal-lm":
+            for section, values in CAUSAL_DEFAULTS.items():
+                sub = getattr(self, section)
+                for key, value in values.items():
+                    if key not in sub.model_fields_set:
+                        setattr(sub, key, value)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -35,6 +35,11 @@ def resolve_model(name: str) -> str:
                 )
             return "sentence-transformers/all-MiniLM-L6-v2"
         return path
+    return local_model_folder(name) or name
+
+
+def local_model_folder(name: str) -> str | None:
+    """`name` as a checked local model folder; None when it reads as a hub id instead."""
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
@@ -45,13 +50,31 @@ def resolve_model(name: str) -> str:
         return str(p)
     if name.startswith((".", "/", "~")):
         raise ModelError(f"model.name {name!r}: no such folder")
-    return name
+    return None
 
 
-def load_classifier(name: str, label_names: list[str], seed: int) -> tuple[nn.Module, Any, str]:
-    """Base model with a fresh classification head (seeded) and its tokenizer."""
+def load_classifier(
+    name: str,
+    label_names: list[str],
+    seed: int,
+    *,
+    dtype: str = "float32",
+    quantize: str | None = None,
+) -> tuple[nn.Module, Any, str]:
+    """Base model with a fresh classification head (seeded) and its tokenizer.
+
+    `quantize` (nf4/int8) loads the frozen base through bitsandbytes, which needs CUDA; the
+    check comes before anything is loaded so a machine without it fails at once."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from declora.llm import DTYPES, quantization_config
+
+    if dtype not in DTYPES:
+        raise ModelError(f"model.dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    extra: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    quant = quantization_config(quantize, dtype)
+    if quant is not None:
+        extra.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
     path = resolve_model(name)
     torch.manual_seed(seed)
     try:
@@ -61,15 +84,23 @@ def load_classifier(name: str, label_names: list[str], seed: int) -> tuple[nn.Mo
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            **extra,
         )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"model.name {name!r} could not be loaded as a sequence classifier: {first}"
         ) from None
+    return frozen(model, tokenizer), tokenizer, path
+
+
+def frozen(model: nn.Module, tokenizer: Any) -> nn.Module:
+    """The base in eval mode with no trainable weights, and a pad token for batching."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    return model, tokenizer, path
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

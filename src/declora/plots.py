@@ -12,8 +12,14 @@ import networkx as nx
 import numpy as np
 
 
-def label_distribution(counts: np.ndarray, label_names: list[str], path: Path) -> Path:
-    """Stacked bars: how many examples of each class every peer holds."""
+def label_distribution(
+    counts: np.ndarray,
+    label_names: list[str],
+    path: Path,
+    *,
+    title: str = "Label distribution per peer",
+) -> Path:
+    """Stacked bars: how many examples of each class (or category) every peer holds."""
     n = counts.shape[0]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * n + 2), 3.6))
     bottom = np.zeros(n)
@@ -22,9 +28,9 @@ def label_distribution(counts: np.ndarray, label_names: list[str], path: Path) -
         bottom += counts[:, c]
     ax.set_xlabel("peer")
     ax.set_ylabel("training examples")
-    ax.set_title("Label distribution per peer")
+    ax.set_title(title)
     ax.set_xticks(np.arange(n))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if len(label_names) <= 8 else 6, ncol=1 + len(label_names) // 8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -37,7 +43,7 @@ def metric_per_round(
     path: Path,
     *,
     title: str | None = None,
-    log: bool = False,
+    scale: str = "linear",
 ) -> Path:
     """One line per run (or per view of a run) against the round number."""
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
@@ -46,8 +52,10 @@ def metric_per_round(
             ax.plot(x, y, marker="o", markersize=3, label=label)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
-    if log:
+    if scale == "symlog":  # consensus distance starts at exactly 0
         ax.set_yscale("symlog", linthresh=1e-6)
+    elif scale == "log":
+        ax.set_yscale("log")
     ax.set_title(title or ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -6,7 +6,8 @@ Slow but obviously right. Tests hold the batched engine to it; it also exposes t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings
-from declora.task import ClassificationTask, Example
+from declora.task import Example, Task
 
 
 def peer_name(i: int) -> str:
@@ -50,9 +51,13 @@ class ReferenceEngine:
         spec: AdapterSpec,
         n_peers: int,
         init: dict[str, torch.Tensor],
-        task: ClassificationTask,
+        task: Task,
+        *,
+        peer_weights: Sequence[float] | None = None,
         **optim: Any,
     ) -> None:
+        """`peer_weights` scale each peer's updates (its learning rate); `optim` holds the
+        fields of `OptimSettings`."""
         self.spec, self.n, self.task = spec, n_peers, task
         settings = OptimSettings(**optim)
         self.max_grad_norm = settings.max_grad_norm
@@ -69,10 +74,11 @@ class ReferenceEngine:
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
         heads = set(spec.head_modules)
         self.optimizers, self.schedulers = [], []
-        for params in self.peer_params:
+        weights = list(peer_weights) if peer_weights is not None else [1.0] * n_peers
+        for params, w in zip(self.peer_params, weights, strict=True):
             lora = [p for k, p in params.items() if k.rpartition(".")[0] not in heads]
             head = [p for k, p in params.items() if k.rpartition(".")[0] in heads]
-            opt, sched = settings.build(lora, head)
+            opt, sched = settings.build(lora, head, scale=float(w))
             self.optimizers.append(opt)
             self.schedulers.append(sched)
 
@@ -107,27 +113,36 @@ class ReferenceEngine:
             for k, v in values.items():
                 params[k].copy_(v[i])
 
-    @torch.inference_mode()
-    def logits_single(
-        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
-    ) -> torch.Tensor:
+    @contextmanager
+    def use_single(self, values: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+        """The PEFT model running one adapter given by `values` (loaded into peer 0's slot,
+        restored afterwards)."""
         saved = {k: p.detach().clone() for k, p in self.peer_params[0].items()}
         self.model.eval()
         self.model.set_adapter(peer_name(0))
         try:
-            for k, v in values.items():
-                self.peer_params[0][k].copy_(v)
-            return self.task.logits(self.model, self.task.collate(examples))
+            with torch.no_grad():
+                for k, v in values.items():
+                    self.peer_params[0][k].copy_(v)
+            yield self.model
         finally:
-            for k, v in saved.items():
-                self.peer_params[0][k].copy_(v)
+            with torch.no_grad():
+                for k, v in saved.items():
+                    self.peer_params[0][k].copy_(v)
 
     @torch.inference_mode()
-    def logits_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
+    def outputs_single(
+        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
+    ) -> torch.Tensor:
+        with self.use_single(values) as model:
+            return self.task.outputs(model, self.task.collate(examples))
+
+    @torch.inference_mode()
+    def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
         self.model.eval()
         batch = self.task.collate(examples)
         out = []
         for i in range(self.n):
             self.model.set_adapter(peer_name(i))
-            out.append(self.task.logits(self.model, batch))
+            out.append(self.task.outputs(self.model, batch))
         return torch.stack(out)

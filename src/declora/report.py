@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from declora import plots
@@ -19,7 +20,23 @@ NAMES = {
 }
 
 
-def summary_rows(results: dict[str, Result], main: str) -> list[dict[str, Any]]:
+LABELS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "loss": "loss",
+    "perplexity": "perplexity",
+    "answer_f1": "answer F1",
+}
+CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
+
+
+def summary_rows(
+    results: dict[str, Result],
+    main: str,
+    columns: tuple[str, ...] = CLASSIFICATION_COLUMNS,
+    primary: str = "accuracy",
+    higher_is_better: bool = True,
+) -> list[dict[str, Any]]:
     """One row per (algorithm, view): averaged model and, with several peers, mean of peers."""
     rows = []
     for name, res in results.items():
@@ -29,18 +46,17 @@ def summary_rows(results: dict[str, Result], main: str) -> list[dict[str, Any]]:
         if res.peer_metrics:
             views.append(("mean of peers", "peers_"))
         for view, prefix in views:
-            rows.append(
-                {
-                    "algorithm": name,
-                    "label": f"{NAMES.get(name, name)} ({view})",
-                    "accuracy": res.last(f"{prefix}accuracy"),
-                    "macro_f1": res.last(f"{prefix}macro_f1"),
-                    "best_accuracy": res.best(f"{prefix}accuracy") if not prefix else None,
-                    "bytes_per_peer": res.last("bytes_sent"),
-                    "wall_seconds": round(res.wall_seconds, 1),
-                    "dir": where,
-                }
-            )
+            row: dict[str, Any] = {
+                "algorithm": name,
+                "label": f"{NAMES.get(name, name)} ({view})",
+            }
+            for col in columns:
+                row[col] = res.last(f"{prefix}{col}")
+            row[f"best_{primary}"] = res.best(primary, higher_is_better) if not prefix else None
+            row["bytes_per_peer"] = res.last("bytes_sent")
+            row["wall_seconds"] = round(res.wall_seconds, 1)
+            row["dir"] = where
+            rows.append(row)
     return rows
 
 
@@ -52,25 +68,36 @@ def _mb(x: float | None) -> str:
     return "-" if x is None else f"{x / 1e6:.2f} MB"
 
 
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| run | accuracy | macro-F1 | best acc. (rounds) | sent per peer | wall s |\n"
-    head += "|---|---:|---:|---:|---:|---:|\n"
-    body = "".join(
-        f"| {r['label']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
-        f"{_fmt(r['best_accuracy'])} | {_mb(r['bytes_per_peer'])} | {r['wall_seconds']} |\n"
-        for r in rows
-    )
+def _columns(rows: list[dict[str, Any]], columns: Sequence[str] | None) -> list[str]:
+    if columns is not None:
+        return list(columns)
+    return [c for c in LABELS if rows and c in rows[0]] or list(CLASSIFICATION_COLUMNS)
+
+
+def table_markdown(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    cols = _columns(rows, columns)
+    best = next((k for k in rows[0] if k.startswith("best_")), None) if rows else None
+    head = "| run | " + " | ".join(LABELS.get(c, c) for c in cols)
+    head += f" | best {LABELS.get(best[5:], best[5:])} (rounds)" if best else ""
+    head += " | sent per peer | wall s |\n"
+    head += "|---|" + "---:|" * (len(cols) + (1 if best else 0) + 2) + "\n"
+    body = ""
+    for r in rows:
+        cells = [_fmt(r.get(c)) for c in cols] + ([_fmt(r.get(best))] if best else [])
+        body += f"| {r['label']} | " + " | ".join(cells)
+        body += f" | {_mb(r['bytes_per_peer'])} | {r['wall_seconds']} |\n"
     return head + body
 
 
-def table_text(rows: list[dict[str, Any]]) -> str:
+def table_text(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    cols = _columns(rows, columns)
     width = max(len(r["label"]) for r in rows)
-    lines = [f"{'run':<{width}}  accuracy  macro-F1  sent/peer"]
+    widths = [max(8, len(LABELS.get(c, c))) for c in cols]
+    head = "  ".join(f"{LABELS.get(c, c):>{w}}" for c, w in zip(cols, widths, strict=True))
+    lines = [f"{'run':<{width}}  {head}  sent/peer"]
     for r in rows:
-        lines.append(
-            f"{r['label']:<{width}}  {_fmt(r['accuracy']):>8}  {_fmt(r['macro_f1']):>8}  "
-            f"{_mb(r['bytes_per_peer']):>9}"
-        )
+        cells = "  ".join(f"{_fmt(r.get(c)):>{w}}" for c, w in zip(cols, widths, strict=True))
+        lines.append(f"{r['label']:<{width}}  {cells}  {_mb(r['bytes_per_peer']):>9}")
     return "\n".join(lines)
 
 
@@ -88,23 +115,37 @@ def _series(results: dict[str, Result], key: str, peers_too: bool) -> dict:
     return out
 
 
+def _samples_markdown(results: dict[str, Result], main: str) -> str:
+    samples = results[main].extras.get("samples") if main in results else None
+    if not samples:
+        return ""
+    out = "\n## Answers of the averaged model (greedy)\n\n"
+    for s in samples:
+        answer = " ".join(s["answer"].split()) or "(empty)"
+        out += f"- **{s['prompt']}** {answer}\n"
+    return out
+
+
 def write_report(
     rundir: RunDir, prep: Prepared, results: dict[str, Result], rows: list[dict[str, Any]]
 ) -> None:
     cfg, topo = prep.cfg, prep.topology
     p = rundir.path
+    causal = cfg.task == "causal-lm"
+    primary = "perplexity" if causal else "accuracy"
     plots.metric_per_round(
-        _series(results, "accuracy", True),
-        "accuracy (held-out)",
-        p / "accuracy.png",
-        title="Held-out accuracy per round (averaged model)",
+        _series(results, primary, True),
+        f"{primary} (held-out)",
+        p / f"{primary}.png",
+        title=f"Held-out {primary} per round (averaged model)",
+        scale="log" if causal else "linear",
     )
     plots.metric_per_round(
         _series(results, "consensus_distance", False),
         "consensus distance",
         p / "consensus.png",
         title="Disagreement between peers' B_i A_i",
-        log=True,
+        scale="symlog",
     )
     plots.metric_per_round(
         _series(results, "train_loss", False),
@@ -112,30 +153,35 @@ def write_report(
         p / "train_loss.png",
         title="Training loss (mean over peers)",
     )
-    d = prep.data
+    summary = prep.data.summary()
     main = results[cfg.algorithm.name]
     final_n = main.last("eval_examples")
     peer_n = min(cfg.eval.peer_max_examples or len(prep.test_examples), len(prep.test_examples))
+    groups = len(prep.group_names)
+    what = f"{groups} categories" if causal else f"{groups} classes"
+    unit = "held-out conversations (loss on answer tokens only)" if causal else "held-out examples"
+    best = "lowest perplexity" if causal else "best averaged-model accuracy"
+    skew = f" (alpha={cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""
     text = f"""# declora run: {cfg.name}
 
 {NAMES.get(cfg.algorithm.name, cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
 ({topo.rule} mixing, spectral gap {topo.spectral_gap:.4f}); model `{cfg.model.name}` with LoRA
-r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{d.name}` ({len(d.train_labels)} train /
-{len(d.test_labels)} test, {d.num_classes} classes) split with `{cfg.data.partition}`
-(alpha={cfg.data.alpha}); {cfg.train.rounds} rounds x {cfg.train.local_steps} local steps x batch
+r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{cfg.data.name}` ({summary["train_size"]}
+train / {summary["test_size"]} test, {what}) split with `{cfg.data.partition}`{skew};
+{cfg.train.rounds} rounds x {cfg.train.local_steps} local steps x batch
 {cfg.train.batch_size} per peer; seed {cfg.seed}.
 
 ## Results
 
-Final round: the averaged model on {final_n} held-out examples, each peer's own model on
-{peer_n}; "best acc." is the best averaged-model accuracy over the evaluated rounds (the paper's
-metric; rounds before the last use {cfg.eval.max_examples or "all"} examples).
+Final round: the averaged model on {final_n} {unit}, each peer's own model on {peer_n}; the
+"best" column is the {best} over the evaluated rounds (rounds before the last use
+{cfg.eval.max_examples or "all"} examples).
 
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
 evaluation); "mean of peers" averages each peer's own model's metric.
-
-![accuracy](accuracy.png)
+{_samples_markdown(results, cfg.algorithm.name)}
+![{primary}]({primary}.png)
 ![consensus](consensus.png)
 ![train loss](train_loss.png)
 
@@ -143,7 +189,7 @@ evaluation); "mean of peers" averages each peer's own model's metric.
 
 ![labels](label_distribution.png)
 
-Per-peer label counts: `label_counts.json`. Graph: `topology.json`.
+Per-peer {"category" if causal else "label"} counts: `label_counts.json`. Graph: `topology.json`.
 
 ![topology](topology.png)
 

@@ -7,7 +7,7 @@ Everything that can fail because of user input (data, graph, partition, model) i
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,28 @@ from declora.compress import make_compressor
 from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.config import RunConfig
 from declora.data import TextClassificationData, load_classification_data
-from declora.errors import ConfigError
+from declora.errors import ConfigError, DataError
 from declora.export import save_peft_adapter
 from declora.features import tokenize_classification
 from declora.gossip import average
+from declora.lm_eval import LMEvaluator
+from declora.lmdata import LMData, generation_prompts, load_lm_data, pack_text, tokenize_chat
 from declora.partition import label_counts, partition, skew_summary
 from declora.reference import ReferenceEngine
 from declora.report import summary_rows, write_report
 from declora.rundir import RunDir
-from declora.task import ClassificationTask, Example
+from declora.task import CausalLMTask, ClassificationTask, Example, Task
 from declora.topology import Topology, build_topology
-from declora.trainer import Communicator, Engine, Evaluator, Plan, Result, make_plan, train
+from declora.trainer import (
+    Communicator,
+    Engine,
+    Evaluator,
+    EvaluatorLike,
+    Plan,
+    Result,
+    make_plan,
+    train,
+)
 
 
 @dataclass
@@ -39,17 +50,36 @@ class Prepared:
     """Everything a run needs, loaded and checked once and shared by all its algorithms."""
 
     cfg: RunConfig
-    data: TextClassificationData
+    data: TextClassificationData | LMData
     topology: Topology
     parts: list[np.ndarray]
     model: torch.nn.Module
     model_path: str
-    task: ClassificationTask
+    task: Task
     spec: AdapterSpec
     init: dict[str, torch.Tensor]
     train_examples: list[Example]
     test_examples: list[Example]
     truncated: dict[str, int]
+    counts: np.ndarray = field(
+        default_factory=lambda: np.zeros((0, 0), dtype=np.int64)
+    )  # peer x class
+    prompts: list[tuple[list[int], str]] = field(default_factory=list)
+    samples: list[tuple[str, list[int]]] = field(default_factory=list)
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.task == "causal-lm"
+
+    @property
+    def group_names(self) -> list[str]:
+        """Names of what the partition splits on: classes, or categories for causal LM."""
+        d = self.data
+        return d.group_names if isinstance(d, LMData) else d.label_names
+
+    @property
+    def peft_task_type(self) -> str:
+        return "CAUSAL_LM" if self.causal else "SEQ_CLS"
 
 
 def build_topology_from(cfg: RunConfig) -> Topology:
@@ -66,27 +96,33 @@ def build_topology_from(cfg: RunConfig) -> Topology:
     )
 
 
+def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
+    """The data.* keys every loader takes, plus the named task-specific ones."""
+    common = ("path", "test_path", "text_column", "group_column", "test_size", "split_seed")
+    common += ("max_train_examples", "max_test_examples")
+    return {k: getattr(cfg.data, k) for k in (*common, *keys)}
+
+
 def load_data(cfg: RunConfig) -> TextClassificationData:
-    d = cfg.data
-    return load_classification_data(
-        d.name,
-        path=d.path,
-        test_path=d.test_path,
-        text_column=d.text_column,
-        text_pair_column=d.text_pair_column,
-        label_column=d.label_column,
-        group_column=d.group_column,
-        test_size=d.test_size,
-        split_seed=d.split_seed,
-        max_train_examples=d.max_train_examples,
-        max_test_examples=d.max_test_examples,
-    )
+    opts = _source_options(cfg, "text_pair_column", "label_column")
+    return load_classification_data(cfg.data.name, **opts)
 
 
-def split_over_peers(cfg: RunConfig, data: TextClassificationData) -> list[np.ndarray]:
+def load_lm(cfg: RunConfig) -> LMData:
+    opts = _source_options(cfg, "prompt_column", "response_column", "messages_column")
+    return load_lm_data(cfg.data.name, **opts)
+
+
+def split_over_peers(cfg: RunConfig, data: TextClassificationData | LMData) -> list[np.ndarray]:
     d = cfg.data
-    if d.partition == "natural" and data.train_groups is None:
-        raise ConfigError("data.partition=natural needs data.group_column (e.g. a topic column)")
+    if isinstance(data, LMData):
+        groups = data.train_labels if len(data.group_names) > 1 else None
+        what = "data.group_column (chatterbot has its categories)"
+    else:
+        groups = data.train_groups
+        what = "data.group_column (e.g. a topic column)"
+    if d.partition == "natural" and groups is None:
+        raise ConfigError(f"data.partition=natural needs groups: set {what}")
     parts = partition(
         data.train_labels,
         cfg.topology.peers,
@@ -95,21 +131,26 @@ def split_over_peers(cfg: RunConfig, data: TextClassificationData) -> list[np.nd
         alpha=d.alpha,
         min_size=min(d.min_size, len(data.train_labels) // cfg.topology.peers or 1),
         proportions=d.proportions,
-        groups=data.train_groups,
+        groups=groups,
     )
     return parts
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, graph, partition and model. Raises DecloraError on bad input."""
-    from declora.models import load_classifier
-
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.task == "causal-lm":
+        return prepare_causal(cfg)
+    from declora.models import load_classifier
+
     topology = build_topology_from(cfg)
     data = load_data(cfg)
     parts = split_over_peers(cfg, data)
-    model, tokenizer, path = load_classifier(cfg.model.name, data.label_names, cfg.seed)
+    m = cfg.model
+    model, tokenizer, path = load_classifier(
+        m.name, data.label_names, cfg.seed, dtype=m.dtype, quantize=m.quantize
+    )
     lo = cfg.lora
     spec = build_spec(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.train_head)
     init = initial_state(model, spec, cfg.seed)
@@ -133,12 +174,114 @@ def prepare(cfg: RunConfig) -> Prepared:
         train_ex,
         test_ex,
         {"train": cut_train, "test": cut_test},
+        counts=label_counts(data.train_labels, parts, data.num_classes),
     )
 
 
-def make_engine(prep: Prepared, n_peers: int, batch_size: int) -> Engine:
+def prepare_causal(cfg: RunConfig) -> Prepared:
+    """The causal-LM counterpart of `prepare`: chat or text data, answer-token loss."""
+    from declora.llm import load_causal_lm
+
+    topology = build_topology_from(cfg)
+    data = load_lm(cfg)
+    parts = split_over_peers(cfg, data)
+    m = cfg.model
+    model, tokenizer, path = load_causal_lm(
+        m.name, dtype=m.dtype, quantize=m.quantize, seed=cfg.seed
+    )
+    lo = cfg.lora
+    spec = build_spec(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.train_head)
+    init = initial_state(model, spec, cfg.seed)
+    ml = cfg.data.max_length
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and ml > limit:
+        raise ConfigError(f"data.max_length={ml} exceeds what the model allows ({limit} tokens)")
+    prompts: list[tuple[list[int], str]] = []
+    doc_parts = parts
+    if data.kind == "chat":
+        train_ex, cut_train = tokenize_chat(tokenizer, data.train, ml)
+        test_ex, cut_test = tokenize_chat(tokenizer, data.test, ml)
+        prompts = generation_prompts(tokenizer, data.test, ml)
+        truncated = {
+            "train": cut_train["truncated"],
+            "test": cut_test["truncated"],
+            "train_dropped": cut_train["dropped"],
+            "test_dropped": cut_test["dropped"],
+        }
+        if cut_train["dropped"]:  # keep the partition aligned with the kept examples
+            raise DataError(
+                f"{cut_train['dropped']} training conversations keep no answer token within "
+                f"data.max_length={ml}; raise data.max_length"
+            )
+    else:  # each peer packs its own documents, so a block never mixes two peers' text
+        doc_parts, parts, train_ex = parts, [], []
+        for i, part in enumerate(doc_parts):
+            try:
+                blocks = pack_text(tokenizer, [data.train[j] for j in part], ml)
+            except DataError as exc:
+                raise DataError(f"peer {i}'s documents: {exc}") from None
+            parts.append(np.arange(len(train_ex), len(train_ex) + len(blocks)))
+            train_ex += blocks
+        test_ex = pack_text(tokenizer, data.test, ml)
+        truncated = {"train": 0, "test": 0}
+    samples = []
+    for q in cfg.eval.sample_prompts:
+        conv = [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]
+        samples.append((q, generation_prompts(tokenizer, [conv], ml)[0][0]))
+    return Prepared(
+        cfg,
+        data,
+        topology,
+        parts,
+        model,
+        path,
+        CausalLMTask(tokenizer),
+        spec,
+        init,
+        train_ex,
+        test_ex,
+        truncated,
+        counts=label_counts(data.train_labels, doc_parts, len(data.group_names)),
+        prompts=prompts,
+        samples=samples,
+    )
+
+
+def make_evaluator(prep: Prepared) -> EvaluatorLike:
+    cfg = prep.cfg
+    e = cfg.eval
+    if isinstance(prep.task, CausalLMTask):
+        return LMEvaluator(
+            prep.task,
+            prep.test_examples,
+            prep.prompts,
+            batch_size=e.batch_size,
+            max_examples=e.max_examples,
+            final_max_examples=e.final_max_examples,
+            peer_max_examples=e.peer_max_examples,
+            generate_examples=e.generate_examples,
+            max_new_tokens=e.max_new_tokens,
+            samples=prep.samples,
+            seed=cfg.data.split_seed,
+        )
+    assert isinstance(prep.data, TextClassificationData)
+    return Evaluator(
+        prep.test_examples,
+        prep.data.num_classes,
+        binary_f1=prep.data.binary_f1,
+        batch_size=e.batch_size,
+        max_examples=e.max_examples,
+        final_max_examples=e.final_max_examples,
+        peer_max_examples=e.peer_max_examples,
+        seed=cfg.data.split_seed,
+    )
+
+
+def make_engine(prep: Prepared, plan: Plan) -> Engine:
     t = prep.cfg.train
+    n_peers, batch_size = plan.n, plan.batch_size
     kwargs: dict[str, Any] = dict(
+        peer_weights=plan.weights.tolist(),
         lr=t.lr,
         head_lr=t.head_lr,
         weight_decay=t.weight_decay,
@@ -183,18 +326,11 @@ def run_algorithm(
     cfg = prep.cfg
     # every algorithm starts from the same RNG state (dropout masks), whatever ran before it
     torch.manual_seed(cfg.seed)
-    plan = make_plan(algorithm, prep.topology, prep.parts, cfg.train.batch_size)
-    engine = make_engine(prep, plan.n, plan.batch_size)
-    evaluator = Evaluator(
-        prep.test_examples,
-        prep.data.num_classes,
-        binary_f1=prep.data.binary_f1,
-        batch_size=cfg.eval.batch_size,
-        max_examples=cfg.eval.max_examples,
-        final_max_examples=cfg.eval.final_max_examples,
-        peer_max_examples=cfg.eval.peer_max_examples,
-        seed=cfg.data.split_seed,
+    plan = make_plan(
+        algorithm, prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
     )
+    engine = make_engine(prep, plan)
+    evaluator = make_evaluator(prep)
     mix_keys = None
     if not cfg.lora.mix_head:
         mix_keys = {k for k in prep.init if k.endswith((".lora_A", ".lora_B"))}
@@ -215,20 +351,24 @@ def run_algorithm(
             progress=progress,
             mix_keys=mix_keys,
             gossip=make_gossip(cfg, plan),
+            gossip_steps=cfg.comm.gossip_steps if plan.algorithm == "dec-lora" else 1,
         )
     finally:
         remove = getattr(engine, "remove", None)
         prep.model = remove() if remove else prep.model
+    kind = prep.peft_task_type
     save_peft_adapter(
-        out.path / "adapters" / "average", prep.spec, average(result.final), prep.model_path
+        out.path / "adapters" / "average", prep.spec, average(result.final), prep.model_path, kind
     )
     if export_peers and plan.n > 1:
         for i in range(plan.n):
             values = {k: v[i] for k, v in result.final.items()}
             save_peft_adapter(
-                out.path / "adapters" / f"peer-{i}", prep.spec, values, prep.model_path
+                out.path / "adapters" / f"peer-{i}", prep.spec, values, prep.model_path, kind
             )
     out.write_json("peer_metrics.json", result.peer_metrics)
+    if result.extras:
+        out.write_json("samples.json", result.extras)
     return result
 
 
@@ -250,18 +390,24 @@ def _execute(prep: Prepared, rundir: RunDir, progress: bool) -> dict[str, Result
     cfg = prep.cfg
     rundir.write_text("config.yaml", cfg.to_yaml())
     rundir.write_json("topology.json", prep.topology.to_dict())
-    counts = label_counts(prep.data.train_labels, prep.parts, prep.data.num_classes)
+    names = prep.group_names
+    counts = prep.counts  # per peer and class (or category; documents for plain text)
     rundir.write_json(
         "label_counts.json",
         {
-            "label_names": prep.data.label_names,
+            "label_names": names,
             "counts": counts.tolist(),
             "skew": skew_summary(counts),
             "data": prep.data.summary(),
             "truncated_at_max_length": prep.truncated,
         },
     )
-    plots.label_distribution(counts, prep.data.label_names, rundir.path / "label_distribution.png")
+    plots.label_distribution(
+        counts,
+        names,
+        rundir.path / "label_distribution.png",
+        title="Category distribution per peer" if prep.causal else "Label distribution per peer",
+    )
     plots.topology(
         prep.topology.graph,
         rundir.path / "topology.png",
@@ -276,8 +422,12 @@ def _execute(prep: Prepared, rundir: RunDir, progress: bool) -> dict[str, Result
             continue
         sub = rundir.sub(f"baselines/{name}")
         results[name] = run_algorithm(prep, name, sub, export_peers=False, progress=progress)
-    rows = summary_rows(results, main)
-    rundir.write_json("summary.json", {"main": main, "rows": rows})
+    ev = make_evaluator(prep)
+    rows = summary_rows(results, main, ev.columns, ev.primary, ev.higher_is_better)
+    rundir.write_json(
+        "summary.json",
+        {"main": main, "task": cfg.task, "columns": list(ev.columns), "rows": rows},
+    )
     write_report(rundir, prep, results, rows)
     rundir.set_status(
         "complete",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,10 +34,23 @@ class Engine(Protocol):
     def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor: ...
     def stacked(self) -> dict[str, torch.Tensor]: ...
     def load_stacked(self, values: dict[str, torch.Tensor]) -> None: ...
-    def logits_single(
+    def outputs_single(
         self, values: dict[str, torch.Tensor], examples: Sequence[Example]
     ) -> torch.Tensor: ...
-    def logits_all_peers(self, examples: Sequence[Example]) -> torch.Tensor: ...
+    def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor: ...
+    def use_single(self, values: dict[str, torch.Tensor]) -> AbstractContextManager: ...
+
+
+class EvaluatorLike(Protocol):
+    """What the round loop needs from an evaluator (classification or causal LM)."""
+
+    primary: str  # the metric shown in progress bars and summaries
+    columns: tuple[str, ...]  # the metrics of the summary table, in order
+    higher_is_better: bool
+
+    def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]: ...
+    def peers(self, engine: Engine) -> list[dict[str, float]]: ...
+    def extras(self, engine: Engine) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -48,29 +62,58 @@ class Plan:
     mixing: np.ndarray
     batch_size: int
     messages: np.ndarray  # per peer: how many copies of its values it sends each round
+    weights: np.ndarray  # per peer: factor on its updates (n * its share of the data, or 1)
 
     @property
     def n(self) -> int:
         return len(self.parts)
 
 
-def make_plan(algorithm: str, topology: Topology, parts: list[np.ndarray], batch_size: int) -> Plan:
+def peer_weights(parts: list[np.ndarray], weighting: str) -> np.ndarray:
+    """Factors on each peer's updates so that the network minimises the right objective.
+
+    With "data-size", peer i's updates are scaled by n * N_i / N: averaged over the peers, the
+    gradient is then the pooled data's gradient (what centralized training follows), instead of
+    the mean of the local gradients, which over-weights small peers and shifts the class prior
+    whenever data sizes and label mixes differ. "uniform" is plain D-SGD (every peer alike)."""
     n = len(parts)
+    if weighting == "uniform" or n == 1:
+        return np.ones(n)
+    if weighting == "data-size":
+        sizes = np.array([len(p) for p in parts], dtype=np.float64)
+        return n * sizes / sizes.sum()
+    raise ValueError(f"unknown peer weighting {weighting!r} (accepted: data-size, uniform)")
+
+
+def make_plan(
+    algorithm: str,
+    topology: Topology,
+    parts: list[np.ndarray],
+    batch_size: int,
+    weighting: str = "uniform",
+) -> Plan:
+    """Local-only peers never mix, so their own objective is the only one: always uniform."""
+    n = len(parts)
+    w = peer_weights(parts, weighting)
     if algorithm == "dec-lora":
         deg = np.array(topology.degrees)
-        return Plan(algorithm, parts, topology.mixing, batch_size, deg)
+        return Plan(algorithm, parts, topology.mixing, batch_size, deg, w)
     if algorithm == "fedavg":  # each peer uploads once; the server's broadcast is not counted
-        return Plan(algorithm, parts, np.full((n, n), 1.0 / n), batch_size, np.ones(n))
+        return Plan(algorithm, parts, np.full((n, n), 1.0 / n), batch_size, np.ones(n), w)
     if algorithm == "local-only":
-        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n))
+        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n), np.ones(n))
     if algorithm == "centralized":
         pooled = np.sort(np.concatenate(parts))
-        return Plan(algorithm, [pooled], np.eye(1), batch_size * n, np.zeros(1))
+        return Plan(algorithm, [pooled], np.eye(1), batch_size * n, np.zeros(1), np.ones(1))
     raise ValueError(f"unknown algorithm {algorithm!r}")
 
 
 class Evaluator:
-    """Held-out metrics of the averaged model and of each peer's own model."""
+    """Held-out classification metrics of the averaged model and of each peer's own model."""
+
+    primary = "accuracy"
+    columns = ("accuracy", "macro_f1")
+    higher_is_better = True
 
     def __init__(
         self,
@@ -104,7 +147,7 @@ class Evaluator:
     def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]:
         idx = self.final_idx if final else self.avg_idx
         values = average(engine.stacked())
-        logits = [engine.logits_single(values, b) for b in self._batches(idx, self.batch_size)]
+        logits = [engine.outputs_single(values, b) for b in self._batches(idx, self.batch_size)]
         preds = torch.cat(logits).argmax(-1).numpy()
         out = classification_metrics(
             preds, self._labels(idx), self.num_classes, binary_f1=self.binary_f1
@@ -113,13 +156,16 @@ class Evaluator:
 
     def peers(self, engine: Engine) -> list[dict[str, float]]:
         size = max(1, self.batch_size // max(1, min(engine.n, 8)))
-        logits = [engine.logits_all_peers(b) for b in self._batches(self.peer_idx, size)]
+        logits = [engine.outputs_all_peers(b) for b in self._batches(self.peer_idx, size)]
         preds = torch.cat(logits, dim=1).argmax(-1).numpy()
         labels = self._labels(self.peer_idx)
         return [
             classification_metrics(p, labels, self.num_classes, binary_f1=self.binary_f1)
             for p in preds
         ]
+
+    def extras(self, engine: Engine) -> dict[str, Any]:
+        return {}
 
 
 def summarize_peers(per_peer: list[dict[str, float]]) -> dict[str, float]:
@@ -139,6 +185,7 @@ class Result:
     algorithm: str
     records: list[dict[str, Any]] = field(default_factory=list)
     peer_metrics: list[dict[str, float]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
@@ -148,16 +195,18 @@ class Result:
                 return rec[key]
         return None
 
-    def best(self, key: str) -> float | None:
+    def best(self, key: str, higher_is_better: bool = True) -> float | None:
         vals = [r[key] for r in self.records if key in r]
-        return max(vals) if vals else None
+        if not vals:
+            return None
+        return max(vals) if higher_is_better else min(vals)
 
 
 def train(
     engine: Engine,
     plan: Plan,
     train_examples: Sequence[Example],
-    evaluator: Evaluator,
+    evaluator: EvaluatorLike,
     *,
     rounds: int,
     local_steps: int,
@@ -169,6 +218,7 @@ def train(
     progress: bool = True,
     mix_keys: set[str] | None = None,
     gossip: Communicator | None = None,
+    gossip_steps: int = 1,
 ) -> Result:
     """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters.
 
@@ -190,9 +240,11 @@ def train(
         shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
         if sent_per_round is None:
             sent_per_round = plan.messages * count_values(shared) * BYTES_PER_VALUE
-        engine.load_stacked(gossip.mix(shared))
-        measured = getattr(gossip, "last_bytes", None)
-        bytes_sent += sent_per_round if measured is None else measured
+        for _ in range(gossip_steps):
+            shared = gossip.mix(shared)
+            measured = getattr(gossip, "last_bytes", None)
+            bytes_sent += sent_per_round if measured is None else measured
+        engine.load_stacked(shared)
         if t % eval_every and t != rounds:
             continue
         rec: dict[str, Any] = {
@@ -210,9 +262,11 @@ def train(
         rec["bytes_sent_total"] = float(bytes_sent.sum())
         rec["wall_seconds"] = round(time.perf_counter() - start, 3)
         result.records.append(rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['accuracy']:.3f}")
+        key = evaluator.primary
+        bar.set_postfix({"loss": f"{rec['train_loss']:.3f}", key[:4]: f"{rec[key]:.3f}"})
         if on_record:
             on_record(rec)
     result.final = {k: v.clone() for k, v in engine.stacked().items()}
+    result.extras = evaluator.extras(engine)
     result.wall_seconds = time.perf_counter() - start
     return result
