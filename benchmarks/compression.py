@@ -116,6 +116,7 @@ def plot(summary: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for s in summary:
@@ -135,6 +136,8 @@ def plot(summary: list[dict], path: Path) -> None:
             fontsize=7,
         )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("MB sent per peer (whole run, log scale)")
     ax.set_ylabel("accuracy of the averaged model (%)")
     ax.set_title(
