@@ -17,7 +17,7 @@ from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings, set_submodule
 from declora.stacked import StackedLinear, StackedLoraLinear
-from declora.task import Example, Task
+from declora.task import Example, SingleAdapterOutputs, Task
 
 
 def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tens
     return norms
 
 
-class BatchedEngine:
+class BatchedEngine(SingleAdapterOutputs):
     """All peers on one model. `stacked()` exposes name -> [n, ...] tensors for gossip."""
 
     def __init__(
@@ -187,14 +187,6 @@ class BatchedEngine:
         finally:
             for layer in self.layers:
                 layer.single = None
-
-    @torch.inference_mode()
-    def outputs_single(
-        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
-    ) -> torch.Tensor:
-        """Task outputs (logits, or per-example NLL) of one adapter given by `values`."""
-        with self.use_single(values) as model:
-            return self.task.outputs(model, self.task.collate(examples))
 
     @torch.inference_mode()
     def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:

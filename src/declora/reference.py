@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings
-from declora.task import Example, Task
+from declora.task import Example, SingleAdapterOutputs, Task
 
 
 def peer_name(i: int) -> str:
@@ -42,7 +42,7 @@ def lora_config(spec: AdapterSpec) -> LoraConfig:
     )
 
 
-class ReferenceEngine:
+class ReferenceEngine(SingleAdapterOutputs):
     """n PEFT adapters on one model, trained peer by peer, each with its own optimizer."""
 
     def __init__(
@@ -129,13 +129,6 @@ class ReferenceEngine:
             with torch.no_grad():
                 for k, v in saved.items():
                     self.peer_params[0][k].copy_(v)
-
-    @torch.inference_mode()
-    def outputs_single(
-        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
-    ) -> torch.Tensor:
-        with self.use_single(values) as model:
-            return self.task.outputs(model, self.task.collate(examples))
 
     @torch.inference_mode()
     def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:

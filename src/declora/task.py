@@ -26,6 +26,21 @@ class Task(Protocol):
     ) -> torch.Tensor: ...
 
 
+class SingleAdapterOutputs:
+    """Shared by the engines: task outputs of one adapter given as values (the averaged model).
+    An engine provides `task` and a `use_single(values)` context that yields the model."""
+
+    task: Task
+
+    @torch.inference_mode()
+    def outputs_single(
+        self, values: dict[str, torch.Tensor], examples: Sequence[Example]
+    ) -> torch.Tensor:
+        """Task outputs (logits, or per-example NLL) of one adapter given by `values`."""
+        with self.use_single(values) as model:  # type: ignore[attr-defined]
+            return self.task.outputs(model, self.task.collate(examples))
+
+
 class ClassificationTask:
     """Sequence classification: cross-entropy on the model's logits; outputs are the logits."""
 
