@@ -10,8 +10,9 @@ accounting (`last_bytes`) and checkpointable state:
 
 Row i of W is peer i's weights over itself and its neighbours; W is assumed symmetric (as the
 topology module builds it), so a peer's row also lists the peers that receive its messages.
-Encoding order is fixed (tensors in dict order, then peers 0..n-1), and stochastic rounding draws
-from one seeded generator, so a run is reproducible for a seed.
+Every peer draws its stochastic rounding from its own generator, seeded by (seed, peer), in a
+fixed order (tensors in dict order): a run is reproducible for a seed, and a peer running in its
+own process (`declora.distributed`) draws exactly the same numbers as in simulation.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from declora.compress import Compressor
 from declora.errors import ConfigError, TopologyError
 
 _GENERATOR_KEY = "generator"
+
+
+def peer_generator(seed: int, peer: int) -> torch.Generator:
+    """The generator peer `peer` uses for stochastic rounding: independent across peers and the
+    same whether the peer is simulated or runs in its own process."""
+    state = np.random.SeedSequence([int(seed), int(peer)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 class _GossipBase:
@@ -46,7 +54,7 @@ class _GossipBase:
         self.senders = [i for i in range(self.n) if self.degree[i] > 0]
         self.isolated = torch.as_tensor(self.degree == 0)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = [peer_generator(seed, i) for i in range(self.n)]
         self.last_bytes = np.zeros(self.n, dtype=np.int64)
         self._memory: dict[str, torch.Tensor] = {}  # residuals or public copies, per tensor
 
@@ -64,13 +72,13 @@ class _GossipBase:
 
     def _send(self, value: torch.Tensor, peer: int, sent: np.ndarray) -> torch.Tensor:
         """Encode one peer's tensor, count its bytes once per neighbour, return what they see."""
-        packet = self.compressor.encode(value, self.generator)
+        packet = self.compressor.encode(value, self.generators[peer])
         sent[peer] += packet.nbytes() * int(self.degree[peer])
         return self.compressor.decode(packet).to(value.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Generator state plus per-tensor memory, all as tensors (safe for safetensors)."""
-        state = {_GENERATOR_KEY: self.generator.get_state()}
+        """Generator states plus per-tensor memory, all as tensors (safe for safetensors)."""
+        state = {f"{_GENERATOR_KEY}.{i}": g.get_state() for i, g in enumerate(self.generators)}
         for name, mem in self._memory.items():
             state[f"{self._state_prefix}.{name}"] = mem.detach().cpu().clone()
         return state
@@ -80,13 +88,15 @@ class _GossipBase:
         memory: dict[str, torch.Tensor] = {}
         prefix = f"{self._state_prefix}."
         for key, value in state.items():
-            if key == _GENERATOR_KEY:
+            if key.startswith(f"{_GENERATOR_KEY}."):
+                peer = int(key.rpartition(".")[2])
+                if not 0 <= peer < self.n:
+                    raise ValueError(f"state holds a generator for peer {peer} of {self.n}")
+                self.generators[peer].set_state(value.to(torch.uint8).cpu())
                 continue
             if not key.startswith(prefix):
                 raise ValueError(f"unexpected key {key!r} in a {type(self).__name__} state")
             memory[key[len(prefix) :]] = value.detach().to(torch.float32).clone()
-        if _GENERATOR_KEY in state:
-            self.generator.set_state(state[_GENERATOR_KEY].to(torch.uint8).cpu())
         self._memory = memory
 
 
