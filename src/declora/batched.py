@@ -4,18 +4,24 @@ Every adapted linear becomes a `StackedLoraLinear` and every head linear a `Stac
 A local step concatenates the peers' batches peer-major, runs forward/backward once per chunk of
 peers, clips each peer's gradient on its own, and takes one AdamW step over the stacked tensors;
 AdamW is element-wise, so that is exactly n independent optimizers.
+
+Two switches serve the follow-up algorithms and dynamic networks: `set_trainable` freezes a LoRA
+factor (FFA-LoRA, ADF-LoRA phases), and `train_step(..., active=mask)` leaves offline peers and
+stragglers that are done for the round exactly as they were.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings, set_submodule
+from declora.algorithms import LORA_FACTORS, check_factors, factor_of
 from declora.stacked import StackedLinear, StackedLoraLinear
 from declora.task import Example, SingleAdapterOutputs, Task
 
@@ -23,8 +29,11 @@ from declora.task import Example, SingleAdapterOutputs, Task
 def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale each peer's gradient (its slice of every stacked tensor) to norm <= max_norm.
 
-    Same rule as `torch.nn.utils.clip_grad_norm_`, applied per peer. Returns the norms."""
+    Same rule as `torch.nn.utils.clip_grad_norm_`, applied per peer. Returns the norms (an
+    empty tensor when no parameter has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
     n = grads[0].shape[0]
     sq = torch.zeros(n, dtype=torch.float32, device=grads[0].device)
     for g in grads:
@@ -34,6 +43,27 @@ def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tens
     for g in grads:
         g.mul_(coef.to(g.dtype).view(n, *([1] * (g.dim() - 1))))
     return norms
+
+
+def as_active_mask(active: Sequence[bool] | np.ndarray | None, n: int) -> np.ndarray | None:
+    """A length-n boolean mask of the peers that step, or None when every peer does."""
+    if active is None:
+        return None
+    mask = np.asarray(active)
+    if mask.shape != (n,) or mask.dtype != np.bool_:
+        raise ValueError(
+            f"active must be a boolean sequence with one entry per peer ({n}); "
+            f"got dtype {mask.dtype} and shape {mask.shape}"
+        )
+    return None if bool(mask.all()) else mask
+
+
+def _index(group: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Which peers' parameters a pass uses: a slice when they are consecutive (a view, as
+    without a mask), else an index tensor (the stacked layers index with either)."""
+    if group == list(range(group[0], group[-1] + 1)):
+        return slice(group[0], group[-1] + 1)
+    return torch.tensor(group, dtype=torch.long, device=device)
 
 
 class BatchedEngine(SingleAdapterOutputs):
@@ -82,6 +112,7 @@ class BatchedEngine(SingleAdapterOutputs):
             if layer.bias is not None:
                 self.params[f"{name}.bias"] = layer.bias
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
+        self.trainable: frozenset[str] = LORA_FACTORS
         head = set(self.head_param_names)
         self.optimizer, self.scheduler = settings.build(
             [p for k, p in self.params.items() if k not in head],
@@ -104,7 +135,7 @@ class BatchedEngine(SingleAdapterOutputs):
         self._originals.clear()
         return self.model
 
-    def _select(self, peers: slice) -> None:
+    def _select(self, peers: slice | torch.Tensor) -> None:
         for layer in self.layers:
             layer.peers = peers
 
@@ -112,31 +143,95 @@ class BatchedEngine(SingleAdapterOutputs):
         c = self.peer_chunk
         return [(lo, min(lo + c, self.n)) for lo in range(0, self.n, c)]
 
-    def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor:
-        """One local optimizer step for every peer; returns each peer's mean loss."""
+    def set_trainable(self, factors: Iterable[str]) -> None:
+        """Only these LoRA factors ('lora_A', 'lora_B') and the head get gradients from now on.
+
+        Frozen tensors get no gradient (grad None), so the optimizer skips them: their values
+        and their optimizer state (momentum, Adam moments and step) stay exactly as they were."""
+        self.trainable = check_factors(factors)
+        for k, p in self.params.items():
+            factor = factor_of(k)
+            p.requires_grad_(factor is None or factor in self.trainable)
+
+    def train_step(
+        self,
+        peer_examples: Sequence[Sequence[Example]],
+        active: Sequence[bool] | np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """One local optimizer step for every active peer; returns each peer's mean loss.
+
+        `active` (one bool per peer, default all) lets offline peers and stragglers that are
+        done for the round sit out: their rows are not computed (their examples are ignored and
+        may be empty) and their parameters and optimizer state slices are left bit-identical.
+        Their loss is NaN (average with `torch.nanmean`). The learning-rate schedule follows
+        the global step count, so it advances for everyone. AdamW keeps one `step` counter per
+        stacked tensor, so its bias correction counts the steps of the whole network rather
+        than those a peer took; SGD (with or without momentum) has no such counter and matches
+        per-peer optimizers exactly."""
         if len(peer_examples) != self.n:
             raise ValueError(f"expected batches for {self.n} peers, got {len(peer_examples)}")
+        mask = as_active_mask(active, self.n)
+        peers = list(range(self.n)) if mask is None else np.flatnonzero(mask).tolist()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses = []
+        done: list[tuple[list[int], torch.Tensor]] = []
+        device = next(iter(self.params.values())).device
         try:
-            for lo, hi in self._chunks():
-                self._select(slice(lo, hi))
-                group = peer_examples[lo:hi]
-                if hi - lo == 1 and self.micro_batch and len(group[0]) > self.micro_batch:
-                    losses.append(self._accumulate(group[0], self.micro_batch))
-                    continue
-                rows = [ex for peer in group for ex in peer]
-                loss = self.task.peer_losses(self.model, self.task.collate(rows), hi - lo)
-                loss.sum().backward()
-                losses.append(loss.detach())
+            for s in range(0, len(peers), self.peer_chunk):
+                group = peers[s : s + self.peer_chunk]
+                self._select(_index(group, device))
+                if len(group) == 1 and self.micro_batch:
+                    rows = peer_examples[group[0]]
+                    if len(rows) > self.micro_batch:
+                        done.append((group, self._accumulate(rows, self.micro_batch)))
+                        continue
+                rows = [ex for i in group for ex in peer_examples[i]]
+                loss = self.task.peer_losses(self.model, self.task.collate(rows), len(group))
+                if loss.requires_grad:  # False only when nothing is trainable
+                    loss.sum().backward()
+                done.append((group, loss.detach()))
         finally:
             self._select(slice(None))
         if self.max_grad_norm is not None:
             clip_per_peer(list(self.params.values()), self.max_grad_norm)
-        self._weighted_step()
+        if mask is None:
+            self._weighted_step()
+        else:
+            self._step_keeping(np.flatnonzero(~mask).tolist())
         self.scheduler.step()
-        return torch.cat(losses)
+        if mask is None:
+            return torch.cat([loss for _, loss in done])
+        like = done[0][1] if done else torch.zeros(0)
+        losses = torch.full((self.n,), float("nan"), dtype=like.dtype, device=like.device)
+        for group, loss in done:
+            losses[group] = loss
+        return losses
+
+    @torch.no_grad()
+    def _step_keeping(self, frozen: list[int]) -> None:
+        """The optimizer step, then put the `frozen` peers' rows back: their parameters and
+        every per-element state tensor (a tensor of the parameter's shape). A state tensor that
+        this step created gets zeros in their rows, which is how a fresh optimizer starts (SGD's
+        momentum buffer and Adam's moments), so their first real step later is a first step."""
+        idx = torch.tensor(frozen, dtype=torch.long)
+        saved = []
+        for p in self.params.values():
+            if p.grad is None:
+                continue  # the optimizer skips it
+            rows = idx.to(p.device)
+            state = self.optimizer.state.get(p, {})
+            kept = {
+                name: t[rows].clone()
+                for name, t in state.items()
+                if torch.is_tensor(t) and t.shape == p.shape
+            }
+            saved.append((p, rows, p[rows].clone(), kept))
+        self._weighted_step()
+        for p, rows, values, kept in saved:
+            p[rows] = values
+            for name, t in self.optimizer.state[p].items():
+                if torch.is_tensor(t) and t.shape == p.shape:
+                    t[rows] = kept.get(name, 0)
 
     @torch.no_grad()
     def _weighted_step(self) -> None:

@@ -53,14 +53,42 @@ def run(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue an interrupted run directory from its newest checkpoints"),
+    ] = None,
 ) -> None:
-    """Train the peers (and the configured baselines) and write a run directory."""
-    from declora.config import load_config
+    """Train the peers (and the configured baselines) and write a run directory.
 
+    Inside torchrun (`declora launch` or `torchrun -m declora run`), this process runs one peer
+    of a distributed run instead."""
+    from declora.config import load_config
+    from declora.distributed import launched
+
+    distributed = launched()
     try:
+        if resume is not None:
+            if config is not None or set_:
+                raise DecloraError(
+                    "--resume continues with the run's own config.yaml; drop --config and --set"
+                )
+            if out is not None and out != resume:
+                raise DecloraError("--resume DIR writes into DIR; drop --out")
+            config, out = resume / "config.yaml", resume
+            if not config.is_file():
+                raise DecloraError(
+                    f"--resume {str(resume)!r} has no config.yaml; not a run directory"
+                )
         cfg = load_config(config, set_ or [])
         _quiet_libraries()
-        from declora.report import table_text
+        if distributed:
+            if out is None:
+                raise DecloraError(
+                    "a distributed run needs --out DIR (the same on every peer; "
+                    "a default name would differ between processes)"
+                )
+            _run_peer(cfg, out, resume is not None, overwrite, quiet)
+            return
         from declora.run import execute
 
         target = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
@@ -70,23 +98,82 @@ def run(
             f"model {cfg.model.name} -> {target}",
             err=True,
         )
-        rundir, _ = execute(cfg, target, overwrite=overwrite, progress=not quiet)
+        rundir, _ = execute(
+            cfg, target, overwrite=overwrite, progress=not quiet, resume=resume is not None
+        )
     except DecloraError as exc:
         _fail(exc)
         return
-    summary = json.loads((rundir.path / "summary.json").read_text())
+    _print_outcome(rundir.path, cfg)
+
+
+def _print_outcome(path: Path, cfg) -> None:
+    from declora.report import table_text
+
+    summary = json.loads((path / "summary.json").read_text())
     typer.echo("")
     typer.echo(table_text(summary["rows"], summary.get("columns")))
     typer.echo("")
-    cut = json.loads((rundir.path / "label_counts.json").read_text())["truncated_at_max_length"]
+    cut = json.loads((path / "label_counts.json").read_text())["truncated_at_max_length"]
     if cut.get("train") or cut.get("test"):
         typer.echo(
             f"cut at data.max_length={cfg.data.max_length} tokens: {cut['train']} training and "
             f"{cut['test']} test examples"
         )
-    typer.echo(f"run directory: {rundir.path}")
-    typer.echo(f"report:        {rundir.path / 'report.md'}")
-    typer.echo(f"adapters:      {rundir.path / 'adapters'} (PEFT format)")
+    typer.echo(f"run directory: {path}")
+    typer.echo(f"report:        {path / 'report.md'}")
+    typer.echo(f"adapters:      {path / 'adapters'} (PEFT format)")
+
+
+def _run_peer(cfg, out: Path, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """One peer of a torchrun job; rank 0 prints the outcome."""
+    from declora import distributed
+    from declora.peer_run import run_peer
+
+    try:
+        proc, _ = run_peer(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    finally:
+        distributed.stop()
+    if proc.leader:
+        _print_outcome(out, cfg)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def launch(
+    ctx: typer.Context,
+    peers: Annotated[int, typer.Option(min=1, help="peer processes on this machine")],
+    nnodes: Annotated[str, typer.Option(help="machines (or MIN:MAX)")] = "1",
+    node_rank: Annotated[int, typer.Option(help="this machine's rank (multi-machine)")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT every machine can reach (multi-machine)")
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(min=0, help="restart the group this often after a peer fails")
+    ] = 0,
+) -> None:
+    """Run `declora run ARGS...` as one process per peer with torch.distributed's launcher.
+
+    Example: declora launch --peers 4 -- --config job.yaml --out runs/dist"""
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    args = [f"--nproc-per-node={peers}", f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
+    if rdzv_endpoint:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        args += [f"--node-rank={node_rank}"]
+    elif nnodes != "1":
+        _fail(DecloraError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT"))
+    else:
+        args.append("--standalone")
+    extra = [a for a in ctx.args if a != "--"]
+    parsed = get_args_parser().parse_args([*args, "-m", "declora", "run", *extra])
+    try:
+        torchrun(parsed)
+    except Exception as exc:  # torch's ChildFailedError: the peers already printed why
+        typer.echo(f"error: the distributed run failed ({type(exc).__name__})", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -122,6 +122,10 @@ class TrainConfig(_Section):
     )
     max_pass_examples: int = Field(16, ge=1)
     threads: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(
+        None, ge=0, description="rounds between checkpoints; None: every eval.every; 0: never"
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="newest checkpoints kept per peer")
 
 
 class EvalConfig(_Section):
@@ -135,6 +139,10 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     peers: Literal["final", "every", "never"] = "final"
     peer_max_examples: int | None = Field(150, ge=1)
+    monitor: bool = Field(
+        True,
+        description="distributed runs: evaluate the averaged model during training (all-reduce)",
+    )
     generate_examples: int = Field(
         32, ge=0, description="causal-lm: held-out prompts answered for the answer-match score"
     )
@@ -169,6 +177,15 @@ class CommConfig(_Section):
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="CHOCO consensus step size")
     gossip_steps: int = Field(
         1, ge=1, le=100, description="gossip exchanges per round (each costs its bytes)"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="distributed runs: torch.distributed backend (auto: nccl on GPU)"
+    )
+    timeout_s: float = Field(
+        60.0, gt=0.0, description="distributed runs: seconds to wait for a neighbour's message"
+    )
+    on_peer_failure: Literal["error", "skip"] = Field(
+        "error", description="distributed runs: stop, or mix without a silent neighbour"
     )
 
     @property

@@ -1,20 +1,25 @@
 """The reference engine: one PEFT model with a named adapter per peer, peers one after another.
 
 Slow but obviously right. Tests hold the batched engine to it; it also exposes the same
-`stacked()` / `load_stacked()` view so the round loop and the gossip code are shared.
+`stacked()` / `load_stacked()` view so the round loop and the gossip code are shared, and the
+same switches for frozen factors (`set_trainable`) and peers that sit a step out (`active`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from declora.adapters import AdapterSpec, OptimSettings
+from declora.algorithms import LORA_FACTORS, check_factors, factor_of
+from declora.batched import as_active_mask
 from declora.task import Example, SingleAdapterOutputs, Task
 
 
@@ -72,6 +77,7 @@ class ReferenceEngine(SingleAdapterOutputs):
             for i in range(n_peers)
         ]
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
+        self.trainable: frozenset[str] = LORA_FACTORS
         heads = set(spec.head_modules)
         self.optimizers, self.schedulers = [], []
         weights = list(peer_weights) if peer_weights is not None else [1.0] * n_peers
@@ -86,15 +92,45 @@ class ReferenceEngine(SingleAdapterOutputs):
         """Strip the PEFT wrappers so the base model can be reused."""
         return self.model.unload()
 
-    def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor:
+    def set_trainable(self, factors: Iterable[str]) -> None:
+        """Only these LoRA factors ('lora_A', 'lora_B') and the head get gradients from now on;
+        frozen ones get none, so each peer's optimizer skips them and keeps their state."""
+        self.trainable = check_factors(factors)
+
+    def _freeze(self, i: int) -> None:
+        """Apply `trainable` to peer i: PEFT's `set_adapter` makes the active adapter fully
+        trainable, so this runs after it."""
+        for k, p in self.peer_params[i].items():
+            factor = factor_of(k)
+            if factor is not None:
+                p.requires_grad_(factor in self.trainable)
+
+    def train_step(
+        self,
+        peer_examples: Sequence[Sequence[Example]],
+        active: Sequence[bool] | np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """One optimizer step per active peer, one peer after another; returns each peer's
+        mean loss, NaN for a peer that sat out. An inactive peer's examples are ignored, its
+        optimizer does not step, but its learning-rate schedule advances (it follows the global
+        step count, as in the batched engine)."""
+        mask = as_active_mask(active, self.n)
         self.model.train()
         losses = []
         for i, examples in enumerate(peer_examples):
+            if mask is not None and not mask[i]:
+                with warnings.catch_warnings():  # stepping a schedule before its optimizer
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    self.schedulers[i].step()
+                losses.append(torch.full((1,), float("nan")))
+                continue
             self.model.set_adapter(peer_name(i))
+            self._freeze(i)
             opt = self.optimizers[i]
             opt.zero_grad(set_to_none=True)
             loss = self.task.peer_losses(self.model, self.task.collate(examples), 1)
-            loss.sum().backward()
+            if loss.requires_grad:  # False only when nothing is trainable
+                loss.sum().backward()
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     list(self.peer_params[i].values()), self.max_grad_norm

@@ -36,12 +36,14 @@ def summary_rows(
     columns: tuple[str, ...] = CLASSIFICATION_COLUMNS,
     primary: str = "accuracy",
     higher_is_better: bool = True,
+    peers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (algorithm, view): averaged model and, with several peers, mean of peers."""
+    """One row per (algorithm, view): averaged model and, with several peers, mean of peers.
+    `peers` overrides the peer count read from the final adapters (distributed runs hold one)."""
     rows = []
     for name, res in results.items():
         where = "." if name == main else f"baselines/{name}"
-        n_peers = len(res.final[next(iter(res.final))])
+        n_peers = peers or len(res.final[next(iter(res.final))])
         views = [("averaged model", "")] if n_peers > 1 else [("single model", "")]
         if res.peer_metrics:
             views.append(("mean of peers", "peers_"))

@@ -17,6 +17,7 @@ import torch
 from declora import plots
 from declora.adapters import AdapterSpec, build_spec, initial_state
 from declora.batched import BatchedEngine
+from declora.checkpoint import fingerprint_of
 from declora.compress import make_compressor
 from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.config import RunConfig
@@ -34,6 +35,7 @@ from declora.rundir import RunDir
 from declora.task import CausalLMTask, ClassificationTask, Example, Task
 from declora.topology import Topology, build_topology
 from declora.trainer import (
+    Checkpointing,
     Communicator,
     Engine,
     Evaluator,
@@ -320,8 +322,34 @@ def make_gossip(cfg: RunConfig, plan: Plan) -> Communicator | None:
     return CompressedGossip(plan.mixing, comp, error_feedback=c.error_feedback, seed=cfg.seed)
 
 
+def checkpointing(
+    cfg: RunConfig, root: Path, *, resume: bool, extra: object = None
+) -> Checkpointing | None:
+    """Checkpoint settings of a run (None when `train.checkpoint_every` is 0). The fingerprint
+    ties a checkpoint to the configuration (all but the thread count) that wrote it."""
+    every = cfg.train.checkpoint_every
+    every = cfg.eval.every if every is None else every
+    if every == 0:
+        return None
+    resolved = cfg.model_dump(mode="json")
+    resolved["train"].pop("threads", None)
+    return Checkpointing(
+        root,
+        every,
+        fingerprint_of([resolved, extra]),
+        keep=cfg.train.keep_checkpoints,
+        resume=resume,
+    )
+
+
 def run_algorithm(
-    prep: Prepared, algorithm: str, out: RunDir, *, export_peers: bool, progress: bool
+    prep: Prepared,
+    algorithm: str,
+    out: RunDir,
+    *,
+    export_peers: bool,
+    progress: bool,
+    resume: bool = False,
 ) -> Result:
     cfg = prep.cfg
     # every algorithm starts from the same RNG state (dropout masks), whatever ran before it
@@ -352,6 +380,10 @@ def run_algorithm(
             mix_keys=mix_keys,
             gossip=make_gossip(cfg, plan),
             gossip_steps=cfg.comm.gossip_steps if plan.algorithm == "dec-lora" else 1,
+            checkpoints=checkpointing(
+                cfg, out.path / "checkpoints", resume=resume, extra=algorithm
+            ),
+            on_restore=out.rewrite_metrics,
         )
     finally:
         remove = getattr(engine, "remove", None)
@@ -373,20 +405,28 @@ def run_algorithm(
 
 
 def execute(
-    cfg: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
 ) -> tuple[RunDir, dict[str, Result]]:
-    """The whole run; returns the run directory and each algorithm's result."""
+    """The whole run; returns the run directory and each algorithm's result. With `resume`,
+    `out` is an interrupted run's folder and every algorithm continues from its newest
+    checkpoint (one that finished is restored, not retrained)."""
     prep = prepare(cfg)
-    rundir = RunDir.create(out, overwrite=overwrite)
+    rundir = RunDir.reopen(out) if resume else RunDir.create(out, overwrite=overwrite)
     try:
-        results = _execute(prep, rundir, progress)
+        results = _execute(prep, rundir, progress, resume)
     except BaseException as exc:
         rundir.set_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
     return rundir, results
 
 
-def _execute(prep: Prepared, rundir: RunDir, progress: bool) -> dict[str, Result]:
+def write_setup(rundir: RunDir, prep: Prepared) -> None:
+    """What a run knows before training: resolved config, graph, data over peers, plots."""
     cfg = prep.cfg
     rundir.write_text("config.yaml", cfg.to_yaml())
     rundir.write_json("topology.json", prep.topology.to_dict())
@@ -414,14 +454,23 @@ def _execute(prep: Prepared, rundir: RunDir, progress: bool) -> dict[str, Result
         title=f"{prep.topology.kind}, {prep.topology.n} peers, "
         f"gap {prep.topology.spectral_gap:.3f}",
     )
+
+
+def _execute(prep: Prepared, rundir: RunDir, progress: bool, resume: bool) -> dict[str, Result]:
+    cfg = prep.cfg
+    write_setup(rundir, prep)
     results: dict[str, Result] = {}
     main = cfg.algorithm.name
-    results[main] = run_algorithm(prep, main, rundir, export_peers=True, progress=progress)
+    results[main] = run_algorithm(
+        prep, main, rundir, export_peers=True, progress=progress, resume=resume
+    )
     for name in cfg.baselines:
         if name == main:
             continue
         sub = rundir.sub(f"baselines/{name}")
-        results[name] = run_algorithm(prep, name, sub, export_peers=False, progress=progress)
+        results[name] = run_algorithm(
+            prep, name, sub, export_peers=False, progress=progress, resume=resume
+        )
     ev = make_evaluator(prep)
     rows = summary_rows(results, main, ev.columns, ev.primary, ev.higher_is_better)
     rundir.write_json(

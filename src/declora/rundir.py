@@ -54,6 +54,29 @@ class RunDir:
         rd.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         return rd
 
+    @classmethod
+    def reopen(cls, path: str | Path) -> RunDir:
+        """An interrupted run's folder, to be continued from its checkpoints."""
+        p = Path(path)
+        rd = cls(p)
+        status = rd.status() if p.is_dir() else None
+        if status is None:
+            raise DecloraError(
+                f"--resume {str(p)!r} is not a declora run directory (no {STATUS_FILE})"
+            )
+        if status == "complete":
+            raise DecloraError(f"run {str(p)!r} is already complete; there is nothing to resume")
+        data = json.loads((p / STATUS_FILE).read_text())
+        if "error" in data:  # what stopped the last attempt stays on record, not as current
+            data["previous_error"] = data.pop("error")
+            write_json(p / STATUS_FILE, data)
+        rd.set_status("running", resumed=int(data.get("resumed", 0)) + 1)
+        return rd
+
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Metrics as they were at a checkpoint (later lines are recomputed by the resumed run)."""
+        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
     def sub(self, name: str) -> RunDir:
         p = self.path / name
         p.mkdir(parents=True, exist_ok=True)

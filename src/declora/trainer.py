@@ -10,12 +10,15 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from declora import checkpoint as ckpt
+from declora import faults
 from declora.gossip import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
 from declora.gossip import values_per_peer as count_values
 from declora.metrics import classification_metrics
@@ -202,6 +205,80 @@ class Result:
         return max(vals) if higher_is_better else min(vals)
 
 
+@dataclass
+class Checkpointing:
+    """Where and how often the round loop saves itself, and whether it starts from a save."""
+
+    root: Path
+    every: int
+    fingerprint: str
+    keep: int = 1
+    resume: bool = False
+    at: int | None = None  # resume from this round (0: from scratch); None: the newest save
+
+    def saved(self) -> ckpt.Checkpoint | None:
+        if not self.resume or self.at == 0:
+            return None
+        if self.at is None:
+            return ckpt.latest(self.root, fingerprint=self.fingerprint)
+        return ckpt.load(ckpt.round_dir(self.root, self.at), fingerprint=self.fingerprint)
+
+
+class NetworkView(Protocol):
+    """Network-wide quantities of the round loop: trivial in simulation (every peer is here),
+    collective operations in distributed mode (each process holds one peer)."""
+
+    def mean(self, local: float) -> float: ...
+    def bytes_sent(self, local: np.ndarray) -> tuple[float, float]: ...  # (mean, total)
+    def consensus(
+        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
+    ) -> float | None: ...
+    def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None: ...
+
+
+class LocalNetwork:
+    """All peers live in this process."""
+
+    def mean(self, local: float) -> float:
+        return local
+
+    def bytes_sent(self, local: np.ndarray) -> tuple[float, float]:
+        return float(local.mean()), float(local.sum())
+
+    def consensus(self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:
+        return consensus_distance(values, lora_modules)
+
+    def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None:
+        return None
+
+
+def _loop_state(
+    t: int,
+    engine: Engine,
+    samplers: list[PeerSampler],
+    gossip: Communicator,
+    result: Result,
+    bytes_sent: np.ndarray,
+    losses: list[torch.Tensor],
+    elapsed: float,
+) -> dict[str, Any]:
+    """Everything that decides what the next round does (and what was measured so far)."""
+    state_fn = getattr(gossip, "state_dict", None)
+    return {
+        "round": t,
+        "engine": ckpt.engine_state(engine),
+        "samplers": [ckpt.sampler_state(s) for s in samplers],
+        "gossip": dict(state_fn()) if state_fn else {},
+        "torch_rng": torch.get_rng_state(),
+        "bytes_sent": torch.from_numpy(bytes_sent.astype(np.float64)),
+        "losses": [x.clone() for x in losses],
+        "records": result.records,
+        "peer_metrics": result.peer_metrics,
+        "extras": result.extras,
+        "elapsed": elapsed,
+    }
+
+
 def train(
     engine: Engine,
     plan: Plan,
@@ -219,54 +296,128 @@ def train(
     mix_keys: set[str] | None = None,
     gossip: Communicator | None = None,
     gossip_steps: int = 1,
+    peers: Sequence[int] | None = None,
+    network: NetworkView | None = None,
+    checkpoints: Checkpointing | None = None,
+    on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> Result:
     """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters.
 
     `gossip` defaults to exact fp32 mixing with W; a compressed communicator also reports the
-    exact bytes of the buffers each peer sent (`last_bytes`)."""
-    samplers = [PeerSampler(p, plan.batch_size, seed, i) for i, p in enumerate(plan.parts)]
+    exact bytes of the buffers each peer sent (`last_bytes`). `peers` are the peers this process
+    holds (all of them in simulation, one in distributed mode). With `checkpoints`, the loop saves
+    itself every `every` rounds and at the end, and with `resume` continues from the newest save
+    exactly as if it had never stopped (`on_restore` gets the metrics recorded up to there)."""
+    local = list(range(plan.n)) if peers is None else list(peers)
+    samplers = [PeerSampler(plan.parts[i], plan.batch_size, seed, i) for i in local]
     gossip = gossip or SimulatedGossip(plan.mixing)
+    network = network or LocalNetwork()
     result = Result(plan.algorithm)
     sent_per_round: np.ndarray | None = None
-    bytes_sent = np.zeros(plan.n)
+    bytes_sent = np.zeros(len(local))
     losses: list[torch.Tensor] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, rounds + 1), desc=plan.algorithm, unit="round", disable=not progress)
+    first, elapsed = 1, 0.0
+    saved = checkpoints.saved() if checkpoints else None
+    if saved is not None:
+        first = _restore(saved.state, engine, samplers, gossip, result) + 1
+        elapsed = float(saved.state["elapsed"])
+        bytes_sent = saved.state["bytes_sent"].numpy().astype(np.float64)
+        losses = list(saved.state["losses"])
+        if on_restore:
+            on_restore(result.records)
+    start = time.perf_counter() - elapsed
+    bar = tqdm(
+        range(first, rounds + 1),
+        desc=plan.algorithm,
+        unit="round",
+        disable=not progress,
+        initial=first - 1,
+        total=rounds,
+    )
     for t in bar:
         for _ in range(local_steps):
             batches = [[train_examples[j] for j in s.next()] for s in samplers]
             losses.append(engine.train_step(batches))
+        faults.maybe_kill(t, local)
         values = engine.stacked()
         shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
         if sent_per_round is None:
-            sent_per_round = plan.messages * count_values(shared) * BYTES_PER_VALUE
+            sent_per_round = plan.messages[local] * count_values(shared) * BYTES_PER_VALUE
         for _ in range(gossip_steps):
             shared = gossip.mix(shared)
             measured = getattr(gossip, "last_bytes", None)
             bytes_sent += sent_per_round if measured is None else measured
         engine.load_stacked(shared)
-        if t % eval_every and t != rounds:
-            continue
-        rec: dict[str, Any] = {
-            "round": t,
-            "examples_per_peer": t * local_steps * plan.batch_size,
-            "train_loss": float(torch.stack(losses).mean()),
-        }
-        losses = []
-        rec.update(evaluator.average(engine, final=t == rounds))
-        if eval_peers == "every" or (eval_peers == "final" and t == rounds):
-            result.peer_metrics = evaluator.peers(engine)
-            rec.update(summarize_peers(result.peer_metrics))
-        rec["consensus_distance"] = consensus_distance(engine.stacked(), lora_modules)
-        rec["bytes_sent"] = float(bytes_sent.mean())
-        rec["bytes_sent_total"] = float(bytes_sent.sum())
-        rec["wall_seconds"] = round(time.perf_counter() - start, 3)
-        result.records.append(rec)
-        key = evaluator.primary
-        bar.set_postfix({"loss": f"{rec['train_loss']:.3f}", key[:4]: f"{rec[key]:.3f}"})
-        if on_record:
-            on_record(rec)
+        if t % eval_every == 0 or t == rounds:
+            local_loss = float(torch.stack(losses).mean())
+            rec = {
+                "round": t,
+                "examples_per_peer": t * local_steps * plan.batch_size,
+                "train_loss": network.mean(local_loss),
+            }
+            rec.update(evaluator.average(engine, final=t == rounds))
+            if eval_peers == "every" or (eval_peers == "final" and t == rounds):
+                result.peer_metrics = evaluator.peers(engine)
+                rec.update(summarize_peers(result.peer_metrics))
+            losses = []
+            rec["consensus_distance"] = network.consensus(engine.stacked(), lora_modules)
+            rec["bytes_sent"], rec["bytes_sent_total"] = network.bytes_sent(bytes_sent)
+            rec["wall_seconds"] = round(time.perf_counter() - start, 3)
+            network.annotate(rec, local_loss, bytes_sent)
+            result.records.append(rec)
+            key = evaluator.primary
+            shown = {"loss": f"{rec['train_loss']:.3f}"}
+            if key in rec:
+                shown[key[:4]] = f"{rec[key]:.3f}"
+            bar.set_postfix(shown)
+            if on_record:
+                on_record(rec)
+        if t == rounds:
+            result.extras = evaluator.extras(engine)
+        if checkpoints and (t % checkpoints.every == 0 or t == rounds):
+            state = _loop_state(
+                t,
+                engine,
+                samplers,
+                gossip,
+                result,
+                bytes_sent,
+                losses,
+                time.perf_counter() - start,
+            )
+            ckpt.save(
+                checkpoints.root,
+                t,
+                state,
+                fingerprint=checkpoints.fingerprint,
+                keep=checkpoints.keep,
+            )
     result.final = {k: v.clone() for k, v in engine.stacked().items()}
-    result.extras = evaluator.extras(engine)
     result.wall_seconds = time.perf_counter() - start
     return result
+
+
+def _restore(
+    state: dict[str, Any],
+    engine: Engine,
+    samplers: list[PeerSampler],
+    gossip: Communicator,
+    result: Result,
+) -> int:
+    """Put a saved loop state back; returns the round it was saved after."""
+    if len(state["samplers"]) != len(samplers):
+        raise ckpt.CheckpointError(
+            f"checkpoint holds {len(state['samplers'])} peers' data positions, this run has "
+            f"{len(samplers)}"
+        )
+    ckpt.load_engine_state(engine, state["engine"])
+    for s, saved in zip(samplers, state["samplers"], strict=True):
+        ckpt.load_sampler_state(s, saved)
+    load_fn = getattr(gossip, "load_state_dict", None)
+    if load_fn is not None:
+        load_fn(state["gossip"])
+    torch.set_rng_state(state["torch_rng"].to(torch.uint8))
+    result.records = list(state["records"])
+    result.peer_metrics = list(state["peer_metrics"])
+    result.extras = dict(state["extras"])
+    return int(state["round"])

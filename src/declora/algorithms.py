@@ -1,0 +1,395 @@
+"""The follow-ups to Dec-LoRA: which factors train in a round, what is sent, how it is combined.
+
+Values are dicts name -> stacked tensor [n, ...] (see `declora.adapters` for the names): LoRA
+factors `<module>.lora_A` ([n, r, in]) and `<module>.lora_B` ([n, out, r]); every other key (a
+classification head's weights and biases) is mixed like plain gossip, W @ X. Row i of W holds
+peer i's weights over the peers it receives from.
+
+* dec-lora (and its baselines fedavg, local-only, centralized): train both factors, average
+  each factor on its own.
+* decaf (arXiv 2505.21382): train both factors; each peer averages the *products* B_j A_j and
+  factors the average back to rank r by truncated SVD. Averaging factors separately adds cross
+  terms B_j A_k (j != k) that no peer trained; averaging products does not.
+* ffa (FFA-LoRA, and ConLoRA in the decentralized setting): A stays at the common init, only B
+  trains and only B is sent. With every A equal, averaging B is averaging the products exactly,
+  at half the bytes.
+* adf (arXiv 2511.18291): train only A or only B, alternating every `period` rounds, and mix
+  both factors every round.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import numpy as np
+import torch
+
+from declora.errors import ConfigError
+
+#: The algorithms that average each factor on its own (the paper and its baselines).
+FACTOR_AVERAGING = ("dec-lora", "fedavg", "local-only", "centralized")
+#: The follow-ups this module adds.
+FOLLOW_UPS = ("decaf", "ffa", "adf")
+ALGORITHMS = FACTOR_AVERAGING + FOLLOW_UPS
+#: The two LoRA factors, by the leaf of their canonical names.
+LORA_FACTORS = frozenset({"lora_A", "lora_B"})
+DecafMethod = Literal["auto", "dense", "lowrank"]
+
+#: Largest number of elements the low-rank DeCAF path stacks at once (peers are chunked).
+_LOWRANK_BUDGET = 1 << 26
+
+
+# --------------------------------------------------------------------------- names and phases
+
+
+def check_algorithm(name: object) -> str:
+    """Reject algorithm names this module does not know, with a close match when there is one."""
+    if name in ALGORITHMS:
+        return str(name)
+    hint = ""
+    if isinstance(name, str):
+        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"algorithm.name {name!r} is unknown{hint}; choose one of: {', '.join(ALGORITHMS)}"
+    )
+
+
+def check_period(period: object) -> int:
+    """ADF's phase length is a positive number of rounds."""
+    if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
+        raise ConfigError(
+            f"algorithm.period (rounds per ADF phase) must be an integer >= 1; got {period!r}"
+        )
+    return int(period)
+
+
+def check_factors(factors: Iterable[str]) -> frozenset[str]:
+    """A set of factor names, each 'lora_A' or 'lora_B'."""
+    chosen = frozenset(factors)
+    unknown = sorted(chosen - LORA_FACTORS)
+    if unknown:
+        raise ValueError(f"unknown LoRA factor(s) {unknown}; use 'lora_A' and/or 'lora_B'")
+    return chosen
+
+
+def factor_of(key: str) -> str | None:
+    """'lora_A' or 'lora_B' for a LoRA factor's canonical name, None for anything else."""
+    leaf = key.rpartition(".")[2]
+    return leaf if leaf in LORA_FACTORS else None
+
+
+def adf_phase(round: int, period: int, start: Literal["A", "B"] = "B") -> Literal["A", "B"]:
+    """Which factor trains in `round` (rounds start at 1): `start` for rounds 1..period, the
+    other one for the next `period` rounds, and so on.
+
+    B trains first by default: B starts at 0, so the gradient of A (which is B^T times the
+    output gradient) is exactly 0 until B moves; an A-first phase would only apply weight decay.
+    B-first is LoRA's own init logic: A is a fixed random projection while B learns."""
+    if isinstance(round, bool) or not isinstance(round, int | np.integer) or round < 1:
+        raise ValueError(f"rounds are numbered from 1; got {round!r}")
+    period = check_period(period)
+    if start not in ("A", "B"):
+        raise ConfigError(f"algorithm.adf_start must be 'A' or 'B'; got {start!r}")
+    other: Literal["A", "B"] = "A" if start == "B" else "B"
+    return start if ((round - 1) // period) % 2 == 0 else other
+
+
+def trainable_factors(
+    algorithm: str, round: int, period: int | None = None, start: Literal["A", "B"] = "B"
+) -> frozenset[str]:
+    """The LoRA factors that get gradients in `round`; a head, if any, always trains."""
+    algorithm = check_algorithm(algorithm)
+    if algorithm == "ffa":
+        return frozenset({"lora_B"})
+    if algorithm == "adf":
+        if period is None:
+            raise ConfigError("algorithm.name 'adf' needs algorithm.period (rounds per phase)")
+        return frozenset({f"lora_{adf_phase(round, period, start)}"})
+    return LORA_FACTORS
+
+
+def mix_keys_for(algorithm: str, keys: Iterable[str]) -> set[str]:
+    """The keys a peer sends and mixes each round; the others stay as they are.
+
+    FFA sends no A: every peer's A is the common init and never trains, so it is equal
+    everywhere and mixing it would change nothing. Every other algorithm sends everything (ADF
+    mixes the frozen factor too, so peers stay in the same phase state)."""
+    algorithm = check_algorithm(algorithm)
+    if algorithm == "ffa":
+        return {k for k in keys if factor_of(k) != "lora_A"}
+    return set(keys)
+
+
+# --------------------------------------------------------------------------- plain gossip
+
+
+def _matrix(W: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """W as a dense torch matrix in the values' dtype and on their device."""
+    if not torch.is_tensor(W):
+        W = torch.as_tensor(np.asarray(W, dtype=np.float64))
+    return W.to(device=like.device, dtype=like.dtype)
+
+
+def plain_mix(
+    values: Mapping[str, torch.Tensor], W: np.ndarray | torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """X_i <- sum_j W_ij X_j for every key: Dec-LoRA's factor averaging."""
+    out = {}
+    for k, v in values.items():
+        flat = v.reshape(v.shape[0], -1)
+        out[k] = (_matrix(W, flat) @ flat).reshape(v.shape)
+    return out
+
+
+# --------------------------------------------------------------------------- DeCAF
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SVD and QR need float32 or float64; half precision is promoted."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _split(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, fill: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor M = U diag(S) Vh (batched, S descending) back to rank `rank`: B = U_r sqrt(S_r),
+    A = sqrt(S_r) V_r^T.
+
+    The balanced split is the factorization of the truncated product with the least
+    ||B||^2 + ||A||^2 (it equals twice the nuclear norm). It keeps both factors on the same
+    scale, as gradient descent from a small init does, so neither factor's learning rate is
+    effectively inflated after a round; any other split B G, G^-1 A gives the same product.
+
+    Signs are fixed (largest-magnitude entry of each row of A positive), so peers that hold the
+    same product get the same factors. Directions with a (numerically) zero singular value would
+    leave a dead pair (zero B column and zero A row: neither gets a gradient again), so there B's
+    column is 0 and A's row is taken from `fill` (the peer's factor-averaged A): the product is
+    unchanged and the direction can still learn, as at LoRA's init."""
+    keep = min(rank, S.shape[-1])
+    U, S, Vh = U[..., :keep], S[..., :keep], Vh[..., :keep, :]
+    pivot = Vh.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.sign(torch.gather(Vh, -1, pivot)).squeeze(-1)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    root = S.clamp(min=0).sqrt()
+    B = U * (root * sign).unsqueeze(-2)
+    A = (root * sign).unsqueeze(-1) * Vh
+    m, out, inp = B.shape[0], B.shape[-2], A.shape[-1]
+    if keep < rank:  # fewer directions than the rank: pad with dead ones
+        B = torch.cat([B, B.new_zeros(m, out, rank - keep)], dim=-1)
+        A = torch.cat([A, A.new_zeros(m, rank - keep, inp)], dim=-2)
+        S = torch.cat([S, S.new_zeros(m, rank - keep)], dim=-1)
+    tol = max(out, inp) * torch.finfo(S.dtype).eps
+    floor = tol * S.max(dim=-1, keepdim=True).values
+    dead = torch.le(S, floor)
+    if bool(dead.any()):
+        B = B.masked_fill(dead.unsqueeze(-2), 0.0)
+        A = torch.where(dead.unsqueeze(-1), fill.to(A.dtype), A)
+    return B, A
+
+
+def _decaf_dense(
+    Bs: torch.Tensor, As: torch.Tensor, w: torch.Tensor, rank: int, fill: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Form M = sum_k w_k B_k A_k ([m, out, in]) and take its full SVD: for small layers."""
+    M = torch.einsum("mk,mkor,mkri->moi", w, Bs, As)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return _split(U, S, Vh, rank, fill)
+
+
+def _decaf_lowrank(
+    Bs: torch.Tensor, As: torch.Tensor, w: torch.Tensor, rank: int, fill: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same SVD without forming the out x in product.
+
+    M = [w_1 B_1, ..., w_k B_k] [A_1; ...; A_k] = Bc Ac has rank <= k r. With Bc = Qb Rb and
+    Ac^T = Qa Ra (thin QR), M = Qb (Rb Ra^T) Qa^T, so the SVD of the small core Rb Ra^T
+    ([<= k r, <= k r]) gives M's: U = Qb U_c, V = Qa V_c. Cost O((out + in) (k r)^2), which is
+    what makes DeCAF usable on LLaMA-size layers."""
+    m, k, out, r = Bs.shape
+    Bc = (Bs * w[..., None, None]).permute(0, 2, 1, 3).reshape(m, out, k * r)
+    Ac = As.reshape(m, k * r, As.shape[-1])
+    Qb, Rb = torch.linalg.qr(Bc)
+    Qa, Ra = torch.linalg.qr(Ac.transpose(1, 2))
+    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.transpose(1, 2), full_matrices=False)
+    keep = min(rank, S.shape[-1])
+    U = Qb @ Uc[..., :keep]
+    Vh = Vch[..., :keep, :] @ Qa.transpose(1, 2)
+    return _split(U, S[..., :keep], Vh, rank, fill)
+
+
+def _decaf_rows(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    rank: int,
+    method: DecafMethod,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeCAF for m peers from the stacked factors A [p, r, in], B [p, out, r]: peer row t
+    combines the peers idx[t] ([m, k]) with weights w[t] ([m, k]). Peers are processed in
+    chunks so the gathered neighbourhoods stay within a memory budget.
+    Returns B [m, out, rank], A [m, rank, in] in the factors' dtype."""
+    if method not in ("auto", "dense", "lowrank"):
+        raise ValueError(f"unknown DeCAF method {method!r}; use auto, dense or lowrank")
+    dtype = A.dtype
+    ct = _compute_dtype(dtype)
+    (m, k), r, out, inp = idx.shape, A.shape[-2], B.shape[-2], A.shape[-1]
+    if method == "auto":
+        method = "lowrank" if k * r < min(out, inp) else "dense"
+    solve = _decaf_lowrank if method == "lowrank" else _decaf_dense
+    per_peer = k * r * (out + inp) + (out * inp if method == "dense" else (k * r) ** 2)
+    chunk = max(1, _LOWRANK_BUDGET // max(1, per_peer))
+    Bo, Ao = [], []
+    for lo in range(0, m, chunk):
+        sel, wc = idx[lo : lo + chunk], w[lo : lo + chunk].to(ct)
+        As, Bs = A[sel].to(ct), B[sel].to(ct)
+        fill = torch.einsum("mk,mkri->mri", wc, As)
+        if r != rank:  # another output rank: no factor-averaged rows to reuse
+            fill = fill.new_zeros(fill.shape[0], rank, inp)
+        b, a = solve(Bs, As, wc, rank, fill)
+        Bo.append(b)
+        Ao.append(a)
+    return torch.cat(Bo).to(dtype), torch.cat(Ao).to(dtype)
+
+
+def _lora_modules(keys: Iterable[str], lora_modules: Iterable[str] | None) -> list[str]:
+    """The modules whose factors are mixed as products; both factors must be present."""
+    keys = set(keys)
+    if lora_modules is None:
+        lora_modules = sorted(k[: -len(".lora_A")] for k in keys if k.endswith(".lora_A"))
+    found = []
+    for name in lora_modules:
+        has = (f"{name}.lora_A" in keys, f"{name}.lora_B" in keys)
+        if has == (False, False):
+            continue
+        if not all(has):
+            raise ValueError(f"DeCAF mixes products, so it needs both factors of {name!r}")
+        found.append(name)
+    return found
+
+
+def _support(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per peer, the peers it receives from (W_ij != 0, itself always first), padded to the
+    largest count with itself at weight 0: index [n, k] and weight [n, k]."""
+    n = W.shape[0]
+    rows = [[i] + [int(j) for j in np.flatnonzero(W[i]) if j != i] for i in range(n)]
+    k = max(len(r) for r in rows)
+    idx = np.array([r + [r[0]] * (k - len(r)) for r in rows], dtype=np.int64)
+    wts = np.take_along_axis(W, idx, axis=1).copy()
+    for i, r in enumerate(rows):
+        wts[i, len(r) :] = 0.0
+    return idx, wts
+
+
+def decaf_mix(
+    values: Mapping[str, torch.Tensor],
+    W: np.ndarray | torch.Tensor,
+    lora_modules: Iterable[str] | None = None,
+    rank: int | None = None,
+    *,
+    method: DecafMethod = "auto",
+) -> dict[str, torch.Tensor]:
+    """DeCAF's gossip step for all peers: B_i A_i <- rank-`rank` truncated SVD of
+    sum_j W_ij B_j A_j, split as B = U sqrt(S), A = sqrt(S) V^T; other keys W @ X.
+
+    `lora_modules` defaults to every module with both factors in `values`; `rank` to the
+    factors' own rank. `method`: "dense" takes the SVD of each [out, in] product, "lowrank"
+    works from QR of each peer's neighbourhood's stacked factors (only W's nonzeros are used),
+    "auto" picks lowrank when (neighbours + 1) * r < min(out, in)."""
+    W_np = (W.detach().cpu().numpy() if torch.is_tensor(W) else np.asarray(W)).astype(np.float64)
+    modules = _lora_modules(values, lora_modules)
+    product_keys = {f"{m}.lora_{f}" for m in modules for f in "AB"}
+    out = plain_mix({k: v for k, v in values.items() if k not in product_keys}, W_np)
+    if not modules:
+        return {k: out[k] for k in values}
+    idx_np, wts_np = _support(W_np)
+    for name in modules:
+        A, B = values[f"{name}.lora_A"], values[f"{name}.lora_B"]
+        if A.shape[0] != W_np.shape[0]:
+            raise ValueError(f"{name!r} holds {A.shape[0]} peers but W is {W_np.shape}")
+        idx = torch.as_tensor(idx_np, device=A.device)
+        w = torch.as_tensor(wts_np, device=A.device)
+        newB, newA = _decaf_rows(A, B, idx, w, rank or A.shape[-2], method)
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = newA, newB
+    return {k: out[k] for k in values}
+
+
+def decaf_combine(
+    own: Mapping[str, torch.Tensor],
+    neighbours: Mapping[int, Mapping[str, torch.Tensor]],
+    weights: Mapping[int, float],
+    rank: int | None = None,
+    *,
+    self_weight: float | None = None,
+    method: DecafMethod = "auto",
+) -> dict[str, torch.Tensor]:
+    """DeCAF for one peer that holds only its own and its neighbours' values (no peer axis):
+    what a peer in its own process computes after receiving. `weights[j]` is W_ij; the peer's
+    own weight W_ii defaults to 1 - sum_j W_ij (rows of W sum to 1). Same arithmetic as
+    `decaf_mix`, so simulation and distributed runs agree."""
+    if set(neighbours) != set(weights):
+        raise ValueError(
+            f"weights are for peers {sorted(weights)} but values came from {sorted(neighbours)}"
+        )
+    ids = sorted(neighbours)
+    own_w = 1.0 - float(sum(weights.values())) if self_weight is None else float(self_weight)
+    if own_w < -1e-9:
+        raise ValueError(f"the peer's own weight is {own_w:.6g}; weights must be >= 0")
+    w_row = [own_w] + [float(weights[j]) for j in ids]
+    stacked = {}
+    for k, v in own.items():
+        for j in ids:
+            if k not in neighbours[j] or neighbours[j][k].shape != v.shape:
+                raise ValueError(f"peer {j} sent no {k!r} of shape {tuple(v.shape)}")
+        stacked[k] = torch.stack([v] + [neighbours[j][k].to(v.device, v.dtype) for j in ids])
+    modules = _lora_modules(own, None)
+    product_keys = {f"{m}.lora_{f}" for m in modules for f in "AB"}
+    result: dict[str, torch.Tensor] = {}
+    for k, v in stacked.items():
+        if k not in product_keys:
+            w = torch.tensor(w_row, dtype=v.dtype, device=v.device)
+            result[k] = torch.tensordot(w, v, dims=1)
+    for name in modules:
+        A, B = stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"]
+        idx = torch.arange(len(w_row), device=A.device).unsqueeze(0)
+        w = torch.tensor([w_row], dtype=torch.float64, device=A.device)
+        newB, newA = _decaf_rows(A, B, idx, w, rank or A.shape[-2], method)
+        result[f"{name}.lora_A"], result[f"{name}.lora_B"] = newA[0], newB[0]
+    return {k: result[k] for k in own}
+
+
+def combine(
+    algorithm: str,
+    values: Mapping[str, torch.Tensor],
+    W: np.ndarray | torch.Tensor,
+    lora_modules: Iterable[str] | None = None,
+    rank: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """One gossip step of `algorithm` on the values it sends (see `mix_keys_for`)."""
+    if check_algorithm(algorithm) == "decaf":
+        return decaf_mix(values, W, lora_modules, rank)
+    return plain_mix(values, W)
+
+
+class DecafGossip:
+    """A communicator (the round loop's `mix(values) -> values`) that runs DeCAF with a fixed W,
+    for simulation; bytes on the wire are the same as Dec-LoRA's (both factors)."""
+
+    def __init__(
+        self,
+        mixing: np.ndarray,
+        lora_modules: Iterable[str] | None = None,
+        rank: int | None = None,
+        *,
+        method: DecafMethod = "auto",
+    ) -> None:
+        self.mixing = np.asarray(mixing, dtype=np.float64)
+        self.n = self.mixing.shape[0]
+        self.lora_modules = None if lora_modules is None else tuple(lora_modules)
+        self.rank, self.method = rank, method
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return decaf_mix(values, self.mixing, self.lora_modules, self.rank, method=self.method)

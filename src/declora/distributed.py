@@ -1,0 +1,605 @@
+"""Real peers: one peer per process on torch.distributed (gloo on CPU, NCCL on GPU).
+
+Each process holds one peer's adapter and runs the same round loop as the simulation
+(`declora.trainer.train`) with three pieces swapped in:
+
+* `PeerGossip` sends this peer's packed buffers (the compressor's bytes, exactly what the byte
+  accounting counts) to its out-neighbours and receives its in-neighbours' buffers with
+  `batch_isend_irecv`, checks them, decodes them and mixes with its row of W. No rank gathers the
+  model. A neighbour that does not answer within `comm.timeout_s` raises `PeerFailure` naming it,
+  or with `comm.on_peer_failure=skip` is dropped (the remaining weights are renormalised).
+* `PeerNetwork` turns the loop's network-wide numbers (mean loss, bytes, consensus) into small
+  all-reduces; `MonitoredEvaluator` evaluates the averaged model on rank 0 as an optional
+  monitoring step (`eval.monitor`).
+* `handshake` makes every peer compare a fingerprint of its config, model, data and adapter
+  shapes with everyone else's before any training; a mismatch (or a peer that failed to start)
+  stops every peer with one message naming the peers and the difference.
+
+Only tensors travel: JSON text is sent as uint8 tensors, nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from declora.compress import Compressor, Packet
+from declora.compressed_gossip import peer_generator
+from declora.errors import ConfigError, DecloraError
+
+log = logging.getLogger("declora.distributed")
+
+
+class PeerFailure(DecloraError):
+    """A neighbour did not answer in time, or sent something unusable."""
+
+
+class SetupMismatch(DecloraError):
+    """Peers disagree on what they are running, or one of them could not start."""
+
+
+_ABANDONED: list[Any] = []  # ops given up on; kept alive so nothing writes into freed memory
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # gloo prefixes its messages with a source location: keep what it says, not where
+    last = text.splitlines()[-1] if text else ""
+    return re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", last)[:160] or type(exc).__name__
+
+
+def _wait_all(works: list[Any], deadline: float) -> list[str | None]:
+    """Wait for asynchronous ops until `deadline` (time.monotonic); per op None when it
+    completed, else why not. Each wait runs in a helper thread without a deadline of its own
+    (all at once, so one silent peer does not eat the others' time), because a gloo timeout
+    closes every connection of the process, not just the silent neighbour's."""
+    failures: list[list[BaseException]] = [[] for _ in works]
+
+    def run(work: Any, failure: list[BaseException]) -> None:
+        try:
+            work.wait()
+        except Exception as exc:  # reported to the caller, who names the peer
+            failure.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(w, f), daemon=True)
+        for w, f in zip(works, failures, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    out: list[str | None] = []
+    for work, thread, failure in zip(works, threads, failures, strict=True):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            _ABANDONED.append(work)
+            out.append("no answer in time")
+        else:
+            out.append(_reason(failure[0]) if failure else None)
+    return out
+
+
+def _collective(work: Any, what: str, seconds: float) -> None:
+    problem = _wait_all([work], time.monotonic() + seconds)[0]
+    if problem:
+        raise PeerFailure(
+            f"{what} did not complete within {seconds:g} s ({problem}): a peer stopped or hangs"
+        )
+
+
+def barrier(what: str, seconds: float) -> None:
+    _collective(dist.barrier(async_op=True), what, seconds)
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun (or with the same environment by hand)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@dataclass(frozen=True)
+class PeerProcess:
+    """This process's place in the group: it holds peer `rank` of `world` peers."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def start(backend: str = "auto", timeout_s: float = 60.0) -> PeerProcess:
+    """Join the process group torchrun describes in the environment."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("comm.backend=nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            store=_store(),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(days=7),  # deadlines are ours (`_wait`), never gloo's
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return PeerProcess(rank, world, device)
+
+
+def _store() -> dist.Store:
+    """The rendezvous store, under a prefix per torchrun attempt: after a restart the group
+    must not read the previous attempt's addresses (with torch 2.13 and gloo it otherwise tries
+    to reach the dead processes and fails). Under torchrun the agent hosts the store; started
+    by hand, rank 0 does."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,
+        timeout=timedelta(seconds=300),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"declora/attempt-{attempt}", store)
+
+
+def stop() -> None:
+    """Leave the group; with ops still pending on a silent peer, just let the process end
+    (tearing the group down would wait for them)."""
+    if dist.is_initialized() and not _ABANDONED:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ JSON over tensors
+
+
+STARTUP_S = 900.0  # how long peers wait for each other at start-up (model loading differs)
+
+
+def _gather_json(obj: Any, proc: PeerProcess, seconds: float = STARTUP_S) -> list[Any]:
+    """Every peer's JSON-able `obj`, in rank order (two all-gathers of plain tensors)."""
+    raw = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    size = torch.tensor([raw.numel()], dtype=torch.int64, device=proc.device)
+    sizes = [torch.zeros_like(size) for _ in range(proc.world)]
+    _collective(dist.all_gather(sizes, size, async_op=True), "the start-up exchange", seconds)
+    longest = int(max(int(s) for s in sizes))
+    buf = torch.zeros(longest, dtype=torch.uint8, device=proc.device)
+    buf[: raw.numel()] = raw.to(proc.device)
+    bufs = [torch.zeros_like(buf) for _ in range(proc.world)]
+    _collective(dist.all_gather(bufs, buf, async_op=True), "the start-up exchange", seconds)
+    out = []
+    for b, s in zip(bufs, sizes, strict=True):
+        out.append(json.loads(bytes(b[: int(s)].cpu().tolist()).decode()))
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str = "") -> None:
+    """Compare every peer's setup; raise `SetupMismatch` on all peers if any differs or failed.
+
+    A peer that could not prepare passes `error` instead of a fingerprint, so the others stop
+    with its message instead of waiting for it forever."""
+    mine = {"error": error} if error else {"fingerprint": fingerprint}
+    everyone = _gather_json(mine, proc)
+    failed = [(i, e["error"]) for i, e in enumerate(everyone) if "error" in e]
+    if failed:
+        lines = "; ".join(f"peer {i}: {msg}" for i, msg in failed)
+        raise SetupMismatch(f"{len(failed)} peer(s) could not start: {lines}")
+    ref = _flat(everyone[0]["fingerprint"])
+    order = {k: i for i, k in enumerate(ref)}  # config first, then model, data, adapter shapes
+    problems = []
+    for i, e in enumerate(everyone[1:], start=1):
+        other = _flat(e["fingerprint"])
+        diff = [k for k in set(ref) | set(other) if ref.get(k) != other.get(k)]
+        diff.sort(key=lambda k: (order.get(k, len(order)), k))
+        for k in diff[:5]:
+            problems.append(f"peer {i} has {k}={other.get(k)!r} where peer 0 has {ref.get(k)!r}")
+        if len(diff) > 5:
+            problems.append(f"peer {i}: {len(diff) - 5} more differences")
+    if problems:
+        raise SetupMismatch("peers disagree on their setup: " + "; ".join(problems))
+
+
+def agree_on_resume(available: list[int], proc: PeerProcess) -> int:
+    """The newest round every peer has a complete checkpoint of (0: start from scratch)."""
+    everyone = _gather_json(sorted(available), proc)
+    common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+    return max(common) if common else 0
+
+
+# ------------------------------------------------------------------ packed buffers
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one tensor's packet sits in the flat wire buffer."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    payload: int  # bytes
+    scales: int  # float32 values
+    offsets: int  # float32 values
+    has_meta: bool
+
+
+def _layout(packets: dict[str, Packet]) -> list[_Slot]:
+    out = []
+    for name, p in packets.items():
+        has_meta = p.scales is not None
+        out.append(
+            _Slot(
+                name,
+                p.shape,
+                p.kind,
+                int(p.payload.numel()),
+                int(p.scales.numel()) if p.scales is not None else 0,
+                int(p.offsets.numel()) if p.offsets is not None else 0,
+                has_meta,
+            )
+        )
+    return out
+
+
+def pack_wire(packets: dict[str, Packet]) -> torch.Tensor:
+    """All packets of one message as one uint8 buffer: payload, scales, offsets per tensor."""
+    parts = []
+    for p in packets.values():
+        parts.append(p.payload.reshape(-1).to(torch.uint8))
+        for meta in (p.scales, p.offsets):
+            if meta is not None:
+                parts.append(meta.detach().to(torch.float32).contiguous().view(torch.uint8))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_wire(buf: torch.Tensor, layout: list[_Slot]) -> dict[str, Packet]:
+    out, pos = {}, 0
+    for s in layout:
+        payload = buf[pos : pos + s.payload].clone()
+        pos += s.payload
+        scales = offsets = None
+        if s.has_meta:
+            scales = buf[pos : pos + 4 * s.scales].clone().view(torch.float32)
+            pos += 4 * s.scales
+            offsets = buf[pos : pos + 4 * s.offsets].clone().view(torch.float32)
+            pos += 4 * s.offsets
+        out[s.name] = Packet(payload, scales, offsets, s.shape, s.kind)
+    if pos != buf.numel():
+        raise ValueError(f"buffer has {buf.numel()} bytes, the message layout needs {pos}")
+    return out
+
+
+# ------------------------------------------------------------------ the gossip step
+
+
+class PeerGossip:
+    """Peer `rank`'s side of (compressed) gossip over torch.distributed point-to-point ops.
+
+    Same arithmetic as the simulated `CompressedGossip` / `ChocoGossip`, one row at a time:
+    plain: x_i <- W_ii x_i + sum_j W_ij dec(enc(x_j)) (own value exact; with error feedback
+    the residual is carried); CHOCO: public copies xhat, x_i <- x_i + gamma (sum_j W_ij xhat_j -
+    xhat_i). `mix` takes and returns tensors with a leading peer axis of size 1, like the
+    batched engine with one peer. Peer i receives from j where W_ij > 0 and sends to j where
+    W_ji > 0, so directed (non-symmetric) doubly stochastic matrices work too."""
+
+    def __init__(
+        self,
+        rank: int,
+        mixing: np.ndarray,
+        compressor: Compressor,
+        *,
+        scheme: str = "plain",
+        error_feedback: bool = False,
+        gamma: float = 0.5,
+        seed: int = 0,
+        timeout_s: float = 60.0,
+        on_failure: str = "error",
+        device: torch.device | None = None,
+    ) -> None:
+        if on_failure not in ("error", "skip"):
+            raise ConfigError(
+                f"comm.on_peer_failure={on_failure!r} is unknown; choose error or skip"
+            )
+        if scheme not in ("plain", "choco"):
+            raise ConfigError(f"comm.scheme={scheme!r} is unknown; choose plain or choco")
+        w = np.asarray(mixing, dtype=np.float64)
+        self.rank, self.n = rank, w.shape[0]
+        self.row = w[rank]
+        self.sources = [j for j in range(self.n) if j != rank and w[rank, j] != 0]
+        self.targets = [j for j in range(self.n) if j != rank and w[j, rank] != 0]
+        self.compressor, self.scheme = compressor, scheme
+        self.error_feedback, self.gamma = error_feedback, float(gamma)
+        self.generator = peer_generator(seed, rank)
+        self.timeout_s = float(timeout_s)
+        self.on_failure = on_failure
+        self.device = device or torch.device("cpu")
+        self.failed: set[int] = set()
+        self.memory: dict[str, torch.Tensor] = {}  # residual of self, or xhat of self and sources
+        self.exchanges = 0
+        self.last_bytes = np.zeros(1, dtype=np.int64)
+        self.bytes_on_wire = 0  # buffers handed to send ops that completed, over the whole run
+
+    # -- state for checkpoints (tensors only)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"generator": self.generator.get_state()}
+        state.update({f"memory.{k}": v.clone() for k, v in self.memory.items()})
+        state["exchanges"] = torch.tensor([self.exchanges], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].to(torch.uint8))
+        self.memory = {
+            k[len("memory.") :]: v.to(torch.float32).clone()
+            for k, v in state.items()
+            if k.startswith("memory.")
+        }
+        self.exchanges = int(state["exchanges"][0])
+
+    def _mem(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        if key not in self.memory:
+            self.memory[key] = torch.zeros_like(like)
+        return self.memory[key]
+
+    def _fail(self, peer: int, what: str, reason: str) -> None:
+        msg = (
+            f"peer {self.rank}: neighbour {peer} {what} (exchange {self.exchanges}, "
+            f"comm.timeout_s={self.timeout_s:g}): {reason}"
+        )
+        if self.on_failure == "error":
+            raise PeerFailure(msg + "; set comm.on_peer_failure=skip to continue without it")
+        log.warning("%s; continuing without it (comm.on_peer_failure=skip)", msg)
+        self.failed.add(peer)
+
+    def _exchange(self, buf: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Send `buf` to every live target, receive one buffer of the same size per live
+        source. Waits with the timeout; returns what arrived."""
+        tag = self.exchanges % (1 << 20)
+        targets = [j for j in self.targets if j not in self.failed]
+        sources = [j for j in self.sources if j not in self.failed]
+        inbox = {j: torch.empty_like(buf) for j in sources}
+        ops = [dist.P2POp(dist.irecv, inbox[j], j, tag=tag) for j in sources]
+        ops += [dist.P2POp(dist.isend, buf, j, tag=tag) for j in targets]
+        peers = sources + targets
+        works = dist.batch_isend_irecv(ops) if ops else []
+        arrived: dict[int, torch.Tensor] = {}
+        sent = 0
+        problems = _wait_all(works, time.monotonic() + self.timeout_s)
+        for k, (peer, problem) in enumerate(zip(peers, problems, strict=True)):
+            receiving = k < len(sources)
+            if peer in self.failed:
+                continue
+            if problem:
+                what = "did not answer" if receiving else "did not take our message"
+                self._fail(peer, what, problem)
+                continue
+            if receiving:
+                arrived[peer] = inbox[peer]
+            else:
+                sent += buf.numel()
+        self.bytes_on_wire += sent
+        self.last_bytes = np.array([sent], dtype=np.int64)
+        return {j: b for j, b in arrived.items() if j not in self.failed}
+
+    def _decode(self, peer: int, buf: torch.Tensor, layout: list[_Slot]) -> dict | None:
+        """A neighbour's buffer checked and decoded, or None when it is unusable (and skipped)."""
+        try:
+            packets = unpack_wire(buf.cpu(), layout)
+            values = {k: self.compressor.decode(p) for k, p in packets.items()}
+        except (ValueError, RuntimeError) as exc:
+            self._fail(peer, "sent a malformed buffer", _reason(exc))
+            return None
+        bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            self._fail(peer, "sent non-finite values", f"in {', '.join(bad[:3])}")
+            return None
+        return values
+
+    def _weights(self, arrived: dict[int, Any]) -> tuple[float, dict[int, float]]:
+        """This peer's weight and its live sources' weights, renormalised after failures."""
+        own = float(self.row[self.rank])
+        others = {j: float(self.row[j]) for j in self.sources if j in arrived}
+        if self.failed:
+            total = own + sum(others.values())
+            own, others = own / total, {j: w / total for j, w in others.items()}
+        return own, others
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.exchanges += 1
+        x = {k: v[0].detach().to(torch.float32).cpu() for k, v in values.items()}
+        if not self.sources and not self.targets:
+            self.last_bytes = np.zeros(1, dtype=np.int64)
+            return values
+        mixed = self._mix_choco(x) if self.scheme == "choco" else self._mix_plain(x)
+        return {k: mixed[k].to(values[k].dtype).to(values[k].device).unsqueeze(0) for k in x}
+
+    def _encode(self, messages: dict[str, torch.Tensor]) -> dict[str, Packet]:
+        return {k: self.compressor.encode(m, self.generator) for k, m in messages.items()}
+
+    def _mix_plain(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        messages = dict(x)
+        if self.error_feedback:
+            messages = {k: v + self._mem(k, v) for k, v in x.items()}
+        packets = self._encode(messages)
+        if self.error_feedback:
+            for k, p in packets.items():
+                self.memory[k] = messages[k] - self.compressor.decode(p)
+        layout = _layout(packets)
+        arrived = self._exchange(self._to_device(pack_wire(packets)))
+        decoded = {j: d for j, b in arrived.items() if (d := self._decode(j, b, layout))}
+        own, others = self._weights(decoded)
+        out = {}
+        for k, v in x.items():
+            acc = own * v
+            for j, w in others.items():
+                acc = acc + w * decoded[j][k]
+            out[k] = acc
+        return out
+
+    def _mix_choco(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        diffs = {k: v - self._mem(f"{k}@{self.rank}", v) for k, v in x.items()}
+        packets = self._encode(diffs)
+        for k, p in packets.items():
+            self.memory[f"{k}@{self.rank}"] = self.memory[f"{k}@{self.rank}"] + (
+                self.compressor.decode(p)
+            )
+        layout = _layout(packets)
+        arrived = self._exchange(self._to_device(pack_wire(packets)))
+        decoded = {j: d for j, b in arrived.items() if (d := self._decode(j, b, layout))}
+        for j, d in decoded.items():
+            for k, v in d.items():
+                key = f"{k}@{j}"
+                self.memory[key] = self._mem(key, v) + v
+        own, others = self._weights(decoded)
+        out = {}
+        for k, v in x.items():
+            mine = self.memory[f"{k}@{self.rank}"]
+            acc = own * mine
+            for j, w in others.items():
+                acc = acc + w * self.memory[f"{k}@{j}"]
+            out[k] = v + self.gamma * (acc - mine)
+        return out
+
+    def _to_device(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf.to(self.device)
+
+
+# ------------------------------------------------------------------ network-wide numbers
+
+
+class PeerNetwork:
+    """The round loop's network-wide numbers as all-reduces over the group (cheap scalars,
+    plus the adapters' products for the consensus distance when monitoring)."""
+
+    def __init__(
+        self, proc: PeerProcess, *, monitor: bool, timeout_s: float = 60.0, local: bool = False
+    ) -> None:
+        """`local`: no collective at all (each peer reports only itself), for runs that must
+        go on when peers fail (`comm.on_peer_failure=skip`): a collective needs every peer."""
+        self.proc, self.timeout_s, self.local = proc, timeout_s, local
+        self.monitor = monitor and not local
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.proc.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+        _collective(work, f"peer {self.proc.rank}: a network-wide sum (monitoring)", self.timeout_s)
+        return t.cpu()
+
+    def mean(self, local: float) -> float:
+        if self.local:
+            return local
+        return float(self._sum(torch.tensor([local], dtype=torch.float64))[0]) / self.proc.world
+
+    def bytes_sent(self, local: np.ndarray) -> tuple[float, float]:
+        if self.local:
+            return float(local.sum()), float(local.sum())
+        total = float(self._sum(torch.tensor([float(local.sum())], dtype=torch.float64))[0])
+        return total / self.proc.world, total
+
+    def consensus(
+        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
+    ) -> float | None:
+        """sqrt(mean_i sum_layers ||P_i - mean P||^2) with P_i = B_i A_i, from sums."""
+        if not self.monitor:
+            return None
+        n, total = self.proc.world, 0.0
+        for name in lora_modules:
+            p = values[f"{name}.lora_B"][0].double() @ values[f"{name}.lora_A"][0].double()
+            sq = self._sum(torch.tensor([float(p.pow(2).sum())], dtype=torch.float64))
+            s = self._sum(p)
+            total += (float(sq[0]) - float(s.pow(2).sum()) / n) / n
+        return math.sqrt(max(total, 0.0))
+
+    def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None:
+        rec["peer"] = self.proc.rank
+        rec["peer_train_loss"] = local_loss
+        rec["peer_bytes_sent"] = float(local_bytes.sum())
+
+    def average(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network average of every tensor (a collective: every peer must call it)."""
+        return {
+            k: self._sum(v.detach().clone().float()) / self.proc.world for k, v in values.items()
+        }
+
+
+class _Averaged:
+    """An engine stand-in whose adapters are the network average (leading axis of size 1)."""
+
+    def __init__(self, engine: Any, values: dict[str, torch.Tensor]) -> None:
+        self._engine, self._values = engine, values
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        return self._values
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+class MonitoredEvaluator:
+    """Wraps an evaluator for one-peer-per-process runs: the averaged model is evaluated on
+    rank 0 only when monitoring is on; each peer evaluates its own model and the per-peer
+    metrics are shared with an all-gather of plain floats."""
+
+    def __init__(self, inner: Any, network: PeerNetwork) -> None:
+        self.inner, self.network = inner, network
+        self.primary = inner.primary
+        self.columns = inner.columns
+        self.higher_is_better = inner.higher_is_better
+
+    def _averaged(self, engine: Any) -> Iterator[_Averaged]:
+        values = self.network.average(engine.stacked())
+        if self.network.proc.leader:
+            yield _Averaged(engine, values)  # keeps the leading peer axis of size 1
+
+    def average(self, engine: Any, *, final: bool = False) -> dict[str, float]:
+        if not self.network.monitor:
+            return {}
+        for avg in self._averaged(engine):
+            return self.inner.average(avg, final=final)
+        return {}
+
+    def peers(self, engine: Any) -> list[dict[str, float]]:
+        own = self.inner.peers(engine)[0]
+        if self.network.local:
+            return [own]
+        keys = sorted(own)
+        vec = torch.tensor([float(own[k]) for k in keys], dtype=torch.float64)
+        proc = self.network.proc
+        rows = [torch.zeros_like(vec).to(proc.device) for _ in range(proc.world)]
+        work = dist.all_gather(rows, vec.to(proc.device), async_op=True)
+        _collective(work, f"peer {proc.rank}: sharing the peers' metrics", self.network.timeout_s)
+        return [dict(zip(keys, (float(x) for x in r.cpu()), strict=True)) for r in rows]
+
+    def extras(self, engine: Any) -> dict[str, Any]:
+        if not self.network.monitor:
+            return {}
+        for avg in self._averaged(engine):
+            return self.inner.extras(avg)
+        return {}

@@ -1,0 +1,289 @@
+"""`declora run` inside torchrun: this process is one peer of a distributed Dec-LoRA run.
+
+The same configuration, data partition (computed from the shared seed, no data moves), engine,
+round loop and checkpoints as the simulation; only the gossip step and the network-wide numbers
+go over torch.distributed. Files: rank 0 writes the run's `metrics.jsonl` (with the averaged
+model's metrics when `eval.monitor` is on), `summary.json`, `report.md` and
+`adapters/average/`; every peer writes `peers/peer-<i>/metrics.jsonl`, `adapters/peer-<i>/` and
+its own checkpoints under `checkpoints/peer-<i>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from declora import checkpoint as ckpt
+from declora import distributed as dd
+from declora.compress import make_compressor
+from declora.config import RunConfig
+from declora.errors import DecloraError
+from declora.export import save_peft_adapter
+from declora.report import summary_rows, write_report
+from declora.rundir import STATUS_FILE, RunDir, write_json
+from declora.trainer import Plan, Result, make_plan, train
+
+
+def restarted() -> bool:
+    """True when torchrun restarted the group after a failure."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+
+
+def _model_digest(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies the frozen base: its class, size and a hash of a few of its weights."""
+    h = hashlib.sha256()
+    params = list(model.named_parameters())
+    for _, p in params[:2] + params[-2:]:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 20])
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for _, p in params),
+        "weights_sha256": h.hexdigest()[:16],
+    }
+
+
+def _data_digest(prep: Any) -> dict[str, Any]:
+    h = hashlib.sha256()
+    for ex in prep.train_examples:
+        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
+        if "label" in ex:
+            h.update(int(ex["label"]).to_bytes(4, "little", signed=True))
+    return {
+        "train_examples": len(prep.train_examples),
+        "test_examples": len(prep.test_examples),
+        "train_sha256": h.hexdigest()[:16],
+        "part_sizes": [len(p) for p in prep.parts],
+    }
+
+
+def fingerprint(cfg: RunConfig, prep: Any) -> dict[str, Any]:
+    """What every peer must agree on: config (without per-machine keys), model, data, adapter
+    shapes. Paths are left out (they may differ between machines); contents are hashed."""
+    resolved = cfg.model_dump(mode="json")
+    resolved["train"].pop("threads", None)
+    for key in ("path", "test_path"):
+        resolved["data"].pop(key, None)
+    if Path(cfg.model.name).exists():
+        resolved["model"].pop("name", None)
+    return {
+        "config": resolved,
+        "model": _model_digest(prep.model),
+        "data": _data_digest(prep),
+        "adapter": {k: list(v.shape) for k, v in prep.init.items()},
+    }
+
+
+def _open_rundir(out: Path, proc: dd.PeerProcess, resume: bool, overwrite: bool) -> str:
+    """Rank 0 creates (or reopens) the run directory; returns an error message or ''."""
+    if not proc.leader:
+        return ""
+    try:
+        if resume and restarted() and not (out / STATUS_FILE).is_file():
+            RunDir.create(out, overwrite=overwrite)  # the first attempt died before creating it
+        elif resume:
+            RunDir.reopen(out)
+        else:
+            RunDir.create(out, overwrite=overwrite)
+    except DecloraError as exc:
+        return str(exc)
+    return ""
+
+
+def _one_peer_plan(plan: Plan, rank: int) -> Plan:
+    """The engine's view: this peer's data share and weight, and nothing of the others'."""
+    return Plan(
+        plan.algorithm,
+        [plan.parts[rank]],
+        np.eye(1),
+        plan.batch_size,
+        plan.messages[rank : rank + 1],
+        plan.weights[rank : rank + 1],
+    )
+
+
+def run_peer(
+    cfg: RunConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[dd.PeerProcess, Result]:
+    """Run this process's peer; every peer returns when the whole run is written."""
+    from declora.run import checkpointing, make_engine, make_evaluator, prepare, write_setup
+
+    proc = dd.start(cfg.comm.backend, cfg.comm.timeout_s)
+    resume = resume or restarted()
+    error = ""
+    if cfg.topology.peers != proc.world:
+        error = (
+            f"topology.peers={cfg.topology.peers} but {proc.world} processes were started; "
+            "start one process per peer (torchrun --nproc-per-node / --nnodes)"
+        )
+    elif cfg.algorithm.name != "dec-lora":
+        error = (
+            f"algorithm.name={cfg.algorithm.name} runs in simulation only; distributed runs "
+            "take dec-lora"
+        )
+    prep = None
+    if not error:
+        try:
+            prep = prepare(cfg)
+        except DecloraError as exc:
+            error = str(exc)
+    if not error:
+        error = _open_rundir(out, proc, resume, overwrite)
+    dd.handshake(None if error else fingerprint(cfg, prep), proc, error=error)
+    assert prep is not None
+    rank = proc.rank
+    rundir = RunDir(out)
+    peer_dir = rundir.sub(f"peers/peer-{rank}")
+    if proc.leader:
+        write_setup(rundir, prep)
+    plan = make_plan(
+        "dec-lora", prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
+    )
+    torch.manual_seed(cfg.seed + rank)
+    engine = make_engine(prep, _one_peer_plan(plan, rank))
+    skip = cfg.comm.on_peer_failure == "skip"
+    # collectives wait for the slowest peer's evaluation too: a generous bound, not comm.timeout_s
+    slack = max(cfg.comm.timeout_s, dd.STARTUP_S)
+    network = dd.PeerNetwork(proc, monitor=cfg.eval.monitor, timeout_s=slack, local=skip)
+    evaluator = dd.MonitoredEvaluator(make_evaluator(prep), network)
+    c = cfg.comm
+    gossip = dd.PeerGossip(
+        rank,
+        plan.mixing,
+        make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half),
+        scheme=c.scheme,
+        error_feedback=c.error_feedback,
+        gamma=c.gamma,
+        seed=cfg.seed,
+        timeout_s=c.timeout_s,
+        on_failure=c.on_peer_failure,
+        device=proc.device,
+    )
+    checkpoints = checkpointing(
+        cfg, out / "checkpoints" / f"peer-{rank}", resume=resume, extra=["dec-lora", rank]
+    )
+    if checkpoints is not None:
+        checkpoints.keep = max(2, checkpoints.keep)  # peers must share a round to resume from
+        if resume:
+            checkpoints.at = dd.agree_on_resume(ckpt.rounds(checkpoints.root), proc)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        peer_dir.append_metrics(_peer_view(rec))
+        if proc.leader:
+            rundir.append_metrics(_network_view(rec))
+
+    def on_restore(records: list[dict[str, Any]]) -> None:
+        peer_dir.rewrite_metrics([_peer_view(r) for r in records])
+        if proc.leader:
+            rundir.rewrite_metrics([_network_view(r) for r in records])
+
+    mix_keys = None
+    if not cfg.lora.mix_head:
+        mix_keys = {k for k in prep.init if k.endswith((".lora_A", ".lora_B"))}
+    try:
+        result = train(
+            engine,
+            plan,
+            prep.train_examples,
+            evaluator,
+            rounds=cfg.train.rounds,
+            local_steps=cfg.train.local_steps,
+            seed=cfg.seed,
+            eval_every=cfg.eval.every,
+            eval_peers=cfg.eval.peers if plan.n > 1 else "never",
+            lora_modules=prep.spec.lora_modules,
+            on_record=on_record,
+            progress=progress and proc.leader,
+            mix_keys=mix_keys,
+            gossip=gossip,
+            gossip_steps=c.gossip_steps,
+            peers=[rank],
+            network=network,
+            checkpoints=checkpoints,
+            on_restore=on_restore,
+        )
+    except BaseException as exc:
+        if proc.leader:
+            rundir.set_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    kind = prep.peft_task_type
+    own = {k: v[0] for k, v in result.final.items()}
+    save_peft_adapter(out / "adapters" / f"peer-{rank}", prep.spec, own, prep.model_path, kind)
+    write_json(peer_dir.path / "wire.json", {"bytes_on_wire": gossip.bytes_on_wire})
+    if network.monitor:
+        avg = network.average(own)
+        if proc.leader:
+            save_peft_adapter(out / "adapters" / "average", prep.spec, avg, prep.model_path, kind)
+    if not network.local:
+        dd.barrier("waiting for every peer to save its adapter", slack)
+    if proc.leader:
+        _finish(rundir, prep, result, proc)
+    if not network.local:
+        dd.barrier("waiting for the summary", slack)
+    return proc, result
+
+
+_PEER_KEYS = ("round", "examples_per_peer", "peer", "peer_train_loss", "peer_bytes_sent")
+
+
+def _peer_view(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: rec[k] for k in _PEER_KEYS if k in rec}
+    out["wall_seconds"] = rec.get("wall_seconds")
+    return out
+
+
+def _network_view(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in _PEER_KEYS[2:]}
+
+
+def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> None:
+    """Rank 0's summary: the averaged model (if monitored), the peers' metrics, wire bytes."""
+    cfg = prep.cfg
+    rundir.write_json("peer_metrics.json", result.peer_metrics)
+    if result.extras:
+        rundir.write_json("samples.json", result.extras)
+    wire = []
+    for i in range(proc.world):
+        f = rundir.path / "peers" / f"peer-{i}" / "wire.json"
+        wire.append(json.loads(f.read_text())["bytes_on_wire"] if f.is_file() else None)
+    from declora.run import make_evaluator
+
+    ev = make_evaluator(prep)
+    rows = summary_rows(
+        {"dec-lora": result},
+        "dec-lora",
+        ev.columns,
+        ev.primary,
+        ev.higher_is_better,
+        peers=proc.world,
+    )
+    rundir.write_json(
+        "summary.json",
+        {
+            "main": "dec-lora",
+            "task": cfg.task,
+            "columns": list(ev.columns),
+            "rows": rows,
+            "distributed": {"processes": proc.world, "bytes_on_wire_per_peer": wire},
+        },
+    )
+    write_report(rundir, prep, {"dec-lora": result}, rows)
+    rundir.set_status(
+        "complete",
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads per peer",
+        processes=proc.world,
+        wall_seconds=round(result.wall_seconds, 1),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )

@@ -1,0 +1,221 @@
+"""Checkpoints: exact round trips, atomic and checked files, and resume == never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from declora import checkpoint as ckpt
+from declora.cli import app
+from declora.sampling import PeerSampler
+from tests.conftest import WORDS, tiny_bert
+
+runner = CliRunner()
+
+
+def test_nested_state_round_trips_with_integer_keys_and_none():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.randn(3, 4)
+    opt.step()
+    state = {"opt": opt.state_dict(), "x": [1, 2.5, None, "s"], "t": torch.arange(5)}
+    tensors: dict[str, torch.Tensor] = {}
+    body = ckpt.flatten(state, "s", tensors)
+    json.dumps(body)  # JSON-able without the tensors
+    back = ckpt.unflatten(json.loads(json.dumps(body)), tensors)
+    assert set(back["opt"]["state"]) == {0}  # integer keys survive JSON
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert back["x"] == [1, 2.5, None, "s"]
+    assert torch.equal(back["t"], torch.arange(5))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.1)
+    opt2.load_state_dict(back["opt"])
+    g = torch.randn(3, 4)
+    for param, o in ((p, opt), (q, opt2)):
+        param.grad = g.clone()
+        o.step()
+    assert torch.equal(p, q)
+
+
+def test_sampler_state_continues_the_same_order(tmp_path):
+    a = PeerSampler(np.arange(10), 4, seed=3, peer=1)
+    for _ in range(3):
+        a.next()
+    ckpt.save(tmp_path, 1, {"sampler": ckpt.sampler_state(a)}, fingerprint="f", keep=1)
+    b = PeerSampler(np.arange(10), 4, seed=3, peer=1)
+    ckpt.load_sampler_state(b, ckpt.latest(tmp_path).state["sampler"])
+    for _ in range(5):
+        assert np.array_equal(a.next(), b.next())
+
+
+def _saved(tmp_path: Path) -> Path:
+    return ckpt.save(
+        tmp_path / "ck", 4, {"w": torch.randn(50), "round": 4}, fingerprint="abc", keep=2
+    )
+
+
+def test_save_is_atomic_and_keeps_the_newest(tmp_path):
+    root = tmp_path / "ck"
+    for r in (2, 4, 6):
+        ckpt.save(root, r, {"w": torch.full((3,), float(r))}, fingerprint="f", keep=2)
+    assert ckpt.rounds(root) == [4, 6]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left
+    (root / "round-000008").mkdir()  # a folder that never got its files is not "complete"...
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.latest(root)
+    latest = ckpt.load(ckpt.round_dir(root, 6), fingerprint="f")
+    assert latest.round == 6 and torch.equal(latest.state["w"], torch.full((3,), 6.0))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "has .* bytes but was written with .* \\(truncated\\?\\)"),
+        ("flip", "does not match its recorded SHA-256"),
+        ("meta", "not valid JSON"),
+        ("missing", "incomplete: state.safetensors is missing"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path, damage, message):
+    path = _saved(tmp_path)
+    state = path / ckpt.STATE_FILE
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:-7])
+    elif damage == "flip":
+        raw = bytearray(state.read_bytes())
+        raw[-3] ^= 0xFF
+        state.write_bytes(bytes(raw))
+    elif damage == "meta":
+        (path / ckpt.META_FILE).write_text("{not json")
+    else:
+        state.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load(path)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="another configuration"):
+        ckpt.load(path, fingerprint="xyz")
+
+
+# ----------------------------------------------------------------- resume through the CLI
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tokenizer):
+    """A tiny model, a small CSV and a config with checkpoints every 2 rounds."""
+    d = tmp_path_factory.mktemp("ckjob")
+    tiny_bert().save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    rng = np.random.default_rng(1)
+    rows = ["text,label"]
+    for i in range(200):
+        words = rng.choice(WORDS, size=6)
+        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
+    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "model": {"name": str(d / "model")},
+        "data": {"name": "file", "path": str(d / "data.csv")},
+        "topology": {"peers": 4},
+        "train": {"rounds": 6, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
+        "baselines": ["centralized"],
+        "comm": {"bits": 4, "error_feedback": True},  # stochastic rounding state must resume
+    }
+    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "declora", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def _adapters(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(run.glob("**/adapters/*/adapter_model.safetensors")):
+        for k, v in load_file(str(f)).items():
+            out[f"{f.parent.relative_to(run)}/{k}"] = v
+    return out
+
+
+def _metrics(run: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(job, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    res = _cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    res = _cli(
+        "run",
+        "--quiet",
+        "--config",
+        str(job / "job.yaml"),
+        "--out",
+        str(out),
+        env={"DECLORA_KILL_AT": "3"},
+    )
+    assert res.returncode == -9  # SIGKILL: a real crash after round 3's local steps
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert ckpt.rounds(out / "checkpoints") == [2]
+    res = _cli("run", "--quiet", "--resume", str(out))  # same thread count as the whole run
+    assert res.returncode == 0, res.stderr
+    a, b = _adapters(uninterrupted), _adapters(out)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, baseline included
+    assert _metrics(out) == _metrics(uninterrupted)
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "complete" and status["resumed"] == 1
+
+
+def test_resume_refuses_bad_requests(job, uninterrupted, tmp_path):
+    res = runner.invoke(app, ["run", "--resume", str(uninterrupted)])
+    assert res.exit_code == 2 and "already complete" in res.output
+    res = runner.invoke(app, ["run", "--resume", str(tmp_path)])
+    assert res.exit_code == 2 and "no config.yaml" in res.output
+    res = runner.invoke(app, ["run", "--resume", str(uninterrupted), "--set", "train.rounds=9"])
+    assert res.exit_code == 2 and "drop --config and --set" in res.output
+
+
+def test_resume_from_a_damaged_checkpoint_says_which_and_why(job, tmp_path):
+    out = tmp_path / "damaged"
+    res = _cli(
+        "run",
+        "--quiet",
+        "--config",
+        str(job / "job.yaml"),
+        "--out",
+        str(out),
+        env={"DECLORA_KILL_AT": "5"},
+    )
+    assert res.returncode == -9
+    state = out / "checkpoints" / "round-000004" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    res = runner.invoke(app, ["run", "--quiet", "--resume", str(out)])
+    assert res.exit_code == 2
+    assert "round-000004" in res.output and "truncated" in res.output
+    assert "Traceback" not in res.output

@@ -1,0 +1,230 @@
+"""Distributed Dec-LoRA on loopback (gloo): one process per peer gives the simulation's result.
+
+The gossip step is tested on its own in spawned processes (fast, no model); whole runs go
+through `declora launch` (torchrun) with a tiny model, as a user would start them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+
+from declora.compress import make_compressor
+from declora.compressed_gossip import ChocoGossip, CompressedGossip
+from declora.distributed import PeerFailure, PeerGossip, _layout, pack_wire
+from declora.topology import build_topology
+from tests.conftest import WORDS, tiny_bert
+from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
+
+
+@pytest.fixture(scope="module")
+def gossiped(tmp_path_factory):
+    """Four spawned peers, each running every setting of SETTINGS for three rounds."""
+    d = tmp_path_factory.mktemp("gossip")
+    mp.spawn(_gossip_worker, args=(4, str(d / "store"), str(d)), nprocs=4, join=True)
+    return [load_file(str(d / f"peer-{i}.safetensors")) for i in range(4)]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_peer_gossip_equals_the_simulated_gossip(setting, gossiped):
+    world = len(gossiped)
+    s = SETTINGS[setting]
+    topo = build_topology("ring", world, "laplacian")
+    comp = make_compressor(s["bits"], s.get("rounding", "stochastic"), "block", 64)
+    if s["scheme"] == "choco":
+        sim = ChocoGossip(topo.mixing, comp, seed=5)
+    else:
+        sim = CompressedGossip(topo.mixing, comp, error_feedback=s["ef"], seed=5)
+    for t in range(3):
+        expected = sim.mix(_values(world, t))
+        for i in range(world):
+            for k, v in expected.items():
+                got = gossiped[i][f"{setting}.{t}.{k}"]
+                torch.testing.assert_close(got, v[i], rtol=0, atol=1e-5)
+            # what really went out equals the simulation's exact byte accounting
+            assert int(gossiped[i][f"{setting}.{t}.bytes"][0]) == int(sim.last_bytes[i])
+
+
+def test_a_silent_neighbour_times_out_with_its_name(tmp_path):
+    mp.spawn(_silent_worker, args=(2, str(tmp_path / "store"), str(tmp_path), "error"), nprocs=2)
+    res = json.loads((tmp_path / "peer-0.json").read_text())
+    assert "neighbour 1 did not answer" in res["error"]
+    assert "comm.timeout_s=1.5" in res["error"] and "on_peer_failure=skip" in res["error"]
+    assert res["seconds"] < 6  # the timeout, not the silent peer's 8 s
+
+
+def test_skip_mixes_with_the_neighbours_that_answered(tmp_path):
+    mp.spawn(_silent_worker, args=(3, str(tmp_path / "store"), str(tmp_path), "skip"), nprocs=3)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"peer-{rank}.json").read_text())
+        # weights 1/3, 1/3 (and 1/3 for the silent peer) renormalised to 1/2, 1/2
+        assert res["first"] == pytest.approx([0.5] * 3)
+        assert res["second"] == pytest.approx([0.5] * 3)
+        assert res["seconds"] < 6
+
+
+def test_received_buffers_are_checked_before_use():
+    w = np.full((2, 2), 0.5)
+    g = PeerGossip(0, w, make_compressor(32))
+    packets = {"w": make_compressor(32).encode(torch.ones(4))}
+    layout = _layout(packets)
+    bad = pack_wire({"w": make_compressor(32).encode(torch.tensor([1.0, float("nan"), 0, 0]))})
+    with pytest.raises(PeerFailure, match="neighbour 1 sent non-finite values"):
+        g._decode(1, bad, layout)
+    with pytest.raises(PeerFailure, match="neighbour 1 sent a malformed buffer"):
+        g._decode(1, torch.zeros(9, dtype=torch.uint8), layout)
+
+
+# ----------------------------------------------------------------- whole runs via torchrun
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("distjob")
+    tiny_bert().save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    rng = np.random.default_rng(2)
+    rows = ["text,label"]
+    for i in range(200):
+        words = rng.choice(WORDS, size=6)
+        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
+    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "model": {"name": str(d / "model")},
+        "data": {"name": "file", "path": str(d / "data.csv")},
+        "topology": {"peers": 4, "kind": "ring"},
+        "train": {"rounds": 6, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
+        "baselines": [],
+    }
+    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "declora", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=400,
+    )
+
+
+def _peer_adapters(run: Path, n: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [
+        load_file(str(run / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
+        for i in range(n)
+    ]
+
+
+def _launch(job: Path, out: Path, *sets: str, env: dict | None = None, restarts: int = 0):
+    args = ["launch", "--peers", "4", "--max-restarts", str(restarts), "--"]
+    args += ["--quiet", "--config", str(job / "job.yaml"), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    return _cli(*args, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(job, tmp_path_factory):
+    """Simulation and 4-process runs of the same job, fp32 and 4-bit with error feedback."""
+    base = tmp_path_factory.mktemp("distruns")
+    out = {}
+    for name, sets in {"fp32": [], "q4": ["comm.bits=4", "comm.error_feedback=true"]}.items():
+        sim = base / f"sim-{name}"
+        args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(sim)]
+        for s in sets:
+            args += ["--set", s]
+        res = _cli(*args)
+        assert res.returncode == 0, res.stderr
+        res = _launch(job, base / f"dist-{name}", *sets)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = (sim, base / f"dist-{name}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp32", "q4"])
+def test_four_processes_give_the_simulations_adapters(runs, name):
+    sim, distributed = runs[name]
+    for a, b in zip(_peer_adapters(sim), _peer_adapters(distributed), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    ms = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
+    md = [json.loads(x) for x in (distributed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in ms] == [r["round"] for r in md] == [2, 4, 6]
+    for r1, r2 in zip(ms, md, strict=True):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], abs=1e-5)
+        assert r2["accuracy"] == pytest.approx(r1["accuracy"])
+        assert r2["bytes_sent"] == r1["bytes_sent"]
+    # bytes that really went through torch.distributed equal the accounting
+    summary = json.loads((distributed / "summary.json").read_text())
+    wire = summary["distributed"]["bytes_on_wire_per_peer"]
+    per_peer = [
+        json.loads(
+            (distributed / "peers" / f"peer-{i}" / "metrics.jsonl").read_text().split("\n")[-2]
+        )
+        for i in range(4)
+    ]
+    assert wire == [int(p["peer_bytes_sent"]) for p in per_peer]
+    assert json.loads((distributed / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_killed_peer_restarts_the_group_and_it_ends_identical(runs, job, tmp_path):
+    _, uninterrupted = runs["fp32"]
+    out = tmp_path / "killed"
+    res = _launch(job, out, env={"DECLORA_KILL_AT": "1:3"}, restarts=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "neighbour 1 did not answer" in res.stderr  # the first attempt said who vanished
+    for a, b in zip(_peer_adapters(uninterrupted), _peer_adapters(out), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "complete" and status["resumed"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_setup_mismatch_stops_every_peer_naming_the_difference(job, tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        args = [sys.executable, "-m", "declora", "run", "--quiet", "--config"]
+        args += [str(job / "job.yaml"), "--out", str(tmp_path / "mismatch")]
+        args += ["--set", "topology.peers=2", "--set", f"lora.r={8 if rank == 0 else 4}"]
+        procs.append(subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode == 2, err
+        assert "peer 1 has config.lora.r=4 where peer 0 has 8" in err
+        assert "Traceback" not in err
+
+
+def test_distributed_runs_need_one_process_per_peer(job, tmp_path):
+    res = _launch(job, tmp_path / "x", "topology.peers=3")
+    assert res.returncode != 0
+    assert "topology.peers=3 but 4 processes were started" in res.stderr
