@@ -228,3 +228,21 @@ def test_distributed_runs_need_one_process_per_peer(job, tmp_path):
     res = _launch(job, tmp_path / "x", "topology.peers=3")
     assert res.returncode != 0
     assert "topology.peers=3 but 4 processes were started" in res.stderr
+
+
+def test_report_computes_the_averaged_model_from_the_peers_adapters(runs, tmp_path):
+    import shutil
+
+    _, distributed = runs["fp32"]
+    copy = tmp_path / "copy"
+    shutil.copytree(distributed, copy)
+    monitored = json.loads((copy / "summary.json").read_text())["rows"][0]
+    shutil.rmtree(copy / "adapters" / "average")
+    res = _cli("report", str(copy), "--evaluate")
+    assert res.returncode == 0, res.stderr
+    after = json.loads((copy / "average_metrics.json").read_text())
+    assert after["accuracy"] == pytest.approx(monitored["accuracy"])
+    assert (copy / "adapters" / "average" / "adapter_model.safetensors").is_file()
+    shutil.rmtree(copy / "adapters" / "peer-2")
+    res = _cli("report", str(copy), "--evaluate")
+    assert res.returncode == 2 and "lacks peer 2's adapter" in res.stderr

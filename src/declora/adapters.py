@@ -3,6 +3,12 @@
 Parameters are named canonically, independent of the engine: `<module>.lora_A` ([r, in]),
 `<module>.lora_B` ([out, r]) for each adapted linear and `<head>.weight` / `<head>.bias` for each
 linear of the trained head. Stacked values carry an extra leading peer axis.
+
+The other PEFT methods (`AdapterSpec.method`, run by the reference engine) add their own leaves:
+DoRA `<module>.lora_magnitude_vector` ([out]) next to the LoRA factors, IA3
+`<module>.ia3_l` ([out, 1], or [1, in] for a feed-forward module) and prompt tuning one
+`prompt_embeddings` ([virtual tokens, hidden]); rsLoRA has LoRA's names and scales by
+alpha / sqrt(r).
 """
 
 from __future__ import annotations
@@ -17,11 +23,22 @@ from declora.errors import ConfigError
 from declora.stacked import lora_a_init
 
 HEAD_NAMES = ("classifier", "score")
+#: The PEFT methods; all but "lora" run on the reference (PEFT) engine.
+METHODS = ("lora", "dora", "rslora", "ia3", "prompt-tuning")
+#: The methods that train LoRA factors (`lora_modules` holds their modules).
+LORA_METHODS = ("lora", "dora", "rslora")
+MAGNITUDE, IA3_VECTOR, PROMPT = "lora_magnitude_vector", "ia3_l", "prompt_embeddings"
+#: Leaves of adapter parameters that are vectors or tables, not LoRA factors nor a head.
+PLAIN_LEAVES = (MAGNITUDE, IA3_VECTOR, PROMPT)
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """The adapted modules of one model and the LoRA hyper-parameters all peers share."""
+    """The adapted modules of one model and the adapter hyper-parameters all peers share.
+
+    `lora_modules` are the modules with LoRA factors (lora, dora, rslora); IA3 scales
+    `ia3_modules` (the input of those in `feedforward_modules`, the output of the others);
+    prompt tuning adapts no module and prepends `virtual_tokens` trained embeddings."""
 
     lora_modules: tuple[str, ...]
     head_modules: tuple[str, ...]
@@ -29,10 +46,16 @@ class AdapterSpec:
     r: int
     alpha: float
     dropout: float
+    method: str = "lora"
+    ia3_modules: tuple[str, ...] = ()
+    feedforward_modules: tuple[str, ...] = ()
+    virtual_tokens: int = 0
+    prompt_init: str = "sample-vocab"
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        """Factor on B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.method == "rslora" else self.r)
 
 
 def find_head(model: nn.Module) -> str | None:
@@ -70,8 +93,22 @@ def find_targets(model: nn.Module, targets: list[str], head: str | None) -> list
 
 
 def build_spec(
-    model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, train_head: bool
+    model: nn.Module,
+    targets: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    train_head: bool,
+    *,
+    method: str = "lora",
+    feedforward: list[str] | tuple[str, ...] = (),
+    virtual_tokens: int = 20,
+    prompt_init: str = "sample-vocab",
 ) -> AdapterSpec:
+    """The spec of `method` on `model`: `targets` are the LoRA (or IA3) modules, `feedforward`
+    the IA3 targets whose input is scaled; prompt tuning uses neither."""
+    if method not in METHODS:
+        raise ConfigError(f"lora.method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
     head = find_head(model) if train_head else None
     heads: list[str] = []
     if head is not None:
@@ -80,18 +117,67 @@ def build_spec(
             heads = [head]
         else:
             heads = [f"{head}.{n}" for n, m in root.named_modules() if isinstance(m, nn.Linear)]
-    lora = find_targets(model, targets, head)
-    return AdapterSpec(tuple(lora), tuple(heads), head, r, alpha, dropout)
+    if method == "prompt-tuning":
+        return AdapterSpec(
+            (),
+            tuple(heads),
+            head,
+            r,
+            alpha,
+            dropout,
+            method,
+            virtual_tokens=virtual_tokens,
+            prompt_init=prompt_init,
+        )
+    found = find_targets(model, targets, head)
+    if method != "ia3":
+        return AdapterSpec(tuple(found), tuple(heads), head, r, alpha, dropout, method)
+    missing = [f for f in feedforward if not any(n == f or n.endswith("." + f) for n in found)]
+    if missing:
+        raise ConfigError(
+            f"lora.feedforward {missing} match none of the IA3 targets (lora.targets); "
+            "each feed-forward module must also be a target"
+        )
+    ff = [n for n in found if any(n == f or n.endswith("." + f) for f in feedforward)]
+    return AdapterSpec(
+        (),
+        tuple(heads),
+        head,
+        r,
+        alpha,
+        dropout,
+        method,
+        ia3_modules=tuple(found),
+        feedforward_modules=tuple(ff),
+    )
 
 
 def initial_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, torch.Tensor]:
-    """The one adapter every peer starts from: A random (seeded), B = 0, head as loaded."""
+    """The one adapter every peer starts from, as PEFT initialises it but from a seeded
+    generator: A random, B = 0 (DoRA's magnitude: the row norms of the frozen weight, so the
+    model starts as the base model), IA3 vectors 1, prompt embeddings sampled from the
+    vocabulary's embeddings (or N(0, 1)); the head as loaded."""
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name in spec.lora_modules:
         lin = model.get_submodule(name)
         state[f"{name}.lora_A"] = lora_a_init(spec.r, lin.in_features, gen)
         state[f"{name}.lora_B"] = torch.zeros(lin.out_features, spec.r)
+        if spec.method == "dora":
+            state[f"{name}.{MAGNITUDE}"] = torch.linalg.norm(lin.weight.detach(), dim=1).float()
+    for name in spec.ia3_modules:
+        lin = model.get_submodule(name)
+        ff = name in spec.feedforward_modules
+        state[f"{name}.{IA3_VECTOR}"] = torch.ones(
+            (1, lin.in_features) if ff else (lin.out_features, 1)
+        )
+    if spec.method == "prompt-tuning":
+        emb = model.get_input_embeddings().weight.detach()
+        if spec.prompt_init == "random":
+            state[PROMPT] = torch.randn(spec.virtual_tokens, emb.shape[1], generator=gen)
+        else:
+            rows = torch.randint(0, emb.shape[0], (spec.virtual_tokens,), generator=gen)
+            state[PROMPT] = emb[rows].float().clone()
     for name in spec.head_modules:
         lin = model.get_submodule(name)
         state[f"{name}.weight"] = lin.weight.detach().clone()

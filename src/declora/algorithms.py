@@ -33,6 +33,8 @@ FACTOR_AVERAGING = ("dec-lora", "fedavg", "local-only", "centralized")
 #: The follow-ups this module adds.
 FOLLOW_UPS = ("decaf", "ffa", "adf")
 ALGORITHMS = FACTOR_AVERAGING + FOLLOW_UPS
+#: The algorithms that gossip with neighbours on the graph (the others are its baselines).
+GOSSIP_ALGORITHMS = ("dec-lora", *FOLLOW_UPS)
 #: The two LoRA factors, by the leaf of their canonical names.
 LORA_FACTORS = frozenset({"lora_A", "lora_B"})
 DecafMethod = Literal["auto", "dense", "lowrank"]
@@ -375,8 +377,12 @@ def combine(
 
 
 class DecafGossip:
-    """A communicator (the round loop's `mix(values) -> values`) that runs DeCAF with a fixed W,
-    for simulation; bytes on the wire are the same as Dec-LoRA's (both factors)."""
+    """A communicator (the round loop's `mix(values) -> values`) that runs DeCAF in simulation;
+    bytes on the wire are the same as Dec-LoRA's (both factors). `set_mixing` swaps in the
+    matrix of the next round (dynamic networks).
+
+    A peer that receives nothing in a round (W_ii = 1: offline, or left out of the pairing)
+    keeps its factors exactly: re-factoring its own product would change them for nothing."""
 
     def __init__(
         self,
@@ -386,10 +392,25 @@ class DecafGossip:
         *,
         method: DecafMethod = "auto",
     ) -> None:
-        self.mixing = np.asarray(mixing, dtype=np.float64)
-        self.n = self.mixing.shape[0]
         self.lora_modules = None if lora_modules is None else tuple(lora_modules)
         self.rank, self.method = rank, method
+        self.n = np.asarray(mixing).shape[0]
+        self.set_mixing(mixing)
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        W = np.asarray(mixing, dtype=np.float64)
+        if W.shape != (self.n, self.n):
+            raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {W.shape}")
+        self.mixing = W
+        off = (W != 0) & ~np.eye(self.n, dtype=bool)
+        self.alone = np.flatnonzero(~off.any(axis=1))
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return decaf_mix(values, self.mixing, self.lora_modules, self.rank, method=self.method)
+        if len(self.alone) == self.n:
+            return dict(values)
+        out = decaf_mix(values, self.mixing, self.lora_modules, self.rank, method=self.method)
+        if len(self.alone):
+            for k, v in values.items():
+                idx = torch.as_tensor(self.alone, device=v.device)
+                out[k][idx] = v[idx]
+        return out

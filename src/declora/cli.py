@@ -213,7 +213,16 @@ def topology(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="average the peers' saved adapters and evaluate that model (done "
+            "automatically when a distributed run did not monitor it)"
+        ),
+    ] = False,
+) -> None:
     """Print the summary table of a finished run."""
     from declora.report import table_text
     from declora.rundir import RunDir
@@ -225,10 +234,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
             raise DecloraError(f"{str(run_dir)!r} is not a declora run directory (no run.json)")
         if status != "complete":
             raise DecloraError(f"run {str(run_dir)!r} is not complete (status: {status})")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        primary = (summary.get("columns") or ["accuracy"])[0]
+        unmonitored = any(
+            r["label"].endswith("(averaged model)") and r.get(primary) is None
+            for r in summary["rows"]
+        )
+        if evaluate or unmonitored:
+            _quiet_libraries()
+            from declora.posthoc import evaluate_average
+
+            typer.echo("evaluating the average of the peers' adapters ...", err=True)
+            done = evaluate_average(run_dir)
+            typer.echo(done["table"])
+            return
     except DecloraError as exc:
         _fail(exc)
         return
-    summary = json.loads((run_dir / "summary.json").read_text())
     typer.echo(table_text(summary["rows"], summary.get("columns")))
 
 

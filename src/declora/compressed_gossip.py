@@ -8,8 +8,10 @@ accounting (`last_bytes`) and checkpointable state:
 * `ChocoGossip`: peers send compressed *differences* to public copies, so the message size in
   information terms shrinks as the peers agree (Koloskova et al., 2019).
 
-Row i of W is peer i's weights over itself and its neighbours; W is assumed symmetric (as the
-topology module builds it), so a peer's row also lists the peers that receive its messages.
+Row i of W is peer i's weights over itself and the peers it receives from; column i lists the
+peers that receive peer i's messages (the same peers when W is symmetric, as the topology module
+builds it; a one-peer exponential graph is not). `set_mixing` swaps in the matrix of the next
+round (dynamic networks) and keeps the generators and the per-tensor memory.
 Every peer draws its stochastic rounding from its own generator, seeded by (seed, peer), in a
 fixed order (tensors in dict order): a run is reproducible for a seed, and a peer running in its
 own process (`declora.distributed`) draws exactly the same numbers as in simulation.
@@ -46,17 +48,27 @@ class _GossipBase:
             )
         self.n = mixing.shape[0]
         self.compressor = compressor
-        self.W = torch.as_tensor(mixing, dtype=torch.float32)
-        self.self_weight = torch.as_tensor(np.diag(mixing).copy(), dtype=torch.float32)
-        off_diagonal = (mixing != 0) & ~np.eye(self.n, dtype=bool)
-        # How many neighbours receive each peer's packet; 0 means the peer is isolated.
-        self.degree = off_diagonal.sum(axis=1).astype(np.int64)
-        self.senders = [i for i in range(self.n) if self.degree[i] > 0]
-        self.isolated = torch.as_tensor(self.degree == 0)
+        self.set_mixing(mixing)
         self.seed = seed
         self.generators = [peer_generator(seed, i) for i in range(self.n)]
         self.last_bytes = np.zeros(self.n, dtype=np.int64)
         self._memory: dict[str, torch.Tensor] = {}  # residuals or public copies, per tensor
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        """Use this matrix from the next `mix` on; memory and generators carry over."""
+        mixing = np.asarray(mixing, dtype=np.float64)
+        if mixing.shape != (self.n, self.n):
+            raise TopologyError(
+                f"mixing matrix has shape {mixing.shape}; expected {self.n} x {self.n}"
+            )
+        self.W = torch.tensor(mixing, dtype=torch.float32)
+        self.self_weight = torch.tensor(np.diag(mixing), dtype=torch.float32)
+        off_diagonal = (mixing != 0) & ~np.eye(self.n, dtype=bool)
+        # How many peers receive each peer's packet (column i); 0: it sends nothing.
+        self.degree = off_diagonal.sum(axis=0).astype(np.int64)
+        self.senders = [i for i in range(self.n) if self.degree[i] > 0]
+        # Peers that receive nothing keep their exact value.
+        self.isolated = torch.as_tensor(~off_diagonal.any(axis=1))
 
     def _memory_for(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The per-tensor state (zeros at first); it must keep the tensor's shape across rounds."""

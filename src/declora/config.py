@@ -18,7 +18,8 @@ from declora.errors import ConfigError
 TopologyKind = Literal["ring", "complete", "star", "er", "torus", "exponential", "regular", "edges"]
 MixingRule = Literal["laplacian", "metropolis", "uniform", "fedavg", "identity"]
 PartitionScheme = Literal["iid", "dirichlet", "label-skew", "natural", "quantity"]
-AlgorithmName = Literal["dec-lora", "centralized", "local-only", "fedavg"]
+AlgorithmName = Literal["dec-lora", "centralized", "local-only", "fedavg", "decaf", "ffa", "adf"]
+DynamicKind = Literal["static", "er-each-round", "one-peer-exponential", "random-pairs"]
 TaskName = Literal["classification", "causal-lm"]
 
 # What a causal-LM run uses where the user leaves a key unset (classification defaults otherwise).
@@ -39,11 +40,25 @@ class TopologyConfig(_Section):
     kind: TopologyKind = "ring"
     peers: int = Field(10, ge=1, le=10_000)
     mixing: MixingRule = "laplacian"
-    p: float = Field(0.3, gt=0.0, le=1.0, description="edge probability for kind=er")
+    p: float = Field(
+        0.3, gt=0.0, le=1.0, description="edge probability for kind=er and dynamic=er-each-round"
+    )
     degree: int | None = Field(None, ge=1, description="degree for kind=regular")
     seed: int | None = Field(None, description="graph seed; defaults to the run seed")
     edge_file: str | None = None
     matrix_file: str | None = None
+    dynamic: DynamicKind = Field(
+        "static", description="the graph each round: the fixed one, or a new draw per round"
+    )
+    pair_prob: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="dynamic=random-pairs: chance that a matched pair averages in a round",
+    )
+    offline_prob: float = Field(
+        0.0, ge=0.0, lt=1.0, description="chance that a peer is offline (no training, no mixing)"
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> TopologyConfig:
@@ -89,14 +104,37 @@ class ModelConfig(_Section):
 
 
 class LoraSettings(_Section):
-    """LoRA hyper-parameters, shared by all peers."""
+    """The adapter every peer trains (LoRA or another PEFT method) and its hyper-parameters.
 
+    Methods other than lora run on the reference (PEFT) engine, which a run then selects by
+    itself (train.engine is set to reference). r, alpha and dropout are LoRA's (also DoRA's and
+    rsLoRA's); IA3 uses targets and feedforward; prompt tuning virtual_tokens and prompt_init."""
+
+    method: Literal["lora", "dora", "rslora", "ia3", "prompt-tuning"] = Field(
+        "lora", description="PEFT method; all but lora run on the reference engine"
+    )
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     train_head: bool = True
     mix_head: bool = True
+    feedforward: list[str] = Field(
+        default_factory=list, description="ia3: targets whose input (not output) is scaled"
+    )
+    virtual_tokens: int = Field(20, ge=1, le=1024, description="prompt-tuning: prompt length")
+    prompt_init: Literal["sample-vocab", "random"] = Field(
+        "sample-vocab",
+        description="prompt-tuning: start from embeddings of random vocabulary tokens, or N(0, 1)",
+    )
+
+    @model_validator(mode="after")
+    def _method_keys(self) -> LoraSettings:
+        if self.feedforward and self.method != "ia3":
+            raise ValueError("lora.feedforward is for lora.method=ia3 only")
+        if not self.mix_head and self.method != "lora":
+            raise ValueError(f"lora.mix_head=false is not supported with lora.method={self.method}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -126,6 +164,9 @@ class TrainConfig(_Section):
         None, ge=0, description="rounds between checkpoints; None: every eval.every; 0: never"
     )
     keep_checkpoints: int = Field(1, ge=1, description="newest checkpoints kept per peer")
+    straggler_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that a peer does only 1..K-1 local steps a round"
+    )
 
 
 class EvalConfig(_Section):
@@ -162,6 +203,8 @@ class AlgorithmConfig(_Section):
     """Which member of the Dec-LoRA family runs the round loop."""
 
     name: AlgorithmName = "dec-lora"
+    period: int = Field(6, ge=1, description="adf: rounds per phase (B trains, then A, ...)")
+    adf_start: Literal["A", "B"] = Field("B", description="adf: the factor of the first phase")
 
 
 class CommConfig(_Section):

@@ -346,6 +346,7 @@ class PeerGossip:
         self.exchanges = 0
         self.last_bytes = np.zeros(1, dtype=np.int64)
         self.bytes_on_wire = 0  # buffers handed to send ops that completed, over the whole run
+        self.seconds = 0.0  # time in the gossip step: encode, exchange, decode, mix
 
     # -- state for checkpoints (tensors only)
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -432,6 +433,13 @@ class PeerGossip:
         return own, others
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return self._mix(values)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.exchanges += 1
         x = {k: v[0].detach().to(torch.float32).cpu() for k, v in values.items()}
         if not self.sources and not self.targets:
@@ -505,6 +513,7 @@ class PeerNetwork:
         go on when peers fail (`comm.on_peer_failure=skip`): a collective needs every peer."""
         self.proc, self.timeout_s, self.local = proc, timeout_s, local
         self.monitor = monitor and not local
+        self.clocks: dict[str, Any] = {}  # name -> callable giving seconds so far (per peer)
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.proc.device)
@@ -541,12 +550,31 @@ class PeerNetwork:
         rec["peer"] = self.proc.rank
         rec["peer_train_loss"] = local_loss
         rec["peer_bytes_sent"] = float(local_bytes.sum())
+        for name, clock in self.clocks.items():
+            rec[f"peer_{name}_seconds"] = round(clock(), 4)
 
     def average(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The network average of every tensor (a collective: every peer must call it)."""
         return {
             k: self._sum(v.detach().clone().float()) / self.proc.world for k, v in values.items()
         }
+
+
+class TimedEngine:
+    """An engine whose local steps are timed (the compute half of a round)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine, self.seconds = engine, 0.0
+
+    def train_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self._engine.train_step(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 class _Averaged:

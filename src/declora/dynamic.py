@@ -369,7 +369,7 @@ class RandomPairs(Schedule):
     ) -> None:
         super().__init__(n, seed, availability)
         self.p = _probability(
-            "topology.p",
+            "topology.pair_prob",
             p,
             closed_low=False,
             closed_high=True,
@@ -405,9 +405,10 @@ def make_schedule(
 ) -> Schedule:
     """Build the schedule of `kind` (config key topology.dynamic) for n peers.
 
-    `p` is the edge probability for 'er-each-round' (required) and the pair activation
-    probability for 'random-pairs' (default 1); `base` is the fixed topology of 'static';
-    `mixing_rule` is used by 'er-each-round' (the other kinds fix their own weights)."""
+    `p` is the edge probability for 'er-each-round' (required, config topology.p) and the pair
+    activation probability for 'random-pairs' (default 1, config topology.pair_prob); `base` is
+    the fixed topology of 'static'; `mixing_rule` is used by 'er-each-round' (the other kinds
+    fix their own weights)."""
     if kind not in DYNAMIC_KINDS:
         close = difflib.get_close_matches(str(kind), DYNAMIC_KINDS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,22 +1,20 @@
-"""Writing adapters in PEFT's own format, so `PeftModel.from_pretrained` loads them."""
+"""Writing adapters in PEFT's own format, so `PeftModel.from_pretrained` loads them.
+
+Any method of `declora.peft_methods` (LoRA, DoRA, rsLoRA, IA3, prompt tuning): the config is
+PEFT's config of the spec, the tensors carry PEFT's saved keys (`peft_key`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from declora.adapters import AdapterSpec
+from declora.peft_methods import adapter_config, peft_key
 
-
-def peft_key(spec: AdapterSpec, canonical: str) -> str:
-    """Key of a canonical parameter in PEFT's saved adapter_model.safetensors."""
-    module, _, leaf = canonical.rpartition(".")
-    if leaf in ("lora_A", "lora_B"):
-        return f"base_model.model.{module}.{leaf}.weight"
-    return f"base_model.model.{module}.{leaf}"
+__all__ = ["peft_key", "save_peft_adapter"]
 
 
 def save_peft_adapter(
@@ -29,15 +27,7 @@ def save_peft_adapter(
     """Write adapter_config.json and adapter_model.safetensors for one adapter."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        task_type=task_type,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.lora_modules),
-        modules_to_save=[spec.head_root] if spec.head_modules else None,
-        base_model_name_or_path=base_model,
-    )
+    config = adapter_config(spec, task_type, base_model)
     tensors = {
         peft_key(spec, k): v.detach().to("cpu").contiguous().clone() for k, v in values.items()
     }

@@ -10,16 +10,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from declora.adapters import PLAIN_LEAVES
+
 BYTES_PER_VALUE = 4  # fp32 on the wire
 
 
 class SimulatedGossip:
-    """Mixes stacked tensors ([n, ...]) with a fixed doubly stochastic matrix."""
+    """Mixes stacked tensors ([n, ...]) with a doubly stochastic matrix; `set_mixing` swaps in
+    the matrix of the next round (dynamic networks)."""
 
     def __init__(self, mixing: np.ndarray) -> None:
         self.n = mixing.shape[0]
+        self.set_mixing(mixing)
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        if mixing.shape != (self.n, self.n):
+            raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {mixing.shape}")
         self.identity = bool(np.allclose(mixing, np.eye(self.n)))
-        self.W = torch.as_tensor(mixing, dtype=torch.float32)
+        self.W = torch.tensor(mixing, dtype=torch.float32)  # a copy: W may be read-only
         if self.n > 256 and float((mixing != 0).mean()) < 0.1:
             self.W = self.W.to_sparse()
 
@@ -41,12 +49,20 @@ def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def consensus_distance(values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:
     """sqrt(mean_i sum_layers ||B_i A_i - mean_j B_j A_j||_F^2): disagreement of the peers'
-    weight updates, which is what the factors' product changes in the model."""
+    weight updates, which is what the factors' product changes in the model.
+
+    Other PEFT methods' tensors (DoRA magnitudes, IA3 vectors, prompt embeddings: keys whose
+    leaf is in `PLAIN_LEAVES`) add their plain distance sum ||x_i - mean_j x_j||^2 the same way;
+    the head never counts."""
     total = 0.0
     for name in lora_modules:
         a, b = values[f"{name}.lora_A"], values[f"{name}.lora_B"]
         prod = torch.bmm(b.float(), a.float())
         total += float((prod - prod.mean(dim=0, keepdim=True)).pow(2).sum()) / a.shape[0]
+    for k, v in values.items():
+        if k.rpartition(".")[2] in PLAIN_LEAVES:
+            x = v.float()
+            total += float((x - x.mean(dim=0, keepdim=True)).pow(2).sum()) / x.shape[0]
     return total**0.5
 
 

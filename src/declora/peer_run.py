@@ -152,7 +152,7 @@ def run_peer(
         "dec-lora", prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
     )
     torch.manual_seed(cfg.seed + rank)
-    engine = make_engine(prep, _one_peer_plan(plan, rank))
+    engine = dd.TimedEngine(make_engine(prep, _one_peer_plan(plan, rank)))
     skip = cfg.comm.on_peer_failure == "skip"
     # collectives wait for the slowest peer's evaluation too: a generous bound, not comm.timeout_s
     slack = max(cfg.comm.timeout_s, dd.STARTUP_S)
@@ -171,6 +171,7 @@ def run_peer(
         on_failure=c.on_peer_failure,
         device=proc.device,
     )
+    network.clocks = {"compute": lambda: engine.seconds, "comm": lambda: gossip.seconds}
     checkpoints = checkpointing(
         cfg, out / "checkpoints" / f"peer-{rank}", resume=resume, extra=["dec-lora", rank]
     )
@@ -235,7 +236,15 @@ def run_peer(
     return proc, result
 
 
-_PEER_KEYS = ("round", "examples_per_peer", "peer", "peer_train_loss", "peer_bytes_sent")
+_PEER_KEYS = (
+    "round",
+    "examples_per_peer",
+    "peer",
+    "peer_train_loss",
+    "peer_bytes_sent",
+    "peer_compute_seconds",
+    "peer_comm_seconds",
+)
 
 
 def _peer_view(rec: dict[str, Any]) -> dict[str, Any]:

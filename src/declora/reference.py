@@ -3,6 +3,10 @@
 Slow but obviously right. Tests hold the batched engine to it; it also exposes the same
 `stacked()` / `load_stacked()` view so the round loop and the gossip code are shared, and the
 same switches for frozen factors (`set_trainable`) and peers that sit a step out (`active`).
+
+It runs every PEFT method of `declora.peft_methods` (the spec's `method`: LoRA, DoRA, rsLoRA,
+IA3, prompt tuning): the peers' trainable tensors, named canonically, are whatever PEFT's adapter
+of that method trains, plus the classification head (PEFT's modules_to_save).
 """
 
 from __future__ import annotations
@@ -14,41 +18,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from declora.adapters import AdapterSpec, OptimSettings
+from declora.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
 from declora.algorithms import LORA_FACTORS, check_factors, factor_of
 from declora.batched import as_active_mask
+from declora.peft_methods import adapter_config, peft_param_name
 from declora.task import Example, SingleAdapterOutputs, Task
+
+__all__ = ["ReferenceEngine", "lora_config", "peer_name", "peft_param_name"]
 
 
 def peer_name(i: int) -> str:
     return f"peer-{i}"
 
 
-def peft_param_name(spec: AdapterSpec, canonical: str, adapter: str) -> str:
-    """Map a canonical parameter name to the PEFT parameter of one named adapter."""
-    module, _, leaf = canonical.rpartition(".")
-    if leaf in ("lora_A", "lora_B"):
-        return f"base_model.model.{module}.{leaf}.{adapter}.weight"
-    root = spec.head_root or ""
-    rest = module[len(root) :]
-    return f"base_model.model.{root}.modules_to_save.{adapter}{rest}.{leaf}"
+def lora_config(spec: AdapterSpec):
+    """PEFT's config of the spec's adapter on the bare model (any method, despite the name)."""
+    return adapter_config(spec)
 
 
-def lora_config(spec: AdapterSpec) -> LoraConfig:
-    return LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.lora_modules),
-        modules_to_save=[spec.head_root] if spec.head_modules else None,
-    )
+def _adapter_params(named: dict[str, nn.Parameter], adapter: str) -> dict[str, nn.Parameter]:
+    """Every parameter of one named adapter (its name is one segment of the parameter's)."""
+    return {n: p for n, p in named.items() if adapter in n.split(".")}
 
 
 class ReferenceEngine(SingleAdapterOutputs):
-    """n PEFT adapters on one model, trained peer by peer, each with its own optimizer."""
+    """n PEFT adapters on one model, trained peer by peer, each with its own optimizer.
+
+    `init` names every trainable tensor of the spec's method (see `declora.adapters`); a
+    parameter PEFT trains that `init` does not name is refused, except a head copy when the head
+    does not train (prompt tuning's task model always adds one), which stays frozen."""
 
     def __init__(
         self,
@@ -66,16 +68,33 @@ class ReferenceEngine(SingleAdapterOutputs):
         self.spec, self.n, self.task = spec, n_peers, task
         settings = OptimSettings(**optim)
         self.max_grad_norm = settings.max_grad_norm
-        cfg = lora_config(spec)
+        cfg = adapter_config(spec)
         self.model: PeftModel = get_peft_model(model, cfg, adapter_name=peer_name(0))
         for i in range(1, n_peers):
             self.model.add_adapter(peer_name(i), cfg)
         named = dict(self.model.named_parameters())
         self.names = list(init)
+        absent = [k for k in self.names if peft_param_name(spec, k, peer_name(0)) not in named]
+        if absent:
+            self.remove()
+            raise ValueError(f"PEFT's {spec.method} adapter has no parameter for {absent[:3]}")
         self.peer_params: list[dict[str, nn.Parameter]] = [
             {k: named[peft_param_name(spec, k, peer_name(i))] for k in self.names}
             for i in range(n_peers)
         ]
+        self.untracked: list[list[nn.Parameter]] = []  # kept frozen
+        for i, params in enumerate(self.peer_params):
+            tracked = {id(p) for p in params.values()}
+            extra = {
+                n: p
+                for n, p in _adapter_params(named, peer_name(i)).items()
+                if id(p) not in tracked
+            }
+            unknown = [n for n in extra if "modules_to_save" not in n.split(".")]
+            if unknown:
+                self.remove()
+                raise ValueError(f"init does not name the trainable parameters {unknown[:3]}")
+            self.untracked.append(list(extra.values()))
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
         self.trainable: frozenset[str] = LORA_FACTORS
         heads = set(spec.head_modules)
@@ -89,13 +108,25 @@ class ReferenceEngine(SingleAdapterOutputs):
             self.schedulers.append(sched)
 
     def remove(self) -> nn.Module:
-        """Strip the PEFT wrappers so the base model can be reused."""
+        """Strip the PEFT wrappers so the base model can be reused as it was loaded: the head's
+        original module goes back in (PEFT's own unload would keep the active adapter's
+        trained copy)."""
+        base = self.model.get_base_model()
+        for name, module in list(base.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                set_submodule(base, name, module.original_module)
+        if self.model.peft_config[peer_name(0)].is_prompt_learning:
+            return base  # no layer was wrapped
         return self.model.unload()
 
     def set_trainable(self, factors: Iterable[str]) -> None:
         """Only these LoRA factors ('lora_A', 'lora_B') and the head get gradients from now on;
-        frozen ones get none, so each peer's optimizer skips them and keeps their state."""
-        self.trainable = check_factors(factors)
+        frozen ones get none, so each peer's optimizer skips them and keeps their state.
+        Other tensors of the method (DoRA's magnitudes) keep training."""
+        chosen = check_factors(factors)
+        if chosen != LORA_FACTORS and self.spec.method not in LORA_METHODS:
+            raise ValueError(f"lora.method={self.spec.method} has no LoRA factors to freeze")
+        self.trainable = chosen
 
     def _freeze(self, i: int) -> None:
         """Apply `trainable` to peer i: PEFT's `set_adapter` makes the active adapter fully
@@ -104,6 +135,8 @@ class ReferenceEngine(SingleAdapterOutputs):
             factor = factor_of(k)
             if factor is not None:
                 p.requires_grad_(factor in self.trainable)
+        for p in self.untracked[i]:
+            p.requires_grad_(False)
 
     def train_step(
         self,

@@ -17,6 +17,9 @@ NAMES = {
     "centralized": "Centralized LoRA",
     "local-only": "Local-only",
     "fedavg": "FedAvg",
+    "decaf": "DeCAF",
+    "ffa": "FFA-LoRA",
+    "adf": "ADF-LoRA",
 }
 
 
@@ -60,6 +63,24 @@ def summary_rows(
             row["dir"] = where
             rows.append(row)
     return rows
+
+
+def _network_markdown(cfg: Any) -> str:
+    """A note when the network is not the fixed graph with every peer there (dynamic runs)."""
+    t, parts = cfg.topology, []
+    if t.dynamic != "static":
+        parts.append(
+            f"the graph is drawn anew every round (topology.dynamic={t.dynamic}); the graph "
+            "and spectral gap above describe the configured base graph, which it does not use"
+        )
+    if t.offline_prob > 0:
+        parts.append(f"each peer is offline in a round with probability {t.offline_prob}")
+    if cfg.train.straggler_prob > 0:
+        parts.append(
+            f"an online peer straggles (1..K-1 local steps) with probability "
+            f"{cfg.train.straggler_prob}"
+        )
+    return f"\nNetwork: {'; '.join(parts)}.\n" if parts else ""
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -172,7 +193,7 @@ r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{cfg.data.name}` ({summar
 train / {summary["test_size"]} test, {what}) split with `{cfg.data.partition}`{skew};
 {cfg.train.rounds} rounds x {cfg.train.local_steps} local steps x batch
 {cfg.train.batch_size} per peer; seed {cfg.seed}.
-
+{_network_markdown(cfg)}
 ## Results
 
 Final round: the averaged model on {final_n} {unit}, each peer's own model on {peer_n}; the

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 from declora import plots
-from declora.adapters import AdapterSpec, build_spec, initial_state
+from declora.adapters import AdapterSpec, initial_state
+from declora.algorithms import GOSSIP_ALGORITHMS, DecafGossip, mix_keys_for
 from declora.batched import BatchedEngine
 from declora.checkpoint import fingerprint_of
 from declora.compress import make_compressor
 from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.config import RunConfig
 from declora.data import TextClassificationData, load_classification_data
+from declora.dynamic import Schedule, make_schedule
 from declora.errors import ConfigError, DataError
 from declora.export import save_peft_adapter
 from declora.features import tokenize_classification
@@ -29,6 +31,7 @@ from declora.gossip import average
 from declora.lm_eval import LMEvaluator
 from declora.lmdata import LMData, generation_prompts, load_lm_data, pack_text, tokenize_chat
 from declora.partition import label_counts, partition, skew_summary
+from declora.peft_methods import check_method, method_spec
 from declora.reference import ReferenceEngine
 from declora.report import summary_rows, write_report
 from declora.rundir import RunDir
@@ -68,6 +71,7 @@ class Prepared:
     )  # peer x class
     prompts: list[tuple[list[int], str]] = field(default_factory=list)
     samples: list[tuple[str, list[int]]] = field(default_factory=list)
+    schedule: Schedule | None = None  # dynamic graph / availability of the gossip algorithms
 
     @property
     def causal(self) -> bool:
@@ -96,6 +100,56 @@ def build_topology_from(cfg: RunConfig) -> Topology:
         edge_file=t.edge_file,
         matrix_file=t.matrix_file,
     )
+
+
+def schedule_from(cfg: RunConfig, topology: Topology) -> Schedule | None:
+    """The per-round network (topology.dynamic, offline peers, stragglers); None when every
+    round is the fixed topology with every peer online for K steps (the paper's setting)."""
+    t = cfg.topology
+    if t.dynamic == "static" and t.offline_prob == 0 and cfg.train.straggler_prob == 0:
+        return None
+    p = {"er-each-round": t.p, "random-pairs": t.pair_prob}.get(t.dynamic)
+    return make_schedule(
+        t.dynamic,
+        t.peers,
+        cfg.seed if t.seed is None else t.seed,
+        p=p,
+        offline_prob=t.offline_prob,
+        straggler_prob=cfg.train.straggler_prob,
+        base=topology,
+        mixing_rule=t.mixing,
+    )
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Settings that are valid alone but not together, refused before any work.
+
+    DeCAF with compressed messages is refused rather than half-supported: it would have to
+    decode every neighbour's factors and refactor their products, which the compressed
+    communicators do not do. CHOCO keeps copies of its neighbours' public values; when the graph
+    changes or a peer is offline those copies would go stale at the peers that missed a message,
+    which the simulation (one shared copy per peer) cannot show."""
+    runs = {cfg.algorithm.name, *cfg.baselines}
+    c, t = cfg.comm, cfg.topology
+    method = getattr(cfg.lora, "method", "lora")
+    follow_ups = sorted(runs & {"decaf", "ffa", "adf"})
+    if follow_ups and method in ("ia3", "prompt-tuning"):
+        raise ConfigError(
+            f"algorithm {follow_ups[0]} works on LoRA's two factors; lora.method={method} has "
+            "none (use algorithm.name=dec-lora, which mixes any adapter)"
+        )
+    if "decaf" in runs and not c.exact:
+        raise ConfigError(
+            f"algorithm decaf sends exact factors; comm.bits={c.bits}, comm.scheme={c.scheme} "
+            "is not supported with it (use comm.bits=32 and comm.scheme=plain)"
+        )
+    changing = t.dynamic != "static" or t.offline_prob > 0
+    if c.scheme == "choco" and changing and runs & {"dec-lora", "ffa", "adf"}:
+        raise ConfigError(
+            "comm.scheme=choco needs a fixed graph with every peer online (its copies of the "
+            "neighbours' values would go stale); use comm.scheme=plain with topology.dynamic="
+            f"{t.dynamic}, topology.offline_prob={t.offline_prob}"
+        )
 
 
 def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
@@ -142,19 +196,21 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, graph, partition and model. Raises DecloraError on bad input."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    check_combinations(cfg)
+    check_method(cfg)  # lora.method: refuse what it cannot do, pick the reference engine
     if cfg.task == "causal-lm":
         return prepare_causal(cfg)
     from declora.models import load_classifier
 
     topology = build_topology_from(cfg)
+    schedule = schedule_from(cfg, topology)
     data = load_data(cfg)
     parts = split_over_peers(cfg, data)
     m = cfg.model
     model, tokenizer, path = load_classifier(
         m.name, data.label_names, cfg.seed, dtype=m.dtype, quantize=m.quantize
     )
-    lo = cfg.lora
-    spec = build_spec(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.train_head)
+    spec = method_spec(model, cfg)
     init = initial_state(model, spec, cfg.seed)
     ml = cfg.data.max_length
     train_ex, cut_train = tokenize_classification(
@@ -177,6 +233,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         test_ex,
         {"train": cut_train, "test": cut_test},
         counts=label_counts(data.train_labels, parts, data.num_classes),
+        schedule=schedule,
     )
 
 
@@ -185,14 +242,14 @@ def prepare_causal(cfg: RunConfig) -> Prepared:
     from declora.llm import load_causal_lm
 
     topology = build_topology_from(cfg)
+    schedule = schedule_from(cfg, topology)
     data = load_lm(cfg)
     parts = split_over_peers(cfg, data)
     m = cfg.model
     model, tokenizer, path = load_causal_lm(
         m.name, dtype=m.dtype, quantize=m.quantize, seed=cfg.seed
     )
-    lo = cfg.lora
-    spec = build_spec(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.train_head)
+    spec = method_spec(model, cfg)
     init = initial_state(model, spec, cfg.seed)
     ml = cfg.data.max_length
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -246,6 +303,7 @@ def prepare_causal(cfg: RunConfig) -> Prepared:
         counts=label_counts(data.train_labels, doc_parts, len(data.group_names)),
         prompts=prompts,
         samples=samples,
+        schedule=schedule,
     )
 
 
@@ -293,7 +351,7 @@ def make_engine(prep: Prepared, plan: Plan) -> Engine:
         schedule=t.schedule,
         total_steps=t.rounds * t.local_steps,
     )
-    if t.engine == "reference":
+    if t.engine == "reference" or prep.spec.method != "lora":  # other PEFT methods: PEFT's own
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
     chunk = t.peer_chunk or max(1, t.max_pass_examples // batch_size)
     return BatchedEngine(
@@ -309,12 +367,15 @@ def make_engine(prep: Prepared, plan: Plan) -> Engine:
 
 
 def make_gossip(cfg: RunConfig, plan: Plan) -> Communicator | None:
-    """Compressed communication for gossip algorithms; None means exact fp32 mixing.
+    """The communicator of a plan; None means exact fp32 mixing of the factors.
 
-    Only Dec-LoRA's neighbour exchange is compressed; FedAvg's server averaging, local-only and
-    centralized training stay exact (they send nothing or are not the object of study)."""
+    DeCAF mixes products (always exact: see `check_combinations`). Only the gossip algorithms'
+    neighbour exchange is compressed; FedAvg's server averaging, local-only and centralized
+    training stay exact (they send nothing or are not the object of study)."""
     c = cfg.comm
-    if c.exact or plan.algorithm != "dec-lora":
+    if plan.algorithm == "decaf":
+        return DecafGossip(plan.mixing, rank=cfg.lora.r)
+    if c.exact or plan.algorithm not in GOSSIP_ALGORITHMS:
         return None
     comp = make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half)
     if c.scheme == "choco":
@@ -355,13 +416,19 @@ def run_algorithm(
     # every algorithm starts from the same RNG state (dropout masks), whatever ran before it
     torch.manual_seed(cfg.seed)
     plan = make_plan(
-        algorithm, prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
+        algorithm,
+        prep.topology,
+        prep.parts,
+        cfg.train.batch_size,
+        cfg.train.peer_weighting,
+        schedule=prep.schedule,
+        period=cfg.algorithm.period,
+        adf_start=cfg.algorithm.adf_start,
     )
     engine = make_engine(prep, plan)
     evaluator = make_evaluator(prep)
-    mix_keys = None
-    if not cfg.lora.mix_head:
-        mix_keys = {k for k in prep.init if k.endswith((".lora_A", ".lora_B"))}
+    keys = [k for k in prep.init if cfg.lora.mix_head or k.endswith((".lora_A", ".lora_B"))]
+    mix_keys = mix_keys_for(algorithm, keys)  # FFA sends no A
     eval_peers = cfg.eval.peers if plan.n > 1 else "never"
     try:
         result = train(
@@ -379,7 +446,7 @@ def run_algorithm(
             progress=progress,
             mix_keys=mix_keys,
             gossip=make_gossip(cfg, plan),
-            gossip_steps=cfg.comm.gossip_steps if plan.algorithm == "dec-lora" else 1,
+            gossip_steps=cfg.comm.gossip_steps if algorithm in GOSSIP_ALGORITHMS else 1,
             checkpoints=checkpointing(
                 cfg, out.path / "checkpoints", resume=resume, extra=algorithm
             ),

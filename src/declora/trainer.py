@@ -1,7 +1,10 @@
 """The round loop: K local steps on every peer, one gossip step, evaluation every E rounds.
 
 Baselines are the same loop with another plan: FedAvg is W = 11^T/n, local-only is W = I,
-centralized is one peer holding the pooled data with the same total batch.
+centralized is one peer holding the pooled data with the same total batch. The follow-ups are
+the same loop too: the plan says which factors train in a round (FFA, ADF), the communicator how
+received values combine (DeCAF), and the plan's schedule which matrix mixes in a round, which
+peers are online and how many local steps each one takes (dynamic networks).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import networkx as nx
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from declora import checkpoint as ckpt
 from declora import faults
+from declora.algorithms import GOSSIP_ALGORITHMS, LORA_FACTORS, check_period, trainable_factors
+from declora.dynamic import Schedule, StaticSchedule
 from declora.gossip import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
 from declora.gossip import values_per_peer as count_values
 from declora.metrics import classification_metrics
@@ -34,7 +40,10 @@ class Communicator(Protocol):
 class Engine(Protocol):
     n: int
 
-    def train_step(self, peer_examples: Sequence[Sequence[Example]]) -> torch.Tensor: ...
+    def train_step(
+        self, peer_examples: Sequence[Sequence[Example]], active: np.ndarray | None = None
+    ) -> torch.Tensor: ...
+    def set_trainable(self, factors: frozenset[str]) -> None: ...
     def stacked(self) -> dict[str, torch.Tensor]: ...
     def load_stacked(self, values: dict[str, torch.Tensor]) -> None: ...
     def outputs_single(
@@ -58,7 +67,11 @@ class EvaluatorLike(Protocol):
 
 @dataclass(frozen=True)
 class Plan:
-    """Who trains on what and who talks to whom, for one algorithm."""
+    """Who trains what on which data and who talks to whom, round by round, for one algorithm.
+
+    Without a schedule every round is the same: `mixing`, every peer online for K steps. Every
+    per-round quantity is a pure function of the round (and the seed), so a resumed run
+    recomputes it instead of saving it."""
 
     algorithm: str
     parts: list[np.ndarray]
@@ -66,10 +79,34 @@ class Plan:
     batch_size: int
     messages: np.ndarray  # per peer: how many copies of its values it sends each round
     weights: np.ndarray  # per peer: factor on its updates (n * its share of the data, or 1)
+    schedule: Schedule | None = None  # per-round matrix, online peers and local steps
+    period: int | None = None  # adf: rounds per phase
+    adf_start: Literal["A", "B"] = "B"  # adf: the factor that trains first
 
     @property
     def n(self) -> int:
         return len(self.parts)
+
+    def factors(self, t: int) -> frozenset[str]:
+        """The LoRA factors that train in round t (a head, if any, always trains)."""
+        return trainable_factors(self.algorithm, t, self.period, self.adf_start)
+
+    def mixing_at(self, t: int) -> np.ndarray:
+        return self.mixing if self.schedule is None else self.schedule.matrix(t)
+
+    def local_steps(self, t: int, k: int) -> np.ndarray:
+        """Local steps of each peer in round t: k, fewer for a straggler, 0 when offline."""
+        if self.schedule is None:
+            return np.full(self.n, k, dtype=np.int64)
+        return self.schedule.local_steps(t, k)
+
+    def messages_at(self, t: int) -> np.ndarray:
+        """How many copies of its values each peer sends in round t."""
+        if self.schedule is None:
+            return self.messages
+        if self.algorithm == "fedavg":  # every online peer uploads once
+            return self.messages * self.schedule.live(t)
+        return self.schedule.messages(t)
 
 
 def peer_weights(parts: list[np.ndarray], weighting: str) -> np.ndarray:
@@ -88,23 +125,50 @@ def peer_weights(parts: list[np.ndarray], weighting: str) -> np.ndarray:
     raise ValueError(f"unknown peer weighting {weighting!r} (accepted: data-size, uniform)")
 
 
+def _availability_only(schedule: Schedule | None, mixing: np.ndarray, rule: str) -> Schedule | None:
+    """A baseline's schedule: its own fixed matrix (rebuilt on the online peers) with the same
+    offline peers and stragglers as the gossip schedule; None when everyone is always there."""
+    if schedule is None:
+        return None
+    a = schedule.availability
+    if a.offline_prob == 0 and a.straggler_prob == 0:
+        return None
+    n = mixing.shape[0]
+    base = Topology(graph=nx.empty_graph(n), mixing=mixing, kind=rule, rule=rule)
+    return StaticSchedule(base, schedule.seed, a)
+
+
 def make_plan(
     algorithm: str,
     topology: Topology,
     parts: list[np.ndarray],
     batch_size: int,
     weighting: str = "uniform",
+    *,
+    schedule: Schedule | None = None,
+    period: int | None = None,
+    adf_start: Literal["A", "B"] = "B",
 ) -> Plan:
-    """Local-only peers never mix, so their own objective is the only one: always uniform."""
+    """The plan of one algorithm. `schedule` (dynamic graphs, offline peers, stragglers) drives
+    the gossip algorithms; FedAvg and local-only take only its availability (same peers offline
+    in the same rounds), centralized training none of it. Local-only peers never mix, so their
+    own objective is the only one: always uniform weights."""
     n = len(parts)
     w = peer_weights(parts, weighting)
-    if algorithm == "dec-lora":
+    if algorithm in GOSSIP_ALGORITHMS:
+        if algorithm == "adf":
+            period = check_period(period)
         deg = np.array(topology.degrees)
-        return Plan(algorithm, parts, topology.mixing, batch_size, deg, w)
+        return Plan(
+            algorithm, parts, topology.mixing, batch_size, deg, w, schedule, period, adf_start
+        )
     if algorithm == "fedavg":  # each peer uploads once; the server's broadcast is not counted
-        return Plan(algorithm, parts, np.full((n, n), 1.0 / n), batch_size, np.ones(n), w)
+        W = np.full((n, n), 1.0 / n)
+        avail = _availability_only(schedule, W, "fedavg")
+        return Plan(algorithm, parts, W, batch_size, np.ones(n), w, avail)
     if algorithm == "local-only":
-        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n), np.ones(n))
+        avail = _availability_only(schedule, np.eye(n), "identity")
+        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n), np.ones(n), avail)
     if algorithm == "centralized":
         pooled = np.sort(np.concatenate(parts))
         return Plan(algorithm, [pooled], np.eye(1), batch_size * n, np.zeros(1), np.ones(1))
@@ -259,6 +323,7 @@ def _loop_state(
     gossip: Communicator,
     result: Result,
     bytes_sent: np.ndarray,
+    steps_done: np.ndarray,
     losses: list[torch.Tensor],
     elapsed: float,
 ) -> dict[str, Any]:
@@ -271,6 +336,7 @@ def _loop_state(
         "gossip": dict(state_fn()) if state_fn else {},
         "torch_rng": torch.get_rng_state(),
         "bytes_sent": torch.from_numpy(bytes_sent.astype(np.float64)),
+        "steps_done": torch.from_numpy(steps_done.astype(np.int64)),
         "losses": [x.clone() for x in losses],
         "records": result.records,
         "peer_metrics": result.peer_metrics,
@@ -304,24 +370,30 @@ def train(
     """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters.
 
     `gossip` defaults to exact fp32 mixing with W; a compressed communicator also reports the
-    exact bytes of the buffers each peer sent (`last_bytes`). `peers` are the peers this process
-    holds (all of them in simulation, one in distributed mode). With `checkpoints`, the loop saves
-    itself every `every` rounds and at the end, and with `resume` continues from the newest save
-    exactly as if it had never stopped (`on_restore` gets the metrics recorded up to there)."""
+    exact bytes of the buffers each peer sent (`last_bytes`); with a plan schedule it must take
+    each round's matrix (`set_mixing`). `peers` are the peers this process holds (all of them in
+    simulation, one in distributed mode). With `checkpoints`, the loop saves itself every
+    `every` rounds and at the end, and with `resume` continues from the newest save exactly as
+    if it had never stopped (`on_restore` gets the metrics recorded up to there)."""
     local = list(range(plan.n)) if peers is None else list(peers)
     samplers = [PeerSampler(plan.parts[i], plan.batch_size, seed, i) for i in local]
     gossip = gossip or SimulatedGossip(plan.mixing)
+    if plan.schedule is not None and not hasattr(gossip, "set_mixing"):
+        raise TypeError(f"{type(gossip).__name__} cannot follow a per-round mixing schedule")
     network = network or LocalNetwork()
     result = Result(plan.algorithm)
-    sent_per_round: np.ndarray | None = None
+    values_sent: int | None = None  # numbers in one copy of what a peer sends
     bytes_sent = np.zeros(len(local))
+    steps_done = np.zeros(len(local), dtype=np.int64)
     losses: list[torch.Tensor] = []
+    trainable = LORA_FACTORS  # engines start with both factors trainable
     first, elapsed = 1, 0.0
     saved = checkpoints.saved() if checkpoints else None
     if saved is not None:
         first = _restore(saved.state, engine, samplers, gossip, result) + 1
         elapsed = float(saved.state["elapsed"])
         bytes_sent = saved.state["bytes_sent"].numpy().astype(np.float64)
+        steps_done = saved.state["steps_done"].numpy().astype(np.int64)
         losses = list(saved.state["losses"])
         if on_restore:
             on_restore(result.records)
@@ -335,24 +407,38 @@ def train(
         total=rounds,
     )
     for t in bar:
-        for _ in range(local_steps):
-            batches = [[train_examples[j] for j in s.next()] for s in samplers]
-            losses.append(engine.train_step(batches))
+        if plan.factors(t) != trainable:  # FFA freezes A, ADF alternates
+            trainable = plan.factors(t)
+            engine.set_trainable(trainable)
+        # offline peers take 0 steps, stragglers fewer than K; a peer's data order only
+        # advances for the steps it takes. The LR schedule counts every step of the round.
+        steps = plan.local_steps(t, local_steps)[local]
+        steps_done += steps
+        for k in range(local_steps):
+            active = steps > k
+            batches = [
+                [train_examples[j] for j in s.next()] if on else []
+                for s, on in zip(samplers, active, strict=True)
+            ]
+            losses.append(engine.train_step(batches, active=None if active.all() else active))
         faults.maybe_kill(t, local)
         values = engine.stacked()
         shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
-        if sent_per_round is None:
-            sent_per_round = plan.messages[local] * count_values(shared) * BYTES_PER_VALUE
+        if values_sent is None:
+            values_sent = count_values(shared)
+        if plan.schedule is not None:  # this round's graph among this round's online peers
+            gossip.set_mixing(plan.mixing_at(t))  # type: ignore[attr-defined]
+        sent_per_round = plan.messages_at(t)[local] * values_sent * BYTES_PER_VALUE
         for _ in range(gossip_steps):
             shared = gossip.mix(shared)
             measured = getattr(gossip, "last_bytes", None)
             bytes_sent += sent_per_round if measured is None else measured
         engine.load_stacked(shared)
         if t % eval_every == 0 or t == rounds:
-            local_loss = float(torch.stack(losses).mean())
+            local_loss = float(torch.nanmean(torch.stack(losses)))  # NaN: peer sat a step out
             rec = {
                 "round": t,
-                "examples_per_peer": t * local_steps * plan.batch_size,
+                "examples_per_peer": _examples(steps_done, plan.batch_size),
                 "train_loss": network.mean(local_loss),
             }
             rec.update(evaluator.average(engine, final=t == rounds))
@@ -382,6 +468,7 @@ def train(
                 gossip,
                 result,
                 bytes_sent,
+                steps_done,
                 losses,
                 time.perf_counter() - start,
             )
@@ -395,6 +482,13 @@ def train(
     result.final = {k: v.clone() for k, v in engine.stacked().items()}
     result.wall_seconds = time.perf_counter() - start
     return result
+
+
+def _examples(steps_done: np.ndarray, batch_size: int) -> int | float:
+    """Training examples per peer so far (mean over this process's peers): an integer when
+    every peer took every step, as without stragglers and offline peers."""
+    total = int(steps_done.sum()) * batch_size
+    return total // len(steps_done) if total % len(steps_done) == 0 else total / len(steps_done)
 
 
 def _restore(
