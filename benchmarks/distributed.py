@@ -72,6 +72,7 @@ def run_one(peers: int, setting: str, rounds: int, out: Path) -> dict:
         per_peer.append({**last, **wire})
     compute = max(p["peer_compute_seconds"] for p in per_peer) / rounds
     comm = max(p["peer_comm_seconds"] for p in per_peer) / rounds
+    wait = max(p["peer_comm_wait_seconds"] for p in per_peer) / rounds
     accounted = sum(p["peer_bytes_sent"] for p in per_peer)
     handed = sum(p["bytes_on_wire"] for p in per_peer)
     return {
@@ -81,6 +82,7 @@ def run_one(peers: int, setting: str, rounds: int, out: Path) -> dict:
         "compute_s_per_round": round(compute, 3),
         "comm_s_per_round": round(comm, 3),
         "comm_share": round(comm / (compute + comm), 3),
+        "comm_wait_s_per_round": round(wait, 3),
         "bytes_accounted_per_peer": accounted / peers,
         "bytes_handed_to_torch_per_peer": handed / peers,
         "loopback_bytes_per_peer": None if before is None else (after - before) / peers,
@@ -104,14 +106,17 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print()
-    print("| processes | gossip | compute s/round | communication s/round | share | "
-          "bytes/peer (accounted) | handed to torch | loopback TCP |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| processes | gossip | compute s/round | communication s/round | of which waiting | "
+        "share | bytes/peer (accounted) | handed to torch | loopback TCP |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lo = r["loopback_bytes_per_peer"]
         print(
             f"| {r['peers']} | {r['setting']} | {r['compute_s_per_round']:.3f} | "
-            f"{r['comm_s_per_round']:.3f} | {r['comm_share']:.1%} | "
+            f"{r['comm_s_per_round']:.3f} | {r['comm_wait_s_per_round']:.3f} | "
+            f"{r['comm_share']:.1%} | "
             f"{r['bytes_accounted_per_peer'] / 1e6:.3f} MB | "
             f"{r['bytes_handed_to_torch_per_peer'] / 1e6:.3f} MB | "
             f"{'n/a' if lo is None else f'{lo / 1e6:.3f} MB'} |"

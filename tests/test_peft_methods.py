@@ -61,7 +61,7 @@ def _logits(model, task, examples):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_trainable_tensor_is_tracked_starts_equal_and_trains(method, tokenizer, task):
-    eng, spec, init = _engine(method, task)
+    eng, _, init = _engine(method, task)
     leaves = {k.rpartition(".")[2] for k in init}
     expected = {
         "lora": {"lora_A", "lora_B"},
@@ -239,10 +239,8 @@ def test_ia3_scales_outputs_and_feedforward_inputs(task):
         x = torch.randn(4, lin.in_features, generator=gen)
         with eng.use_single(vals) as peft_model, torch.no_grad():
             got = peft_model.get_submodule(f"base_model.model.{name}")(x)
-        if name in spec.feedforward_modules:  # [1, in]: the input is scaled
-            want = lin(x * v)
-        else:  # [out, 1]: the output (bias included, as PEFT does) is scaled
-            want = lin(x) * v.T
+        # [1, in] on a feed-forward module scales its input; [out, 1] its output (bias too)
+        want = lin(x * v) if name in spec.feedforward_modules else lin(x) * v.T
         torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
 
 
@@ -287,9 +285,9 @@ def test_prompt_tuning_without_head_training_keeps_the_head_frozen(tokenizer, ta
 
 def test_spec_errors():
     model = tiny_bert()
-    with pytest.raises(ConfigError, match="lora.method 'adalora' is unknown"):
+    with pytest.raises(ConfigError, match=r"lora\.method 'adalora' is unknown"):
         build_spec(model, ["query"], 4, 8, 0.0, True, method="adalora")
-    with pytest.raises(ConfigError, match="lora.feedforward"):
+    with pytest.raises(ConfigError, match=r"lora\.feedforward"):
         build_spec(model, ["query"], 4, 8, 0.0, True, method="ia3", feedforward=["output.dense"])
 
 
@@ -368,7 +366,7 @@ def test_every_method_runs_from_the_cli(method, tiny_model_dir, csv_file, tmp_pa
 
 
 BAD = [
-    (["lora.method=ia3", "algorithm.name=ffa"], "algorithm ffa works on LoRA factors"),
+    (["lora.method=ia3", "algorithm.name=ffa"], "algorithm ffa works on LoRA"),
     (["lora.method=prompt-tuning", "baselines=[decaf]"], "algorithm decaf works on LoRA"),
     (["lora.method=prompt-tuning", "task=causal-lm"], "task=classification only"),
     (["lora.method=prompt-tuning", "lora.virtual_tokens=100"], "positions"),

@@ -347,6 +347,7 @@ class PeerGossip:
         self.last_bytes = np.zeros(1, dtype=np.int64)
         self.bytes_on_wire = 0  # buffers handed to send ops that completed, over the whole run
         self.seconds = 0.0  # time in the gossip step: encode, exchange, decode, mix
+        self.wait_seconds = 0.0  # of which waiting for the exchange (transfer + slower peers)
 
     # -- state for checkpoints (tensors only)
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -389,10 +390,12 @@ class PeerGossip:
         ops = [dist.P2POp(dist.irecv, inbox[j], j, tag=tag) for j in sources]
         ops += [dist.P2POp(dist.isend, buf, j, tag=tag) for j in targets]
         peers = sources + targets
+        start = time.perf_counter()
         works = dist.batch_isend_irecv(ops) if ops else []
         arrived: dict[int, torch.Tensor] = {}
         sent = 0
         problems = _wait_all(works, time.monotonic() + self.timeout_s)
+        self.wait_seconds += time.perf_counter() - start
         for k, (peer, problem) in enumerate(zip(peers, problems, strict=True)):
             receiving = k < len(sources)
             if peer in self.failed:

@@ -171,7 +171,11 @@ def run_peer(
         on_failure=c.on_peer_failure,
         device=proc.device,
     )
-    network.clocks = {"compute": lambda: engine.seconds, "comm": lambda: gossip.seconds}
+    network.clocks = {
+        "compute": lambda: engine.seconds,
+        "comm": lambda: gossip.seconds,
+        "comm_wait": lambda: gossip.wait_seconds,
+    }
     checkpoints = checkpointing(
         cfg, out / "checkpoints" / f"peer-{rank}", resume=resume, extra=["dec-lora", rank]
     )
@@ -244,6 +248,7 @@ _PEER_KEYS = (
     "peer_bytes_sent",
     "peer_compute_seconds",
     "peer_comm_seconds",
+    "peer_comm_wait_seconds",
 )
 
 

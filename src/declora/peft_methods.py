@@ -34,9 +34,6 @@ from declora.errors import ConfigError
 if TYPE_CHECKING:
     from declora.config import RunConfig
 
-#: Algorithms that freeze, alternate or re-factor LoRA factors: they need a method that has some.
-FACTOR_ALGORITHMS = ("decaf", "ffa", "adf")
-
 __all__ = [
     "METHODS",
     "adapter_config",
@@ -121,20 +118,14 @@ def peft_key(spec: AdapterSpec, canonical: str) -> str:
 
 
 def check_method(cfg: RunConfig) -> None:
-    """Refuse what the chosen method cannot do, one clear line each; then resolve the engine:
+    """Refuse what the chosen method cannot do, in one clear line; then resolve the engine:
     every method but lora runs on the reference engine (`train.engine` is set to it, so the
-    saved config says what ran)."""
+    saved config says what ran). Algorithms that need LoRA factors (decaf, ffa, adf) with IA3
+    or prompt tuning are refused by `declora.run.check_combinations`."""
     method = cfg.lora.method
     if method == "lora":
         return
     problems = []
-    if method in ("ia3", "prompt-tuning"):
-        for name in dict.fromkeys([cfg.algorithm.name, *cfg.baselines]):
-            if name in FACTOR_ALGORITHMS:
-                problems.append(
-                    f"algorithm {name} works on LoRA factors, which lora.method={method} does not "
-                    "have; use dec-lora, fedavg, local-only or centralized"
-                )
     if method == "prompt-tuning" and cfg.task != "classification":
         problems.append("lora.method=prompt-tuning supports task=classification only")
     if method == "dora" and cfg.model.quantize:
