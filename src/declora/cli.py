@@ -177,6 +177,47 @@ def launch(
 
 
 @app.command()
+def sweep(
+    grid: Annotated[
+        list[str], typer.Option("--grid", "-g", help="key=v1,v2 (repeat for a product grid)")
+    ],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="base YAML")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override a key in every cell")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1 per grid point")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="sweep directory")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="cells run at the same time")] = 1,
+) -> None:
+    """Run a grid of configurations x seeds (resumable) and tabulate mean +- std over seeds."""
+    from declora.sweep import parse_grid, run_sweep
+
+    try:
+        parsed = parse_grid(grid)
+        target = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        _quiet_libraries()
+        res = run_sweep(
+            config,
+            parsed,
+            list(range(seeds)),
+            target,
+            base_sets=set_ or [],
+            jobs=jobs,
+            echo=lambda m: typer.echo(m, err=True),
+        )
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    typer.echo(res["markdown"])
+    typer.echo(f"results: {target / 'results.md'}, {target / 'results.csv'}")
+    if res["failed"]:
+        typer.echo(
+            f"error: {len(res['failed'])} cell(s) failed: {', '.join(res['failed'])}", err=True
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
 def topology(
     kind: Annotated[
         str, typer.Option(help="ring, complete, star, er, torus, exponential, regular, edges")

@@ -1,0 +1,227 @@
+"""`declora sweep`: a grid of configurations x seeds, run as separate processes, resumable,
+summarised as mean and standard deviation over seeds.
+
+Each cell (one grid point, one seed) is an ordinary run directory under `OUT/cells/`, so every
+number in the summary can be traced to its config.yaml and metrics. A cell whose run is
+complete is never rerun; an interrupted one continues from its checkpoints. Every cell's
+configuration is validated before the first one starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from declora.config import RunConfig, load_config
+from declora.errors import ConfigError
+from declora.rundir import RunDir
+
+
+def split_values(text: str) -> list[str]:
+    """`a,b,[1,2]` -> ['a', 'b', '[1,2]']: commas inside brackets or braces stay."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [v.strip() for v in out if v.strip()]
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not split_values(values):
+            raise ConfigError(f"--grid {item!r} must look like key=value1,value2")
+        if key == "seed":
+            raise ConfigError("--grid seed=... is not needed: use --seeds N")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values once")
+        grid[key] = split_values(values)
+    return grid
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)[:80]
+
+
+@dataclass(frozen=True)
+class Cell:
+    point: tuple[tuple[str, str], ...]  # (key, value) per grid key
+    seed: int
+
+    @property
+    def sets(self) -> list[str]:
+        return [f"{k}={v}" for k, v in self.point] + [f"seed={self.seed}"]
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k.rpartition('.')[2]}={v}" for k, v in self.point]
+        return _slug("__".join([*parts, f"seed={self.seed}"]))
+
+
+def cells(grid: dict[str, list[str]], seeds: Sequence[int]) -> list[Cell]:
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        for s in seeds:
+            out.append(Cell(tuple(zip(keys, values, strict=True)), s))
+    return out
+
+
+def validate(base: Path | None, base_sets: Sequence[str], todo: Sequence[Cell]) -> list[RunConfig]:
+    """Every cell's config, checked before anything runs (one error names the cell)."""
+    cfgs = []
+    for c in todo:
+        try:
+            cfgs.append(load_config(base, [*base_sets, *c.sets]))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep cell {c.name}: {exc}") from None
+    return cfgs
+
+
+def cell_status(path: Path) -> str | None:
+    return RunDir(path).status() if (path / "run.json").is_file() else None
+
+
+def run_cell(
+    cell: Cell, base: Path | None, base_sets: Sequence[str], out: Path, threads: int
+) -> tuple[Cell, int, str]:
+    """One cell in its own process; resumes an interrupted cell from its checkpoints."""
+    target = out / "cells" / cell.name
+    status = cell_status(target)
+    cmd = [sys.executable, "-m", "declora", "run", "--quiet"]
+    if status in ("running", "failed") and (target / "config.yaml").is_file():
+        cmd += ["--resume", str(target)]
+    else:
+        cmd += ["--out", str(target), "--overwrite"]
+        if base is not None:
+            cmd += ["--config", str(base)]
+        for s in [*base_sets, *cell.sets, f"train.threads={threads}"]:
+            cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    tail = (res.stderr or "").strip().splitlines()[-1:] or [""]
+    return cell, res.returncode, tail[0]
+
+
+def run_sweep(
+    base: Path | None,
+    grid: dict[str, list[str]],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    base_sets: Sequence[str] = (),
+    jobs: int = 1,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every cell that is not complete yet, then write the result tables."""
+    all_cells = cells(grid, seeds)
+    validate(base, base_sets, all_cells)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "base": str(base) if base else None,
+                "base_sets": list(base_sets),
+                "grid": grid,
+                "seeds": list(seeds),
+            },
+            indent=2,
+        )
+    )
+    todo = [c for c in all_cells if cell_status(out / "cells" / c.name) != "complete"]
+    done = len(all_cells) - len(todo)
+    echo(f"{len(all_cells)} cells, {done} already complete, {len(todo)} to run")
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    failed = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run_cell, c, base, base_sets, out, threads) for c in todo]
+        for i, fut in enumerate(futures, 1):
+            cell, code, tail = fut.result()
+            mark = "ok" if code == 0 else f"FAILED ({tail})"
+            echo(f"[{i}/{len(todo)}] {cell.name}: {mark} ({time.perf_counter() - start:.0f} s)")
+            if code != 0:
+                failed.append(cell.name)
+    table = collect(out, all_cells, list(grid))
+    return {"cells": len(all_cells), "ran": len(todo), "failed": failed, **table}
+
+
+def collect(out: Path, all_cells: Sequence[Cell], keys: Sequence[str]) -> dict[str, Any]:
+    """results.csv (one row per cell and summary row) and results.md (mean +- std)."""
+    raw: list[dict[str, Any]] = []
+    columns: list[str] = []
+    for c in all_cells:
+        path = out / "cells" / c.name
+        if cell_status(path) != "complete":
+            continue
+        summary = json.loads((path / "summary.json").read_text())
+        cols = list(summary.get("columns") or [])
+        columns += [x for x in cols if x not in columns]
+        primary = cols[0] if cols else "accuracy"
+        for row in summary["rows"]:
+            rec = {k: v for k, v in c.point}
+            rec.update(seed=c.seed, run=row["label"], cell=c.name)
+            for col in cols:
+                rec[col] = row.get(col)
+            rec[f"best_{primary}"] = row.get(f"best_{primary}")
+            rec["bytes_per_peer"] = row.get("bytes_per_peer")
+            rec["wall_seconds"] = row.get("wall_seconds")
+            raw.append(rec)
+    fields = [*keys, "seed", "run", *columns]
+    extra = sorted({k for r in raw for k in r} - set(fields) - {"cell"})
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*fields, *extra, "cell"])
+        w.writeheader()
+        w.writerows(raw)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in raw:
+        groups.setdefault((*(r[k] for k in keys), r["run"]), []).append(r)
+    metrics = [*columns, *[e for e in extra if e.startswith("best_")], "bytes_per_peer"]
+    lines = [
+        "| " + " | ".join([*keys, "run", "seeds", *metrics]) + " |",
+        "|" + "---|" * (len(keys) + 2 + len(metrics)),
+    ]
+    agg = []
+    for key, rows in groups.items():
+        cells_txt = []
+        item: dict[str, Any] = dict(zip([*keys, "run"], key, strict=True))
+        for m in metrics:
+            vals = np.array([r[m] for r in rows if r.get(m) is not None], dtype=float)
+            if not len(vals):
+                cells_txt.append("-")
+                continue
+            item[m] = float(vals.mean())
+            item[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            if m == "bytes_per_peer":
+                cells_txt.append(f"{vals.mean() / 1e6:.2f} MB")
+            else:
+                cells_txt.append(f"{vals.mean():.4f} ± {item[f'{m}_std']:.4f}")
+        agg.append(item)
+        lines.append("| " + " | ".join([*map(str, key), str(len(rows)), *cells_txt]) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(agg, indent=2))
+    return {"markdown": text, "rows": agg}

@@ -1,0 +1,97 @@
+"""`declora sweep`: grid expansion, validation before work, resumability, mean +- std tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from declora.cli import app
+from declora.errors import ConfigError
+from declora.sweep import cells, parse_grid, split_values
+from tests.conftest import WORDS, tiny_bert
+
+runner = CliRunner()
+
+
+def test_values_split_on_commas_outside_brackets():
+    assert split_values("ring, er ,torus") == ["ring", "er", "torus"]
+    assert split_values("[[0.15,0.85],[0.85,0.15]],null") == ["[[0.15,0.85],[0.85,0.15]]", "null"]
+
+
+def test_grid_is_a_product_times_seeds():
+    grid = parse_grid(["lora.r=2,4,8", "topology.kind=ring,er"])
+    cs = cells(grid, [0, 1])
+    assert len(cs) == 12 and len({c.name for c in cs}) == 12
+    assert cs[0].sets == ["lora.r=2", "topology.kind=ring", "seed=0"]
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["lora.r"], "must look like key=value1,value2"),
+        (["seed=1,2"], "use --seeds N"),
+        (["lora.r=2", "lora.r=4"], "given twice"),
+    ],
+)
+def test_bad_grids_are_refused(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_grid(items)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("sweepjob")
+    tiny_bert().save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    rng = np.random.default_rng(3)
+    rows = ["text,label"]
+    for i in range(120):
+        words = rng.choice(WORDS, size=5)
+        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
+    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "model": {"name": str(d / "model")},
+        "data": {"name": "file", "path": str(d / "data.csv")},
+        "topology": {"peers": 3},
+        "train": {"rounds": 2, "batch_size": 4, "checkpoint_every": 0},
+        "eval": {"every": 2, "max_examples": 20, "final_max_examples": 20, "peers": "never"},
+        "baselines": [],
+    }
+    (d / "base.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "base.yaml"
+
+
+def test_an_invalid_cell_stops_the_sweep_before_any_run(base, tmp_path):
+    res = runner.invoke(
+        app, ["sweep", "--config", str(base), "--grid", "lora.r=2,0", "--out", str(tmp_path / "s")]
+    )
+    assert res.exit_code == 2
+    assert "sweep cell r=0__seed=0" in res.output and "lora.r" in res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_runs_resumes_and_tabulates(base, tmp_path):
+    out = tmp_path / "s"
+    args = ["sweep", "--config", str(base), "--grid", "lora.r=2,4", "--seeds", "2"]
+    args += ["--out", str(out), "--jobs", "2"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 cells, 0 already complete, 4 to run" in res.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {r["lora.r"] for r in rows} == {"2", "4"}
+    agg = json.loads((out / "results.json").read_text())
+    r2 = [float(r["accuracy"]) for r in rows if r["lora.r"] == "2"]
+    mean = next(a for a in agg if a["lora.r"] == "2")
+    assert mean["accuracy"] == pytest.approx(np.mean(r2))
+    assert mean["accuracy_std"] == pytest.approx(np.std(r2, ddof=1))
+    assert "±" in (out / "results.md").read_text()
+    # a finished sweep reruns nothing; a cell that did not finish is run again
+    (out / "cells" / "r=4__seed=1" / "run.json").write_text('{"status": "failed"}')
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 cells, 3 already complete, 1 to run" in res.output
