@@ -95,3 +95,13 @@ def test_sweep_runs_resumes_and_tabulates(base, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "4 cells, 3 already complete, 1 to run" in res.output
+    # several runs side by side: one table, plots, and an error for a folder that is no run
+    cmp = tmp_path / "cmp"
+    runs = [str(out / "cells" / name) for name in ("r=2__seed=0", "r=4__seed=0")]
+    res = runner.invoke(app, ["report", *runs, "--out", str(cmp)])
+    assert res.exit_code == 0, res.output
+    assert "| r=2__seed=0 |" in res.output and "| r=4__seed=0 |" in res.output
+    for f in ("accuracy.png", "accuracy_vs_bytes.png", "consensus.png", "compare.md"):
+        assert (cmp / f).is_file()
+    res = runner.invoke(app, ["report", runs[0], str(tmp_path)])
+    assert res.exit_code == 2 and "not a declora run directory" in res.output

@@ -255,7 +255,13 @@ def topology(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="one run directory, or several to compare")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="several runs: where the comparison goes"),
+    ] = None,
     evaluate: Annotated[
         bool,
         typer.Option(
@@ -264,10 +270,24 @@ def report(
         ),
     ] = False,
 ) -> None:
-    """Print the summary table of a finished run."""
+    """Print the summary table of a finished run; with several runs, compare them (one table,
+    metric per round, final metric against bytes, consensus distance) in `--out`."""
     from declora.report import table_text
     from declora.rundir import RunDir
 
+    if len(run_dirs) > 1:
+        from declora.compare import compare_runs
+
+        target = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            done = compare_runs(run_dirs, target)
+        except DecloraError as exc:
+            _fail(exc)
+            return
+        typer.echo(done["table"])
+        typer.echo(f"comparison: {target / 'compare.md'}")
+        return
+    run_dir = run_dirs[0]
     rd = RunDir(run_dir)
     try:
         status = rd.status()

@@ -75,3 +75,22 @@ def topology(graph: nx.Graph, path: Path, *, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def metric_vs_bytes(
+    points: dict[str, tuple[float, float]], ylabel: str, path: Path, *, title: str
+) -> Path:
+    """One labelled point per run: final metric against bytes each peer sent (log x)."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for label, (x, y) in points.items():
+        ax.scatter([max(x, 1.0)], [y], s=30)
+        ax.annotate(label, (max(x, 1.0), y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per peer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,85 @@
+"""`declora report DIR DIR ...`: several finished runs side by side, in one table and plots.
+
+Per-run plots (label distribution per peer, topology) are already in each run directory; this
+draws what only a comparison shows: the averaged model's metric per round for every run, the
+final metric against bytes each peer sent, and the consensus distance per round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from declora import plots
+from declora.errors import DecloraError
+from declora.rundir import RunDir, read_metrics
+
+
+def _load(run: Path) -> dict[str, Any]:
+    status = RunDir(run).status()
+    if status is None:
+        raise DecloraError(f"{str(run)!r} is not a declora run directory (no run.json)")
+    if status != "complete":
+        raise DecloraError(f"run {str(run)!r} is not complete (status: {status})")
+    summary = json.loads((run / "summary.json").read_text())
+    return {"summary": summary, "metrics": read_metrics(run)}
+
+
+def _names(runs: list[Path]) -> list[str]:
+    """Short unique labels: the folder names, with parents added where they clash."""
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{r.parent.name}/{r.name}" for r in runs]
+    return names
+
+
+def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
+    loaded = [_load(r) for r in runs]
+    names = _names(runs)
+    columns = loaded[0]["summary"].get("columns") or ["accuracy"]
+    primary = columns[0]
+    causal = loaded[0]["summary"].get("task") == "causal-lm"
+    out.mkdir(parents=True, exist_ok=True)
+    series, consensus, points, rows = {}, {}, {}, []
+    for name, run in zip(names, loaded, strict=True):
+        recs = [r for r in run["metrics"] if primary in r]
+        series[name] = ([r["round"] for r in recs], [r[primary] for r in recs])
+        cons = [r for r in run["metrics"] if r.get("consensus_distance") is not None]
+        consensus[name] = ([r["round"] for r in cons], [r["consensus_distance"] for r in cons])
+        main = run["summary"]["rows"][0]
+        row = {"run": name, "label": main["label"]}
+        row.update({c: main.get(c) for c in columns})
+        row["bytes_per_peer"] = main.get("bytes_per_peer")
+        row["wall_seconds"] = main.get("wall_seconds")
+        rows.append(row)
+        if main.get(primary) is not None:
+            points[name] = (float(main.get("bytes_per_peer") or 0.0), float(main[primary]))
+    scale = "log" if causal else "linear"
+    plots.metric_per_round(
+        series, primary, out / f"{primary}.png", title=f"Averaged model: {primary}", scale=scale
+    )
+    plots.metric_per_round(
+        consensus,
+        "consensus distance",
+        out / "consensus.png",
+        title="Consensus distance",
+        scale="symlog",
+    )
+    plots.metric_vs_bytes(
+        points, primary, out / f"{primary}_vs_bytes.png", title=f"Final {primary} against bytes"
+    )
+    head = ["run", *columns, "MB sent/peer", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = ["-" if r[c] is None else f"{r[c]:.4f}" for c in columns]
+        mb = "-" if r["bytes_per_peer"] is None else f"{r['bytes_per_peer'] / 1e6:.2f}"
+        lines.append(f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {r['wall_seconds']} |")
+    table = "\n".join(lines) + "\n"
+    text = (
+        f"# Comparison of {len(runs)} runs\n\n{table}\n"
+        f"![{primary}]({primary}.png)\n![vs bytes]({primary}_vs_bytes.png)\n"
+        "![consensus](consensus.png)\n\nRuns: " + ", ".join(f"`{r}`" for r in runs) + "\n"
+    )
+    (out / "compare.md").write_text(text)
+    return {"table": table, "rows": rows}
