@@ -110,15 +110,15 @@ class LoraSettings(_Section):
     itself (train.engine is set to reference). r, alpha and dropout are LoRA's (also DoRA's and
     rsLoRA's); IA3 uses targets and feedforward; prompt tuning virtual_tokens and prompt_init."""
 
-    method: Literal["lora", "dora", "rslora", "ia3", "prompt-tuning"] = Field(
-        "lora", description="PEFT method; all but lora run on the reference engine"
-    )
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(32.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     train_head: bool = True
     mix_head: bool = True
+    method: Literal["lora", "dora", "rslora", "ia3", "prompt-tuning"] = Field(
+        "lora", description="PEFT method; all but lora run on the reference engine"
+    )
     feedforward: list[str] = Field(
         default_factory=list, description="ia3: targets whose input (not output) is scaled"
     )
