@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from declora.adapters import PLAIN_LEAVES
 from declora.compress import Compressor, Packet
 from declora.compressed_gossip import peer_generator
 from declora.errors import ConfigError, DecloraError
@@ -538,12 +539,18 @@ class PeerNetwork:
     def consensus(
         self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
     ) -> float | None:
-        """sqrt(mean_i sum_layers ||P_i - mean P||^2) with P_i = B_i A_i, from sums."""
+        """The simulation's `consensus_distance` from network sums: sqrt(mean_i sum ||P_i -
+        mean P||^2) over the LoRA products P_i = B_i A_i and the other methods' plain tensors
+        (DoRA magnitudes, IA3 vectors, prompt embeddings)."""
         if not self.monitor:
             return None
+        parts = [
+            values[f"{name}.lora_B"][0].double() @ values[f"{name}.lora_A"][0].double()
+            for name in lora_modules
+        ]
+        parts += [v[0].double() for k, v in values.items() if k.rpartition(".")[2] in PLAIN_LEAVES]
         n, total = self.proc.world, 0.0
-        for name in lora_modules:
-            p = values[f"{name}.lora_B"][0].double() @ values[f"{name}.lora_A"][0].double()
+        for p in parts:
             sq = self._sum(torch.tensor([float(p.pow(2).sum())], dtype=torch.float64))
             s = self._sum(p)
             total += (float(sq[0]) - float(s.pow(2).sum()) / n) / n
