@@ -246,3 +246,21 @@ def test_report_computes_the_averaged_model_from_the_peers_adapters(runs, tmp_pa
     shutil.rmtree(copy / "adapters" / "peer-2")
     res = _cli("report", str(copy), "--evaluate")
     assert res.returncode == 2 and "lacks peer 2's adapter" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "sets, what",
+    [
+        ({"algorithm": {"name": "ffa"}}, "algorithm.name=ffa"),
+        ({"topology": {"dynamic": "random-pairs"}}, "topology.dynamic=random-pairs"),
+        ({"topology": {"offline_prob": 0.1}}, "topology.offline_prob=0.1"),
+        ({"train": {"straggler_prob": 0.5}}, "train.straggler_prob=0.5"),
+        ({"lora": {"method": "ia3"}}, "lora.method=ia3"),
+    ],
+)
+def test_settings_distributed_runs_do_not_support_are_named(sets, what):
+    from declora.config import RunConfig
+    from declora.peer_run import simulation_only
+
+    assert simulation_only(RunConfig()) == ""
+    assert simulation_only(RunConfig(**sets)) == what

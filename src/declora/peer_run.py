@@ -81,6 +81,19 @@ def fingerprint(cfg: RunConfig, prep: Any) -> dict[str, Any]:
     }
 
 
+def simulation_only(cfg: RunConfig) -> str:
+    """The first setting distributed runs do not support yet, or ''."""
+    t = cfg.topology
+    checks = [
+        (cfg.algorithm.name != "dec-lora", f"algorithm.name={cfg.algorithm.name}"),
+        (t.dynamic != "static", f"topology.dynamic={t.dynamic}"),
+        (t.offline_prob > 0, f"topology.offline_prob={t.offline_prob}"),
+        (cfg.train.straggler_prob > 0, f"train.straggler_prob={cfg.train.straggler_prob}"),
+        (cfg.lora.method != "lora", f"lora.method={cfg.lora.method}"),
+    ]
+    return next((what for bad, what in checks if bad), "")
+
+
 def _open_rundir(out: Path, proc: dd.PeerProcess, resume: bool, overwrite: bool) -> str:
     """Rank 0 creates (or reopens) the run directory; returns an error message or ''."""
     if not proc.leader:
@@ -128,10 +141,9 @@ def run_peer(
             f"topology.peers={cfg.topology.peers} but {proc.world} processes were started; "
             "start one process per peer (torchrun --nproc-per-node / --nnodes)"
         )
-    elif cfg.algorithm.name != "dec-lora":
+    elif simulation_only(cfg):
         error = (
-            f"algorithm.name={cfg.algorithm.name} runs in simulation only; distributed runs "
-            "take dec-lora"
+            f"{simulation_only(cfg)} runs in simulation only for now (declora run without torchrun)"
         )
     prep = None
     if not error:
