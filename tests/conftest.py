@@ -103,3 +103,20 @@ def synthetic_examples(tokenizer, n: int, num_labels: int = 3, seed: int = 0) ->
 @pytest.fixture()
 def task(tokenizer) -> ClassificationTask:
     return ClassificationTask(tokenizer)
+
+
+def write_tiny_job(
+    d, tokenizer, *, rows: int = 200, seed: int = 1, words: int = 6
+) -> tuple[object, object]:
+    """A tiny random BERT (with the bundled tokenizer) in `d/model` and a CSV of `rows` short
+    labelled sentences in `d/data.csv`: what a CLI-level test runs on. Returns both paths."""
+    tiny_bert().save_pretrained(d / "model")
+    tokenizer.save_pretrained(d / "model")
+    rng = np.random.default_rng(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        chosen = rng.choice(WORDS, size=words)
+        label = ["a", "b", "c"][int(sum(map(len, chosen)) % 3)]
+        lines.append(f"{' '.join(chosen)} {i},{label}")
+    (d / "data.csv").write_text("\n".join(lines) + "\n")
+    return d / "model", d / "data.csv"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from declora import checkpoint as ckpt
 from declora.cli import app
 from declora.sampling import PeerSampler
-from tests.conftest import WORDS, tiny_bert
+from tests.conftest import write_tiny_job
 
 runner = CliRunner()
 
@@ -116,14 +116,7 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
 def job(tmp_path_factory, tokenizer):
     """A tiny model, a small CSV and a config with checkpoints every 2 rounds."""
     d = tmp_path_factory.mktemp("ckjob")
-    tiny_bert().save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    rng = np.random.default_rng(1)
-    rows = ["text,label"]
-    for i in range(200):
-        words = rng.choice(WORDS, size=6)
-        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
-    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    write_tiny_job(d, tokenizer, seed=1)
     cfg = {
         "model": {"name": str(d / "model")},
         "data": {"name": "file", "path": str(d / "data.csv")},

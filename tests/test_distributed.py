@@ -24,7 +24,7 @@ from declora.compress import make_compressor
 from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.distributed import PeerFailure, PeerGossip, _layout, pack_wire
 from declora.topology import build_topology
-from tests.conftest import WORDS, tiny_bert
+from tests.conftest import write_tiny_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
 
@@ -92,14 +92,7 @@ def test_received_buffers_are_checked_before_use():
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("distjob")
-    tiny_bert().save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    rng = np.random.default_rng(2)
-    rows = ["text,label"]
-    for i in range(200):
-        words = rng.choice(WORDS, size=6)
-        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
-    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    write_tiny_job(d, tokenizer, seed=2)
     cfg = {
         "model": {"name": str(d / "model")},
         "data": {"name": "file", "path": str(d / "data.csv")},

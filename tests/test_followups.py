@@ -31,7 +31,7 @@ from declora.gossip import SimulatedGossip
 from declora.partition import partition
 from declora.topology import build_topology
 from declora.trainer import Evaluator, Plan, make_plan, train
-from tests.conftest import WORDS, synthetic_examples, tiny_bert
+from tests.conftest import synthetic_examples, tiny_bert, write_tiny_job
 
 N = 4
 runner = CliRunner()
@@ -244,14 +244,7 @@ def test_same_seed_same_result_with_every_option_on(task, examples):
 def job(tmp_path_factory, tokenizer) -> Path:
     """A tiny model and a small CSV."""
     d = tmp_path_factory.mktemp("followups")
-    tiny_bert().save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    rng = np.random.default_rng(1)
-    rows = ["text,label"]
-    for i in range(200):
-        words = rng.choice(WORDS, size=6)
-        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
-    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    write_tiny_job(d, tokenizer, seed=1)
     cfg = {
         "model": {"name": str(d / "model")},
         "data": {"name": "file", "path": str(d / "data.csv"), "min_size": 4},

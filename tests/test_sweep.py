@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from declora.cli import app
 from declora.errors import ConfigError
 from declora.sweep import cells, parse_grid, split_values
-from tests.conftest import WORDS, tiny_bert
+from tests.conftest import write_tiny_job
 
 runner = CliRunner()
 
@@ -46,14 +46,7 @@ def test_bad_grids_are_refused(items, message):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("sweepjob")
-    tiny_bert().save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    rng = np.random.default_rng(3)
-    rows = ["text,label"]
-    for i in range(120):
-        words = rng.choice(WORDS, size=5)
-        rows.append(f"{' '.join(words)} {i},{['a', 'b', 'c'][int(sum(map(len, words)) % 3)]}")
-    (d / "data.csv").write_text("\n".join(rows) + "\n")
+    write_tiny_job(d, tokenizer, seed=3, rows=120, words=5)
     cfg = {
         "model": {"name": str(d / "model")},
         "data": {"name": "file", "path": str(d / "data.csv")},
