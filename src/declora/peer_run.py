@@ -131,7 +131,14 @@ def run_peer(
     progress: bool = True,
 ) -> tuple[dd.PeerProcess, Result]:
     """Run this process's peer; every peer returns when the whole run is written."""
-    from declora.run import checkpointing, make_engine, make_evaluator, prepare, write_setup
+    from declora.run import (
+        checkpointing,
+        loop_settings,
+        make_engine,
+        make_evaluator,
+        prepare,
+        write_setup,
+    )
 
     proc = dd.start(cfg.comm.backend, cfg.comm.timeout_s)
     resume = resume or restarted()
@@ -215,12 +222,8 @@ def run_peer(
             plan,
             prep.train_examples,
             evaluator,
-            rounds=cfg.train.rounds,
-            local_steps=cfg.train.local_steps,
-            seed=cfg.seed,
-            eval_every=cfg.eval.every,
+            **loop_settings(prep),
             eval_peers=cfg.eval.peers if plan.n > 1 else "never",
-            lora_modules=prep.spec.lora_modules,
             on_record=on_record,
             progress=progress and proc.leader,
             mix_keys=mix_keys,

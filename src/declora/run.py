@@ -403,6 +403,19 @@ def checkpointing(
     )
 
 
+def loop_settings(prep: Prepared) -> dict[str, Any]:
+    """The round loop's settings that every way of running it (simulated, one peer per
+    process) takes from the config alike."""
+    cfg = prep.cfg
+    return {
+        "rounds": cfg.train.rounds,
+        "local_steps": cfg.train.local_steps,
+        "seed": cfg.seed,
+        "eval_every": cfg.eval.every,
+        "lora_modules": prep.spec.lora_modules,
+    }
+
+
 def run_algorithm(
     prep: Prepared,
     algorithm: str,
@@ -436,12 +449,8 @@ def run_algorithm(
             plan,
             prep.train_examples,
             evaluator,
-            rounds=cfg.train.rounds,
-            local_steps=cfg.train.local_steps,
-            seed=cfg.seed,
-            eval_every=cfg.eval.every,
+            **loop_settings(prep),
             eval_peers=eval_peers,
-            lora_modules=prep.spec.lora_modules,
             on_record=out.append_metrics,
             progress=progress,
             mix_keys=mix_keys,
