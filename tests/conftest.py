@@ -120,3 +120,29 @@ def write_tiny_job(
         lines.append(f"{' '.join(chosen)} {i},{label}")
     (d / "data.csv").write_text("\n".join(lines) + "\n")
     return d / "model", d / "data.csv"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
+    """`python -m declora ARGS` in a fresh process (a real crash or launch needs one)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "declora", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def run_adapters(run) -> dict:
+    """Every adapter tensor of a run directory (baselines included), by file and key."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(run.glob("**/adapters/*/adapter_model.safetensors")):
+        for k, v in load_file(str(f)).items():
+            out[f"{f.parent.relative_to(run)}/{k}"] = v
+    return out

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from declora import checkpoint as ckpt
 from declora.cli import app
 from declora.sampling import PeerSampler
-from tests.conftest import write_tiny_job
+from tests.conftest import run_adapters, run_cli, write_tiny_job
 
 runner = CliRunner()
 
@@ -130,24 +126,6 @@ def job(tmp_path_factory, tokenizer):
     return d
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "declora", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
-
-
-def _adapters(run: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(run.glob("**/adapters/*/adapter_model.safetensors")):
-        for k, v in load_file(str(f)).items():
-            out[f"{f.parent.relative_to(run)}/{k}"] = v
-    return out
-
-
 def _metrics(run: Path) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
@@ -156,14 +134,14 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(job, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "whole"
-    res = _cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out))
+    res = run_cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     return out
 
 
 def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, tmp_path):
     out = tmp_path / "killed"
-    res = _cli(
+    res = run_cli(
         "run",
         "--quiet",
         "--config",
@@ -175,9 +153,9 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     assert res.returncode == -9  # SIGKILL: a real crash after round 3's local steps
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     assert ckpt.rounds(out / "checkpoints") == [2]
-    res = _cli("run", "--quiet", "--resume", str(out))  # same thread count as the whole run
+    res = run_cli("run", "--quiet", "--resume", str(out))  # same thread count as the whole run
     assert res.returncode == 0, res.stderr
-    a, b = _adapters(uninterrupted), _adapters(out)
+    a, b = run_adapters(uninterrupted), run_adapters(out)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, baseline included
     assert _metrics(out) == _metrics(uninterrupted)
@@ -196,7 +174,7 @@ def test_resume_refuses_bad_requests(job, uninterrupted, tmp_path):
 
 def test_resume_from_a_damaged_checkpoint_says_which_and_why(job, tmp_path):
     out = tmp_path / "damaged"
-    res = _cli(
+    res = run_cli(
         "run",
         "--quiet",
         "--config",

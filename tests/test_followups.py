@@ -5,9 +5,6 @@ algorithm and every dynamic kind end to end, resume, bad settings)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -15,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from declora import checkpoint as ckpt
@@ -31,7 +27,7 @@ from declora.gossip import SimulatedGossip
 from declora.partition import partition
 from declora.topology import build_topology
 from declora.trainer import Evaluator, Plan, make_plan, train
-from tests.conftest import synthetic_examples, tiny_bert, write_tiny_job
+from tests.conftest import run_adapters, run_cli, synthetic_examples, tiny_bert, write_tiny_job
 
 N = 4
 runner = CliRunner()
@@ -360,24 +356,6 @@ def test_bad_settings_give_one_clear_line(job, tmp_path, sets, expect):
 # ----------------------------------------------------------------- resume
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "declora", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
-
-
-def _adapters(run: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(run.glob("**/adapters/*/adapter_model.safetensors")):
-        for k, v in load_file(str(f)).items():
-            out[f"{f.parent.relative_to(run)}/{k}"] = v
-    return out
-
-
 def test_a_killed_dynamic_run_resumes_bit_identically(job, tmp_path):
     """ADF phases, random pairs, offline peers, stragglers and 4-bit gossip with error
     feedback: everything a round does must come back after a crash."""
@@ -398,14 +376,14 @@ def test_a_killed_dynamic_run_resumes_bit_identically(job, tmp_path):
     for s in sets:
         args += ["--set", s]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    res = _cli(*args, "--out", str(whole))
+    res = run_cli(*args, "--out", str(whole))
     assert res.returncode == 0, res.stderr
-    res = _cli(*args, "--out", str(killed), env={"DECLORA_KILL_AT": "3"})
+    res = run_cli(*args, "--out", str(killed), env={"DECLORA_KILL_AT": "3"})
     assert res.returncode == -9
     assert ckpt.rounds(killed / "checkpoints") == [2]
-    res = _cli("run", "--quiet", "--resume", str(killed))
+    res = run_cli("run", "--quiet", "--resume", str(killed))
     assert res.returncode == 0, res.stderr
-    a, b = _adapters(whole), _adapters(killed)
+    a, b = run_adapters(whole), run_adapters(killed)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
 

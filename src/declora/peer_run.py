@@ -23,7 +23,6 @@ import torch
 
 from declora import checkpoint as ckpt
 from declora import distributed as dd
-from declora.compress import make_compressor
 from declora.config import RunConfig
 from declora.errors import DecloraError
 from declora.export import save_peft_adapter
@@ -133,6 +132,7 @@ def run_peer(
     """Run this process's peer; every peer returns when the whole run is written."""
     from declora.run import (
         checkpointing,
+        compressor_of,
         loop_settings,
         make_engine,
         make_evaluator,
@@ -181,7 +181,7 @@ def run_peer(
     gossip = dd.PeerGossip(
         rank,
         plan.mixing,
-        make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half),
+        compressor_of(cfg),
         scheme=c.scheme,
         error_feedback=c.error_feedback,
         gamma=c.gamma,

@@ -19,7 +19,7 @@ from declora.adapters import AdapterSpec, initial_state
 from declora.algorithms import GOSSIP_ALGORITHMS, DecafGossip, mix_keys_for
 from declora.batched import BatchedEngine
 from declora.checkpoint import fingerprint_of
-from declora.compress import make_compressor
+from declora.compress import Compressor, make_compressor
 from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.config import RunConfig
 from declora.data import TextClassificationData, load_classification_data
@@ -366,6 +366,12 @@ def make_engine(prep: Prepared, plan: Plan) -> Engine:
     )
 
 
+def compressor_of(cfg: RunConfig) -> Compressor:
+    """What one peer puts on the wire for one tensor, from `comm.*` (simulated or real)."""
+    c = cfg.comm
+    return make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half)
+
+
 def make_gossip(cfg: RunConfig, plan: Plan) -> Communicator | None:
     """The communicator of a plan; None means exact fp32 mixing of the factors.
 
@@ -377,7 +383,7 @@ def make_gossip(cfg: RunConfig, plan: Plan) -> Communicator | None:
         return DecafGossip(plan.mixing, rank=cfg.lora.r)
     if c.exact or plan.algorithm not in GOSSIP_ALGORITHMS:
         return None
-    comp = make_compressor(c.bits, c.rounding, c.granularity, c.block_size, half=c.half)
+    comp = compressor_of(cfg)
     if c.scheme == "choco":
         return ChocoGossip(plan.mixing, comp, gamma=c.gamma, seed=cfg.seed)
     return CompressedGossip(plan.mixing, comp, error_feedback=c.error_feedback, seed=cfg.seed)
