@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.declora-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench results results-quick clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,19 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py
+
+# The paper-reproduction suite (docs/results.md): about 2 hours on 2 cores; resumable.
+results: setup
+	$(BIN)/python experiments/reproduce.py --out runs/results
+
+# Seed 0 of a subset of the same cells (reused by `make results`): about 15 minutes.
+results-quick: setup
+	$(BIN)/python experiments/reproduce.py --quick --out runs/results
 
 clean:
 	rm -rf $(VENV) runs

@@ -34,9 +34,12 @@ def _names(runs: list[Path]) -> list[str]:
     return names
 
 
-def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
+def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """Table and plots of `runs` in `out`; `names` labels them (default: their folder names)."""
     loaded = [_load(r) for r in runs]
-    names = _names(runs)
+    if names is not None and len(names) != len(runs):
+        raise DecloraError(f"{len(names)} names for {len(runs)} runs")
+    names = names or _names(runs)
     columns = loaded[0]["summary"].get("columns") or ["accuracy"]
     primary = columns[0]
     causal = loaded[0]["summary"].get("task") == "causal-lm"

@@ -10,6 +10,7 @@ configuration is validated before the first one starts.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -63,7 +64,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)[:80]
+    """A folder name for `text`; a long one is cut and keeps a hash of the whole, so two cells
+    that differ only past the cut still get different folders."""
+    slug = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)
+    if len(slug) <= 80:
+        return slug
+    return slug[:71] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
