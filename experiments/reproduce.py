@@ -403,8 +403,9 @@ def _ms(vals: Sequence[float], spec: str) -> str:
     if not vals:
         return "–"
     a = np.asarray(vals, dtype=float)
-    sd = a.std(ddof=1) if len(a) > 1 else 0.0
-    return f"{a.mean():{spec}} ± {sd:{spec.lstrip('+')}}"
+    if len(a) == 1:
+        return f"{a[0]:{spec}}"
+    return f"{a.mean():{spec}} ± {a.std(ddof=1):{spec.lstrip('+')}}"
 
 
 def summarize(out: Path, e: Experiment) -> list[dict[str, Any]]:
@@ -497,104 +498,147 @@ def commands(e: Experiment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_curve(curves: list[list[tuple]], x_index: int) -> tuple[np.ndarray, np.ndarray]:
-    n = min(len(c) for c in curves)
-    xs = np.array([curves[0][i][x_index] for i in range(n)], dtype=float)
-    ys = np.array([[c[i][2] for i in range(n)] for c in curves], dtype=float).mean(axis=0)
+def _seed_mean(series: list[list[tuple]], x: int, y: int) -> tuple[list[float], np.ndarray]:
+    """Mean over seeds of per-round values (x from the first seed, rounds cut to the shortest)."""
+    n = min(len(s) for s in series)
+    xs = [float(series[0][i][x]) for i in range(n)]
+    ys = np.array([[s[i][y] for i in range(n)] for s in series], dtype=float).mean(axis=0)
     return xs, ys
+
+
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mean_sd(vals: Sequence[float]) -> tuple[float, float]:
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def plot_rank(rows: list[dict[str, Any]], img: Path, key: str) -> list[Path]:
+    """Final accuracy against rank, one line per (peers, topology), and consensus per round."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    groups: dict[str, list[tuple[int, list[float]]]] = {}
+    for r in rows:
+        if r["final"]:
+            head, _, rank = r["variant"].rpartition("r=")
+            groups.setdefault(head.rstrip(", "), []).append((int(rank), r["final"]))
+    for name, pts in groups.items():
+        pts.sort()
+        stats = [_mean_sd([100 * x for x in p[1]]) for p in pts]
+        ax.errorbar(
+            [p[0] for p in pts],
+            [s[0] for s in stats],
+            yerr=[s[1] for s in stats],
+            fmt="k--" if name.startswith("centralized") else "-o",
+            capsize=3,
+            label=name,
+        )
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    made = [
+        _save(
+            fig,
+            ax,
+            img / f"{key}.png",
+            "LoRA rank r",
+            "final accuracy (%)",
+            "Dec-LoRA averaged model vs centralized LoRA",
+        )
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    shown = "r=8" if any(r["variant"].endswith("r=8") for r in rows) else "r=16"
+    for r in rows:
+        if r["consensus"] and r["variant"].endswith(shown) and "centralized" not in r["variant"]:
+            xs, ys = _seed_mean(r["consensus"], 0, 1)
+            ax.plot(xs, ys, "-o", label=r["variant"])
+    ax.legend(fontsize=8)
+    made.append(
+        _save(
+            fig,
+            ax,
+            img / f"{key}-consensus.png",
+            "round",
+            "consensus distance",
+            "How far the peers' B·A are from their mean",
+        )
+    )
+    return made
+
+
+def plot_curves(rows: list[dict[str, Any]], img: Path, key: str) -> list[Path]:
+    """Accuracy against examples seen per peer, mean over seeds."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in rows:
+        if r["curves"]:
+            xs, ys = _seed_mean(r["curves"], 1, 2)
+            ax.plot(xs, 100 * ys, "-o", label=r["variant"])
+    ax.legend(fontsize=8)
+    return [
+        _save(
+            fig,
+            ax,
+            img / f"{key}.png",
+            "training examples seen per peer",
+            "accuracy (%), mean over seeds",
+            "Local steps at an equal number of examples",
+        )
+    ]
+
+
+def plot_bars(rows: list[dict[str, Any]], img: Path, key: str) -> list[Path]:
+    """Final accuracy per variant: Dec-LoRA blue, local-only grey, centralized black."""
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["final"]]
+    if not done:
+        return []
+    stats = [_mean_sd([100 * x for x in r["final"]]) for r in done]
+    colors = []
+    for r in done:
+        kind = "local-only" if "local-only" in r["variant"] else r["variant"]
+        colors.append(
+            {"local-only": "tab:gray"}.get(kind, "black" if "centralized" in kind else "tab:blue")
+        )
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    ax.barh(
+        range(len(done)), [s[0] for s in stats], xerr=[s[1] for s in stats], color=colors, capsize=3
+    )
+    ax.set_yticks(range(len(done)), [r["variant"] for r in done], fontsize=8)
+    ax.invert_yaxis()
+    lows = [s[0] for s in stats]
+    ax.set_xlim(max(0, min(lows) - 10), max(lows) + 5)
+    return [
+        _save(
+            fig,
+            ax,
+            img / f"{key}.png",
+            "final accuracy (%)",
+            "",
+            "Dec-LoRA (blue), local-only (grey), centralized (black)",
+        )
+    ]
+
+
+PLOTS = {"rank": plot_rank, "curves": plot_curves, "bars": plot_bars}
 
 
 def plot(e: Experiment, rows: list[dict[str, Any]], img: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    if e.plot == "rank":
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        groups: dict[str, list[tuple[int, list[float]]]] = {}
-        for r in rows:
-            if not r["final"]:
-                continue
-            head, _, rank = r["variant"].rpartition("r=")
-            groups.setdefault(head.rstrip(", ") or "centralized", []).append(
-                (int(rank), [100 * x for x in r["final"]])
-            )
-        for name, pts in groups.items():
-            pts.sort()
-            xs = [p[0] for p in pts]
-            ys = [np.mean(p[1]) for p in pts]
-            sd = [np.std(p[1], ddof=1) if len(p[1]) > 1 else 0 for p in pts]
-            style = "k--" if name.startswith("centralized") else "-o"
-            ax.errorbar(xs, ys, yerr=sd, fmt=style, capsize=3, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r")
-        ax.set_ylabel("final accuracy (%)")
-        ax.set_title("Dec-LoRA averaged model vs centralized LoRA")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(img / f"{e.key}.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-        # consensus distance per round, rank 8 where present (else the largest rank)
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        shown = "r=8" if any(r["variant"].endswith("r=8") for r in rows) else "r=16"
-        for r in rows:
-            if r["variant"].startswith("centralized") or not r["consensus"]:
-                continue
-            if not r["variant"].endswith(shown):
-                continue
-            n = min(len(c) for c in r["consensus"])
-            xs = [r["consensus"][0][i][0] for i in range(n)]
-            ys = np.mean([[c[i][1] for i in range(n)] for c in r["consensus"]], axis=0)
-            ax.plot(xs, ys, "-o", label=r["variant"])
-        ax.set_xlabel("round")
-        ax.set_ylabel("consensus distance")
-        ax.set_title("How far the peers' B·A are from their mean")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(img / f"{e.key}-consensus.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    elif e.plot == "curves":
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for r in rows:
-            if r["curves"]:
-                xs, ys = _mean_curve(r["curves"], 1)
-                ax.plot(xs, 100 * ys, "-o", label=r["variant"])
-        ax.set_xlabel("training examples seen per peer")
-        ax.set_ylabel("accuracy (%), mean over seeds")
-        ax.set_title("Local steps at an equal number of examples")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append(img / f"{e.key}.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    elif e.plot == "bars":
-        done = [r for r in rows if r["final"]]
-        fig, ax = plt.subplots(figsize=(7.5, 4.0))
-        ys = [100 * np.mean(r["final"]) for r in done]
-        sd = [100 * np.std(r["final"], ddof=1) if len(r["final"]) > 1 else 0 for r in done]
-        colors = [
-            "tab:gray"
-            if "local-only" in r["variant"]
-            else "black"
-            if "centralized" in r["variant"]
-            else "tab:blue"
-            for r in done
-        ]
-        ax.barh(range(len(done)), ys, xerr=sd, color=colors, capsize=3)
-        ax.set_yticks(range(len(done)), [r["variant"] for r in done], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("final accuracy (%)")
-        ax.set_xlim(max(0, min(ys) - 10), max(ys) + 5)
-        ax.set_title("Dec-LoRA (blue), local-only (grey), centralized (black)")
-        fig.tight_layout()
-        made.append(img / f"{e.key}.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    return made
+    return PLOTS[e.plot](rows, img, e.key) if e.plot else []
 
 
 def compare_figures(out: Path, e: Experiment, img: Path) -> list[str]:

@@ -126,9 +126,26 @@ def test_tables_pair_each_seed_with_its_centralized_run(rep, tmp_path):
     for png in ("accuracy.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / "img" / "quantization-compare" / png).stat().st_size > 1000
         assert f"img/quantization-compare/{png}" in doc
-    assert "| 4-bit | 1 | 0.6000 ± 0.0000 |" in doc
+    assert "| 4-bit | 1 | 0.6000 | 0.6100 |" in doc
 
 
 def test_unknown_experiment_is_refused(rep, capsys):
     assert rep.main(["--only", "table9", "--report-only"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_every_plot_kind_is_drawn_from_finished_cells(rep, tmp_path):
+    exps = [e for e in rep.experiments(True) if e.plot]
+    assert {e.plot for e in exps} == {"rank", "curves", "bars"}
+    for e in exps:
+        for i, v in enumerate(e.variants):
+            for s in e.seeds:
+                name = rep._cell(v.sets, s).name
+                if not (tmp_path / "minilm" / "cells" / name).exists():
+                    _fake_cell(tmp_path, name, 0.5 + 0.01 * i, 0.52 + 0.01 * i)
+    doc = rep.write_results(tmp_path, exps, quick=True, wall=840.0, n_jobs=2).read_text()
+    for e in exps:
+        for png in [f"{e.key}.png"] + ([f"{e.key}-consensus.png"] if e.plot == "rank" else []):
+            assert (tmp_path / "img" / png).stat().st_size > 1000
+            assert f"(img/{png})" in doc
+    assert "14.0 min" in doc and (tmp_path / "results-quick.md").is_file()
