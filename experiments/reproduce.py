@@ -1,7 +1,7 @@
 """Reproduce the Dec-LoRA paper's experiments (arXiv 2501.15361) on the models and data we ship.
 
-    python experiments/reproduce.py                 # the whole suite, about 2 hours on 2 cores
-    python experiments/reproduce.py --quick         # seed 0 of a subset of the cells: ~15 min
+    python experiments/reproduce.py                 # the whole suite: 141 cells, ~1 h 50 min
+    python experiments/reproduce.py --quick         # seed 0 of 19 of the cells: ~16 min
     python experiments/reproduce.py --only table2,scale
 
 Every cell (one configuration, one seed) is an ordinary `declora run` directory under
