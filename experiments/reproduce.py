@@ -33,7 +33,7 @@ import numpy as np
 from declora.compare import compare_runs
 from declora.config import load_config
 from declora.errors import DecloraError
-from declora.sweep import Cell, _slug, cell_status, run_cell
+from declora.sweep import Cell, cell_status, run_cell, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONFIG = ROOT / "configs" / "smollm2-chatterbot.yaml"
@@ -747,7 +747,7 @@ def write_results(
             v = next(v for v in e.variants if v.label == label)
             src = out / e.job.name / "cells" / _cell(v.sets, e.seeds[0]).name / name
             if src.is_file():
-                dst = img / f"{e.key}-{_slug(label)}-{name}"
+                dst = img / f"{e.key}-{slug(label)}-{name}"
                 shutil.copyfile(src, dst)
                 parts += [f"{label}, seed {e.seeds[0]}:", "", f"![{label}](img/{dst.name})", ""]
         parts += [

@@ -181,7 +181,10 @@ def test_a_killed_peer_restarts_the_group_and_it_ends_identical(runs, job, tmp_p
     out = tmp_path / "killed"
     res = _launch(job, out, env={"DECLORA_KILL_AT": "1:3"}, restarts=1)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "neighbour 1 did not answer" in res.stderr  # the first attempt said who vanished
+    # the first attempt failed because peer 1 vanished: either a neighbour noticed the closed
+    # connection first and named it, or torchrun's monitor saw the SIGKILL first and stopped the
+    # group (a race between the two; the silent-neighbour test checks the message itself)
+    assert "neighbour 1 did not answer" in res.stderr or "exitcode: -9" in res.stderr
     for a, b in zip(_peer_adapters(uninterrupted), _peer_adapters(out), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
     status = json.loads((out / "run.json").read_text())

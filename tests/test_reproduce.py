@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from declora.sweep import Cell, _slug
+from declora.sweep import Cell, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,8 @@ def test_cell_identity_ignores_the_order_of_overrides(rep):
 def test_long_cell_names_stay_distinct():
     long_a = "x" * 90 + "a"
     long_b = "x" * 90 + "b"
-    assert _slug(long_a) != _slug(long_b) and len(_slug(long_a)) <= 80
-    assert _slug("r=2__seed=0") == "r=2__seed=0"
+    assert slug(long_a) != slug(long_b) and len(slug(long_a)) <= 80
+    assert slug("r=2__seed=0") == "r=2__seed=0"
     c1 = Cell((("data.proportions", "[[0.15,0.85],[0.85,0.15]]" + "0" * 60),), 0)
     c2 = Cell((("data.proportions", "[[0.15,0.85],[0.85,0.15]]" + "0" * 59 + "1"),), 0)
     assert c1.name != c2.name

@@ -63,13 +63,13 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     return grid
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """A folder name for `text`; a long one is cut and keeps a hash of the whole, so two cells
     that differ only past the cut still get different folders."""
-    slug = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)
-    if len(slug) <= 80:
-        return slug
-    return slug[:71] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)
+    if len(name) <= 80:
+        return name
+    return name[:71] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Cell:
     @property
     def name(self) -> str:
         parts = [f"{k.rpartition('.')[2]}={v}" for k, v in self.point]
-        return _slug("__".join([*parts, f"seed={self.seed}"]))
+        return slug("__".join([*parts, f"seed={self.seed}"]))
 
 
 def cells(grid: dict[str, list[str]], seeds: Sequence[int]) -> list[Cell]:
