@@ -23,7 +23,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 from declora.compare import compare_runs
 from declora.config import load_config
 from declora.errors import DecloraError
-from declora.sweep import Cell, cell_status, run_cell, slug
+from declora.sweep import Cell, cell_status, run_cells, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONFIG = ROOT / "configs" / "smollm2-chatterbot.yaml"
@@ -374,24 +373,8 @@ def validate(todo: Sequence[tuple[Job, Cell, float]]) -> None:
 
 
 def run_all(todo: Sequence[tuple[Job, Cell, float]], out: Path, n_jobs: int) -> list[str]:
-    pending = [t for t in todo if cell_status(out / t[0].name / "cells" / t[1].name) != "complete"]
-    print(f"{len(todo)} cells, {len(todo) - len(pending)} already complete", flush=True)
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    start = time.perf_counter()
-    failed = []
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        futures = [
-            pool.submit(run_cell, c, job.config, job.sets, out / job.name, threads)
-            for job, c, _ in pending
-        ]
-        for i, (fut, (job, _, _)) in enumerate(zip(futures, pending, strict=True), 1):
-            cell, code, tail = fut.result()
-            mark = "ok" if code == 0 else f"FAILED: {tail}"
-            took = time.perf_counter() - start
-            print(f"[{i}/{len(pending)}] {job.name}/{cell.name}: {mark} ({took:.0f} s)", flush=True)
-            if code != 0:
-                failed.append(f"{job.name}/{cell.name}")
-    return failed
+    tasks = [(c, job.config, job.sets, out / job.name) for job, c, _ in todo]
+    return run_cells(tasks, n_jobs, lambda m: print(m, flush=True))[0]
 
 
 # ---------------------------------------------------------------- results

@@ -149,3 +149,12 @@ def test_every_plot_kind_is_drawn_from_finished_cells(rep, tmp_path):
             assert (tmp_path / "img" / png).stat().st_size > 1000
             assert f"(img/{png})" in doc
     assert "14.0 min" in doc and (tmp_path / "results-quick.md").is_file()
+
+
+def test_complete_cells_are_not_run_again(rep, tmp_path, capsys):
+    exp = next(e for e in rep.experiments(True) if e.key == "quantization")
+    todo = [t for t in rep.plan([exp])]
+    for _, c, _ in todo:
+        _fake_cell(tmp_path, c.name, 0.6, 0.6)
+    assert rep.run_all(todo, tmp_path, 2) == []
+    assert f"{len(todo)} cells, {len(todo)} already complete, 0 to run" in capsys.readouterr().out

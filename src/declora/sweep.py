@@ -132,6 +132,32 @@ def run_cell(
     return cell, res.returncode, tail[0]
 
 
+CellTask = tuple[Cell, "Path | None", Sequence[str], Path]  # cell, base YAML, base sets, out
+
+
+def run_cells(
+    tasks: Sequence[CellTask], jobs: int = 1, echo: Callable[[str], None] = print
+) -> tuple[list[str], int]:
+    """Run the tasks whose cell is not complete yet, `jobs` processes at a time, in the given
+    order; return the failed cells' names (prefixed by their OUT folder's name when the tasks
+    span several) and how many ran. The sweep and the paper-reproduction suite both use it."""
+    todo = [t for t in tasks if cell_status(t[3] / "cells" / t[0].name) != "complete"]
+    echo(f"{len(tasks)} cells, {len(tasks) - len(todo)} already complete, {len(todo)} to run")
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    failed = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run_cell, *t, threads) for t in todo]
+        for i, (fut, t) in enumerate(zip(futures, todo, strict=True), 1):
+            cell, code, tail = fut.result()
+            label = cell.name if len({x[3] for x in tasks}) == 1 else f"{t[3].name}/{cell.name}"
+            mark = "ok" if code == 0 else f"FAILED ({tail})"
+            echo(f"[{i}/{len(todo)}] {label}: {mark} ({time.perf_counter() - start:.0f} s)")
+            if code != 0:
+                failed.append(label)
+    return failed, len(todo)
+
+
 def run_sweep(
     base: Path | None,
     grid: dict[str, list[str]],
@@ -157,22 +183,9 @@ def run_sweep(
             indent=2,
         )
     )
-    todo = [c for c in all_cells if cell_status(out / "cells" / c.name) != "complete"]
-    done = len(all_cells) - len(todo)
-    echo(f"{len(all_cells)} cells, {done} already complete, {len(todo)} to run")
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    failed = []
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_cell, c, base, base_sets, out, threads) for c in todo]
-        for i, fut in enumerate(futures, 1):
-            cell, code, tail = fut.result()
-            mark = "ok" if code == 0 else f"FAILED ({tail})"
-            echo(f"[{i}/{len(todo)}] {cell.name}: {mark} ({time.perf_counter() - start:.0f} s)")
-            if code != 0:
-                failed.append(cell.name)
+    failed, ran = run_cells([(c, base, base_sets, out) for c in all_cells], jobs, echo)
     table = collect(out, all_cells, list(grid))
-    return {"cells": len(all_cells), "ran": len(todo), "failed": failed, **table}
+    return {"cells": len(all_cells), "ran": ran, "failed": failed, **table}
 
 
 def collect(out: Path, all_cells: Sequence[Cell], keys: Sequence[str]) -> dict[str, Any]:
