@@ -49,7 +49,7 @@ OLD_RNG = "shared-generator"
 
 
 def rng_scheme() -> str:
-    from declora import compressed_gossip
+    from declora.network import compressed as compressed_gossip
 
     return "per-peer" if hasattr(compressed_gossip, "peer_generator") else OLD_RNG
 
@@ -59,8 +59,8 @@ def run_one(prep, base, setting: str) -> dict:
     seed's configuration, so no setting leaks into the next."""
     import torch
 
-    from declora.run import make_engine, make_evaluator, make_gossip
-    from declora.trainer import make_plan, train
+    from declora.engine.round_loop import make_plan, train
+    from declora.runners.simulate import make_engine, make_evaluator, make_gossip
 
     cfg = base.model_copy(deep=True)
     for key, value in SETTINGS[setting].items():
@@ -194,8 +194,8 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    from declora.config import load_config
-    from declora.run import prepare
+    from declora.config.schema import load_config
+    from declora.runners.simulate import prepare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,8 @@ def _setup(n_peers: int, batch: int):
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from declora.config import load_config
-    from declora.run import prepare
+    from declora.config.schema import load_config
+    from declora.runners.simulate import prepare
 
     cfg = load_config(
         None, [f"topology.peers={max(n_peers, 1)}", "data.min_size=8", f"train.batch_size={batch}"]
@@ -56,8 +56,8 @@ def _time_steps(step, make, steps: int) -> float:
 def throughput(n: int, b: int, steps: int) -> dict:
     from peft import get_peft_model
 
-    from declora.batched import BatchedEngine
-    from declora.reference import ReferenceEngine, lora_config
+    from declora.engine.batched import BatchedEngine
+    from declora.engine.reference import ReferenceEngine, lora_config
 
     cfg, prep = _setup(n, b)
     kw = dict(lr=1e-3, max_grad_norm=1.0)
@@ -93,8 +93,8 @@ def throughput(n: int, b: int, steps: int) -> dict:
     prep.model = peft_model.unload()
 
     # reference engine: n named PEFT adapters, one after another
-    from declora.config import load_config  # fresh model: PEFT wrapped the old one
-    from declora.run import prepare
+    from declora.config.schema import load_config  # fresh model: PEFT wrapped the old one
+    from declora.runners.simulate import prepare
 
     prep2 = prepare(load_config(None, [f"topology.peers={n}", "data.min_size=8"]))
     ref = ReferenceEngine(prep2.model, prep2.spec, n, prep2.init, prep2.task, **kw)
@@ -135,7 +135,7 @@ def _reset_peak() -> bool:
 
 def memory_child(n: int, b: int, steps: int) -> None:
     """Runs in a fresh process: a few steps with n peers, then prints peak RSS (MiB)."""
-    from declora.batched import BatchedEngine
+    from declora.engine.batched import BatchedEngine
 
     cfg, prep = _setup(n, b)
     import gc

@@ -5,7 +5,7 @@
     python experiments/reproduce.py --only table2,scale
 
 Every cell (one configuration, one seed) is an ordinary `declora run` directory under
-OUT/<job>/cells/, run in its own process through `declora.sweep.run_cell`, so the suite is
+OUT/<job>/cells/, run in its own process through `declora.runners.sweep.run_cell`, so the suite is
 resumable (complete cells are kept, interrupted ones continue from their checkpoints) and every
 number can be traced to its config.yaml. Cells shared by several experiments (the 10-peer ring at
 rank 8 is the reference point of most of them) run once. The script writes OUT/results.md (tables
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from declora.compare import compare_runs
-from declora.config import load_config
+from declora.config.schema import load_config
 from declora.errors import DecloraError
-from declora.sweep import Cell, cell_status, run_cells, slug
+from declora.reporting.compare import compare_runs
+from declora.runners.sweep import Cell, cell_status, run_cells, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONFIG = ROOT / "configs" / "smollm2-chatterbot.yaml"

@@ -13,8 +13,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from declora.models import bundled_minilm_path
-from declora.task import ClassificationTask
+from declora.model.classifier import bundled_minilm_path
+from declora.tasks.task import ClassificationTask
 
 
 def pytest_configure(config: pytest.Config) -> None:

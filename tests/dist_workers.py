@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from declora.compress import make_compressor
-from declora.distributed import PeerFailure, PeerGossip
-from declora.topology import build_topology
+from declora.network.compress import make_compressor
+from declora.network.distributed import PeerFailure, PeerGossip
+from declora.network.topology import build_topology
 
 SETTINGS = {
     "fp32": dict(bits=32, scheme="plain", ef=False),

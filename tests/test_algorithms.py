@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from declora.algorithms import (
+from declora.errors import ConfigError
+from declora.network.mixing import (
     ALGORITHMS,
     DecafGossip,
     adf_phase,
@@ -18,8 +19,7 @@ from declora.algorithms import (
     plain_mix,
     trainable_factors,
 )
-from declora.errors import ConfigError
-from declora.topology import build_topology
+from declora.network.topology import build_topology
 
 
 def _values(n: int, out: int, inp: int, r: int, seed: int = 0) -> dict[str, torch.Tensor]:

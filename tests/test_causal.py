@@ -9,16 +9,16 @@ from peft import PeftModel
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
-from declora.adapters import build_spec, initial_state
-from declora.batched import BatchedEngine
-from declora.export import save_peft_adapter
-from declora.gossip import average
-from declora.lm_eval import LMEvaluator, answer_f1, normalize_answer
-from declora.partition import partition
-from declora.reference import ReferenceEngine
-from declora.task import IGNORE, CausalLMTask
-from declora.topology import build_topology
-from declora.trainer import make_plan, train
+from declora.data.partition import partition
+from declora.engine.batched import BatchedEngine
+from declora.engine.reference import ReferenceEngine
+from declora.engine.round_loop import make_plan, train
+from declora.model.adapters import build_spec, initial_state
+from declora.model.export import save_peft_adapter
+from declora.network.simulated import average
+from declora.network.topology import build_topology
+from declora.tasks.lm_eval import LMEvaluator, answer_f1, normalize_answer
+from declora.tasks.task import IGNORE, CausalLMTask
 from tests.conftest import tiny_llama as shared_tiny_llama
 
 VOCAB, PAD, EOS = 64, 0, 1

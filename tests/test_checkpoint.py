@@ -11,9 +11,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from declora import checkpoint as ckpt
 from declora.cli import app
-from declora.sampling import PeerSampler
+from declora.data.sampling import PeerSampler
+from declora.runners import checkpoint as ckpt
 from tests.conftest import run_adapters, run_cli, write_tiny_job
 
 runner = CliRunner()

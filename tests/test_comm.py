@@ -6,15 +6,15 @@ import math
 
 import numpy as np
 
-from declora.adapters import build_spec, initial_state
-from declora.batched import BatchedEngine
-from declora.compress import make_compressor
-from declora.compressed_gossip import CompressedGossip
-from declora.config import load_config
-from declora.partition import partition
-from declora.run import make_gossip
-from declora.topology import build_topology
-from declora.trainer import Evaluator, make_plan, train
+from declora.config.schema import load_config
+from declora.data.partition import partition
+from declora.engine.batched import BatchedEngine
+from declora.engine.round_loop import Evaluator, make_plan, train
+from declora.model.adapters import build_spec, initial_state
+from declora.network.compress import make_compressor
+from declora.network.compressed import CompressedGossip
+from declora.network.topology import build_topology
+from declora.runners.simulate import make_gossip
 from tests.conftest import synthetic_examples, tiny_bert
 
 N = 4

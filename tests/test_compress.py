@@ -1,4 +1,4 @@
-"""Tests for message compressors and bit packing (declora.compress)."""
+"""Tests for message compressors and bit packing (declora.network.compress)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from declora.compress import (
+from declora.errors import ConfigError
+from declora.network.compress import (
     Cast,
     Identity,
     Packet,
@@ -16,7 +17,6 @@ from declora.compress import (
     pack_bits,
     unpack_bits,
 )
-from declora.errors import ConfigError
 
 GRANULARITIES = ("tensor", "row", "block")
 

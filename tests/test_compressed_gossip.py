@@ -1,4 +1,4 @@
-"""Tests for gossip with compressed messages (declora.compressed_gossip)."""
+"""Tests for gossip with compressed messages (declora.network.compressed)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from declora.compress import Cast, Identity, Quantize, make_compressor
-from declora.compressed_gossip import ChocoGossip, CompressedGossip
 from declora.errors import ConfigError, TopologyError
-from declora.gossip import SimulatedGossip
+from declora.network.compress import Cast, Identity, Quantize, make_compressor
+from declora.network.compressed import ChocoGossip, CompressedGossip
+from declora.network.simulated import SimulatedGossip
 
 
 def _ring(n: int) -> np.ndarray:

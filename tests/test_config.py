@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from declora.config import apply_overrides, load_config
+from declora.config.schema import apply_overrides, load_config
 from declora.errors import ConfigError
 
 

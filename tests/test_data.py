@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from declora.data import GLUE_TASKS, TextClassificationData, load_classification_data
+from declora.data.classification import GLUE_TASKS, TextClassificationData, load_classification_data
 from declora.errors import DataError
 
 

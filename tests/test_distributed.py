@@ -20,10 +20,10 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from declora.compress import make_compressor
-from declora.compressed_gossip import ChocoGossip, CompressedGossip
-from declora.distributed import PeerFailure, PeerGossip, _layout, pack_wire
-from declora.topology import build_topology
+from declora.network.compress import make_compressor
+from declora.network.compressed import ChocoGossip, CompressedGossip
+from declora.network.distributed import PeerFailure, PeerGossip, _layout, pack_wire
+from declora.network.topology import build_topology
 from tests.conftest import write_tiny_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
@@ -255,8 +255,8 @@ def test_report_computes_the_averaged_model_from_the_peers_adapters(runs, tmp_pa
     ],
 )
 def test_settings_distributed_runs_do_not_support_are_named(sets, what):
-    from declora.config import RunConfig
-    from declora.peer_run import simulation_only
+    from declora.config.schema import RunConfig
+    from declora.runners.peer import simulation_only
 
     assert simulation_only(RunConfig()) == ""
     assert simulation_only(RunConfig(**sets)) == what

@@ -6,7 +6,8 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from declora.dynamic import (
+from declora.errors import ConfigError, TopologyError
+from declora.network.schedules import (
     DYNAMIC_KINDS,
     Availability,
     ErdosRenyiEachRound,
@@ -15,8 +16,7 @@ from declora.dynamic import (
     make_schedule,
     restrict_to_live,
 )
-from declora.errors import ConfigError, TopologyError
-from declora.topology import build_topology, mixing_matrix
+from declora.network.topology import build_topology, mixing_matrix
 
 ROUNDS = range(1, 41)
 

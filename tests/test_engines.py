@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from declora.adapters import build_spec, initial_state
-from declora.batched import BatchedEngine
-from declora.partition import partition
-from declora.reference import ReferenceEngine
-from declora.topology import build_topology
-from declora.trainer import Evaluator, make_plan, train
+from declora.data.partition import partition
+from declora.engine.batched import BatchedEngine
+from declora.engine.reference import ReferenceEngine
+from declora.engine.round_loop import Evaluator, make_plan, train
+from declora.model.adapters import build_spec, initial_state
+from declora.network.topology import build_topology
 from tests.conftest import synthetic_examples, tiny_bert
 
 N_PEERS = 4
@@ -103,7 +103,7 @@ def test_identity_mixing_is_independent_training(tokenizer, task):
     examples = synthetic_examples(tokenizer, 120)
     labels = np.array([e["label"] for e in examples])
     parts = partition(labels, N_PEERS, "dirichlet", seed=0, alpha=1.0, min_size=4)
-    from declora.sampling import PeerSampler
+    from declora.data.sampling import PeerSampler
 
     for i in range(N_PEERS):
         eng = BatchedEngine(tiny_bert(), spec, 1, init, task, lr=5e-3, max_grad_norm=1.0)
@@ -137,7 +137,7 @@ def test_gossip_step_is_w_times_stacked(tokenizer, task):
     eng.train_step(groups)
     before = {k: v.clone() for k, v in eng.stacked().items()}
     topo = build_topology("ring", N_PEERS, "laplacian")
-    from declora.gossip import SimulatedGossip
+    from declora.network.simulated import SimulatedGossip
 
     eng.load_stacked(SimulatedGossip(topo.mixing).mix(eng.stacked()))
     W = torch.tensor(topo.mixing, dtype=torch.float32)
@@ -148,7 +148,7 @@ def test_gossip_step_is_w_times_stacked(tokenizer, task):
 
 def test_per_peer_clipping_matches_torch(tokenizer, task):
     """A peer with huge gradients is clipped on its own; the others are untouched."""
-    from declora.batched import clip_per_peer
+    from declora.engine.batched import clip_per_peer
 
     p = torch.nn.Parameter(torch.zeros(3, 4, 5))
     q = torch.nn.Parameter(torch.zeros(3, 2))
@@ -186,7 +186,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tokenizer, task):
 
 
 def test_linear_schedule_decays_to_zero():
-    from declora.adapters import make_scheduler
+    from declora.model.adapters import make_scheduler
 
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=0.4)
@@ -203,7 +203,7 @@ def test_linear_schedule_decays_to_zero():
 def test_data_size_weights_make_the_average_step_the_pooled_step(tokenizer, task):
     """With weights n*N_i/N, the mean over peers of one SGD step equals sum_i (N_i/N) step_i:
     the pooled objective's gradient, not the plain mean of the local gradients."""
-    from declora.trainer import peer_weights
+    from declora.engine.round_loop import peer_weights
 
     parts = [np.arange(10), np.arange(30), np.arange(60), np.arange(100)]
     w = peer_weights(parts, "data-size")

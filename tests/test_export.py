@@ -8,10 +8,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from declora.adapters import build_spec, initial_state
-from declora.batched import BatchedEngine
-from declora.export import save_peft_adapter
-from declora.gossip import average
+from declora.engine.batched import BatchedEngine
+from declora.model.adapters import build_spec, initial_state
+from declora.model.export import save_peft_adapter
+from declora.network.simulated import average
 from tests.conftest import synthetic_examples, tiny_bert
 
 

@@ -14,19 +14,19 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from declora import checkpoint as ckpt
-from declora.adapters import build_spec, initial_state
-from declora.algorithms import ALGORITHMS, DecafGossip
-from declora.batched import BatchedEngine
 from declora.cli import app
-from declora.compress import make_compressor
-from declora.compressed_gossip import CompressedGossip
-from declora.config import AlgorithmName, DynamicKind
-from declora.dynamic import DYNAMIC_KINDS, make_schedule
-from declora.gossip import SimulatedGossip
-from declora.partition import partition
-from declora.topology import build_topology
-from declora.trainer import Evaluator, Plan, make_plan, train
+from declora.config.schema import AlgorithmName, DynamicKind
+from declora.data.partition import partition
+from declora.engine.batched import BatchedEngine
+from declora.engine.round_loop import Evaluator, Plan, make_plan, train
+from declora.model.adapters import build_spec, initial_state
+from declora.network.compress import make_compressor
+from declora.network.compressed import CompressedGossip
+from declora.network.mixing import ALGORITHMS, DecafGossip
+from declora.network.schedules import DYNAMIC_KINDS, make_schedule
+from declora.network.simulated import SimulatedGossip
+from declora.network.topology import build_topology
+from declora.runners import checkpoint as ckpt
 from tests.conftest import run_adapters, run_cli, synthetic_examples, tiny_bert, write_tiny_job
 
 N = 4

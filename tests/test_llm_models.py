@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from declora import llm
 from declora.errors import ModelError
+from declora.model import causal_lm as llm
 from tests.conftest import tiny_bert, tiny_llama
 
 

@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from declora import lmdata
-from declora.errors import DataError
-from declora.lmdata import (
+from declora.data import causal_lm as lmdata
+from declora.data.causal_lm import (
     IGNORE_INDEX,
     LMData,
     generation_prompts,
@@ -20,6 +19,7 @@ from declora.lmdata import (
     pack_text,
     tokenize_chat,
 )
+from declora.errors import DataError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

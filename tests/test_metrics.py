@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from declora.metrics import classification_metrics
+from declora.tasks.metrics import classification_metrics
 
 
 def test_accuracy_and_macro_f1_hand_computed():

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from declora.data.partition import SCHEMES, label_counts, partition, skew_summary
 from declora.errors import PartitionError
-from declora.partition import SCHEMES, label_counts, partition, skew_summary
 
 PAPER_PROPORTIONS = [[0.15, 0.85], [0.85, 0.15], [0.5, 0.5]]
 

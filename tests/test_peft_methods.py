@@ -17,16 +17,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from declora.adapters import IA3_VECTOR, MAGNITUDE, PROMPT, build_spec, initial_state
 from declora.cli import app
+from declora.data.partition import partition
+from declora.engine.reference import ReferenceEngine, peer_name
+from declora.engine.round_loop import Evaluator, make_plan, train
 from declora.errors import ConfigError
-from declora.export import save_peft_adapter
-from declora.gossip import average, consensus_distance
-from declora.partition import partition
-from declora.reference import ReferenceEngine, peer_name
-from declora.task import CausalLMTask
-from declora.topology import build_topology
-from declora.trainer import Evaluator, make_plan, train
+from declora.model.adapters import IA3_VECTOR, MAGNITUDE, PROMPT, build_spec, initial_state
+from declora.model.export import save_peft_adapter
+from declora.network.simulated import average, consensus_distance
+from declora.network.topology import build_topology
+from declora.tasks.task import CausalLMTask
 from tests.conftest import WORDS, synthetic_examples, tiny_bert
 
 METHODS = ["lora", "dora", "rslora", "ia3", "prompt-tuning"]
@@ -187,7 +187,7 @@ def test_exported_adapters_reload_in_peft_with_identical_logits(method, tokenize
 @pytest.mark.parametrize("method", ["dora", "prompt-tuning"])
 def test_engine_state_restores_exactly(method, tokenizer, task):
     """What a checkpoint holds (values, optimizer moments, schedules) continues bit for bit."""
-    from declora.checkpoint import engine_state, load_engine_state
+    from declora.runners.checkpoint import engine_state, load_engine_state
 
     examples = synthetic_examples(tokenizer, 60)
 

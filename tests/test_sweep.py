@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from declora.cli import app
 from declora.errors import ConfigError
-from declora.sweep import cells, parse_grid, split_values
+from declora.runners.sweep import cells, parse_grid, split_values
 from tests.conftest import write_tiny_job
 
 runner = CliRunner()

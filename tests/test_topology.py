@@ -1,4 +1,4 @@
-"""Tests for graphs, mixing matrices and their checks (declora.topology)."""
+"""Tests for graphs, mixing matrices and their checks (declora.network.topology)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from declora.errors import DecloraError, TopologyError
-from declora.topology import (
+from declora.network.topology import (
     KINDS,
     MIXING_RULES,
     Topology,

@@ -62,8 +62,8 @@ def run(
 
     Inside torchrun (`declora launch` or `torchrun -m declora run`), this process runs one peer
     of a distributed run instead."""
-    from declora.config import load_config
-    from declora.distributed import launched
+    from declora.config.schema import load_config
+    from declora.network.distributed import launched
 
     distributed = launched()
     try:
@@ -89,7 +89,7 @@ def run(
                 )
             _run_peer(cfg, out, resume is not None, overwrite, quiet)
             return
-        from declora.run import execute
+        from declora.runners.simulate import execute
 
         target = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
         typer.echo(
@@ -108,7 +108,7 @@ def run(
 
 
 def _print_outcome(path: Path, cfg) -> None:
-    from declora.report import table_text
+    from declora.reporting.report import table_text
 
     summary = json.loads((path / "summary.json").read_text())
     typer.echo("")
@@ -127,8 +127,8 @@ def _print_outcome(path: Path, cfg) -> None:
 
 def _run_peer(cfg, out: Path, resume: bool, overwrite: bool, quiet: bool) -> None:
     """One peer of a torchrun job; rank 0 prints the outcome."""
-    from declora import distributed
-    from declora.peer_run import run_peer
+    from declora.network import distributed
+    from declora.runners.peer import run_peer
 
     try:
         proc, _ = run_peer(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
@@ -190,7 +190,7 @@ def sweep(
     jobs: Annotated[int, typer.Option(min=1, help="cells run at the same time")] = 1,
 ) -> None:
     """Run a grid of configurations x seeds (resumable) and tabulate mean +- std over seeds."""
-    from declora.sweep import parse_grid, run_sweep
+    from declora.runners.sweep import parse_grid, run_sweep
 
     try:
         parsed = parse_grid(grid)
@@ -234,7 +234,7 @@ def topology(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Print a graph's mixing matrix, degrees and spectral gap."""
-    from declora.topology import build_topology, format_topology
+    from declora.network.topology import build_topology, format_topology
 
     try:
         topo = build_topology(
@@ -272,11 +272,11 @@ def report(
 ) -> None:
     """Print the summary table of a finished run; with several runs, compare them (one table,
     metric per round, final metric against bytes, consensus distance) in `--out`."""
-    from declora.report import table_text
-    from declora.rundir import RunDir
+    from declora.reporting.report import table_text
+    from declora.runners.rundir import RunDir
 
     if len(run_dirs) > 1:
-        from declora.compare import compare_runs
+        from declora.reporting.compare import compare_runs
 
         target = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
@@ -303,7 +303,7 @@ def report(
         )
         if evaluate or unmonitored:
             _quiet_libraries()
-            from declora.posthoc import evaluate_average
+            from declora.runners.posthoc import evaluate_average
 
             typer.echo("evaluating the average of the peers' adapters ...", err=True)
             done = evaluate_average(run_dir)

@@ -1,6 +1,6 @@
 """Writing adapters in PEFT's own format, so `PeftModel.from_pretrained` loads them.
 
-Any method of `declora.peft_methods` (LoRA, DoRA, rsLoRA, IA3, prompt tuning): the config is
+Any method of `declora.model.peft_methods` (LoRA, DoRA, rsLoRA, IA3, prompt tuning): the config is
 PEFT's config of the spec, the tensors carry PEFT's saved keys (`peft_key`).
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from declora.adapters import AdapterSpec
-from declora.peft_methods import adapter_config, peft_key
+from declora.model.adapters import AdapterSpec
+from declora.model.peft_methods import adapter_config, peft_key
 
 __all__ = ["peft_key", "save_peft_adapter"]
 

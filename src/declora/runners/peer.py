@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from declora import checkpoint as ckpt
-from declora import distributed as dd
-from declora.config import RunConfig
+from declora.config.schema import RunConfig
+from declora.engine.round_loop import Plan, Result, make_plan, train
 from declora.errors import DecloraError
-from declora.export import save_peft_adapter
-from declora.report import summary_rows, write_report
-from declora.rundir import STATUS_FILE, RunDir, write_json
-from declora.trainer import Plan, Result, make_plan, train
+from declora.model.export import save_peft_adapter
+from declora.network import distributed as dd
+from declora.reporting.report import summary_rows, write_report
+from declora.runners import checkpoint as ckpt
+from declora.runners.rundir import STATUS_FILE, RunDir, write_json
 
 
 def restarted() -> bool:
@@ -130,7 +130,7 @@ def run_peer(
     progress: bool = True,
 ) -> tuple[dd.PeerProcess, Result]:
     """Run this process's peer; every peer returns when the whole run is written."""
-    from declora.run import (
+    from declora.runners.simulate import (
         checkpointing,
         compressor_of,
         loop_settings,
@@ -287,7 +287,7 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
     for i in range(proc.world):
         f = rundir.path / "peers" / f"peer-{i}" / "wire.json"
         wire.append(json.loads(f.read_text())["bytes_on_wire"] if f.is_file() else None)
-    from declora.run import make_evaluator
+    from declora.runners.simulate import make_evaluator
 
     ev = make_evaluator(prep)
     rows = summary_rows(

@@ -27,7 +27,7 @@ import networkx as nx
 import numpy as np
 
 from declora.errors import ConfigError, TopologyError
-from declora.topology import CUSTOM_RULE, Topology, graph_from_matrix, mixing_matrix
+from declora.network.topology import CUSTOM_RULE, Topology, graph_from_matrix, mixing_matrix
 
 DYNAMIC_KINDS = ("static", "er-each-round", "one-peer-exponential", "random-pairs")
 #: Mixing rules that are valid on any graph, hence on whatever graph a round draws.

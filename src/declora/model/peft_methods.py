@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from peft import IA3Config, LoraConfig, PeftConfig, PromptTuningConfig
 from torch import nn
 
-from declora.adapters import (
+from declora.errors import ConfigError
+from declora.model.adapters import (
     IA3_VECTOR,
     LORA_METHODS,
     MAGNITUDE,
@@ -29,10 +30,9 @@ from declora.adapters import (
     AdapterSpec,
     build_spec,
 )
-from declora.errors import ConfigError
 
 if TYPE_CHECKING:
-    from declora.config import RunConfig
+    from declora.config.schema import RunConfig
 
 __all__ = [
     "METHODS",
@@ -121,7 +121,7 @@ def check_method(cfg: RunConfig) -> None:
     """Refuse what the chosen method cannot do, in one clear line; then resolve the engine:
     every method but lora runs on the reference engine (`train.engine` is set to it, so the
     saved config says what ran). Algorithms that need LoRA factors (decaf, ffa, adf) with IA3
-    or prompt tuning are refused by `declora.run.check_combinations`."""
+    or prompt tuning are refused by `declora.runners.simulate.check_combinations`."""
     method = cfg.lora.method
     if method == "lora":
         return

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from declora.gossip import average
-from declora.task import CausalLMTask, Example
+from declora.network.simulated import average
+from declora.tasks.task import CausalLMTask, Example
 
 if TYPE_CHECKING:
-    from declora.trainer import Engine
+    from declora.engine.round_loop import Engine
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from declora import checkpoint as ckpt
-from declora import faults
-from declora.algorithms import GOSSIP_ALGORITHMS, LORA_FACTORS, check_period, trainable_factors
-from declora.dynamic import Schedule, StaticSchedule
-from declora.gossip import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
-from declora.gossip import values_per_peer as count_values
-from declora.metrics import classification_metrics
-from declora.sampling import PeerSampler
-from declora.task import Example
-from declora.topology import Topology
+from declora.data.sampling import PeerSampler
+from declora.network.mixing import GOSSIP_ALGORITHMS, LORA_FACTORS, check_period, trainable_factors
+from declora.network.schedules import Schedule, StaticSchedule
+from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
+from declora.network.simulated import values_per_peer as count_values
+from declora.network.topology import Topology
+from declora.runners import checkpoint as ckpt
+from declora.runners import faults
+from declora.tasks.metrics import classification_metrics
+from declora.tasks.task import Example
 
 
 class Communicator(Protocol):

@@ -67,7 +67,7 @@ def load_classifier(
     check comes before anything is loaded so a machine without it fails at once."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from declora.llm import DTYPES, quantization_config
+    from declora.model.causal_lm import DTYPES, quantization_config
 
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")

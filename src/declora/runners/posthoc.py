@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from declora.config import load_config
+from declora.config.schema import load_config
 from declora.errors import DecloraError
-from declora.export import peft_key, save_peft_adapter
-from declora.rundir import RunDir
+from declora.model.export import peft_key, save_peft_adapter
+from declora.runners.rundir import RunDir
 
 
 def peer_adapters(run: Path, canonical: list[str], spec: Any, n: int) -> list[dict]:
@@ -42,9 +42,9 @@ def peer_adapters(run: Path, canonical: list[str], spec: Any, n: int) -> list[di
 
 def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
     """Average the peers' adapters of a run, evaluate, save, and update summary.json."""
-    from declora.report import table_text
-    from declora.run import make_engine, make_evaluator, prepare
-    from declora.trainer import Plan
+    from declora.engine.round_loop import Plan
+    from declora.reporting.report import table_text
+    from declora.runners.simulate import make_engine, make_evaluator, prepare
 
     run = Path(run_dir)
     rd = RunDir(run)

@@ -1,7 +1,7 @@
 """Real peers: one peer per process on torch.distributed (gloo on CPU, NCCL on GPU).
 
 Each process holds one peer's adapter and runs the same round loop as the simulation
-(`declora.trainer.train`) with three pieces swapped in:
+(`declora.engine.round_loop.train`) with three pieces swapped in:
 
 * `PeerGossip` sends this peer's packed buffers (the compressor's bytes, exactly what the byte
   accounting counts) to its out-neighbours and receives its in-neighbours' buffers with
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from declora.adapters import PLAIN_LEAVES
-from declora.compress import Compressor, Packet
-from declora.compressed_gossip import peer_generator
 from declora.errors import ConfigError, DecloraError
+from declora.model.adapters import PLAIN_LEAVES
+from declora.network.compress import Compressor, Packet
+from declora.network.compressed import peer_generator
 
-log = logging.getLogger("declora.distributed")
+log = logging.getLogger("declora.network.distributed")
 
 
 class PeerFailure(DecloraError):

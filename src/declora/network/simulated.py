@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declora.adapters import PLAIN_LEAVES
+from declora.model.adapters import PLAIN_LEAVES
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
 

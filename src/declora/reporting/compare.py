@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from declora import plots
 from declora.errors import DecloraError
-from declora.rundir import RunDir, read_metrics
+from declora.reporting import plots
+from declora.runners.rundir import RunDir, read_metrics
 
 
 def _load(run: Path) -> dict[str, Any]:

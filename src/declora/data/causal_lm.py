@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from sklearn.model_selection import train_test_split
 
-from declora.data import (
+from declora.data.classification import (
     FILE_EXTENSIONS,
     _check_options,
     _is_missing,
@@ -37,7 +37,7 @@ CHATTERBOT_PIN = "chatterbot-corpus==1.3.3"
 NO_GROUP = "all"
 
 Message = dict[str, str]
-Example = dict[str, Any]  # same shape as declora.task.Example, without importing torch
+Example = dict[str, Any]  # same shape as declora.tasks.task.Example, without importing torch
 Conversation = list[Message]
 
 # Plain format for tokenizers without a chat template; assistant content + eos is trained.

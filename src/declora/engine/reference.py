@@ -4,7 +4,7 @@ Slow but obviously right. Tests hold the batched engine to it; it also exposes t
 `stacked()` / `load_stacked()` view so the round loop and the gossip code are shared, and the
 same switches for frozen factors (`set_trainable`) and peers that sit a step out (`active`).
 
-It runs every PEFT method of `declora.peft_methods` (the spec's `method`: LoRA, DoRA, rsLoRA,
+It runs every PEFT method of `declora.model.peft_methods` (the spec's `method`: LoRA, DoRA, rsLoRA,
 IA3, prompt tuning): the peers' trainable tensors, named canonically, are whatever PEFT's adapter
 of that method trains, plus the classification head (PEFT's modules_to_save).
 """
@@ -22,11 +22,11 @@ from peft import PeftModel, get_peft_model
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from declora.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
-from declora.algorithms import LORA_FACTORS, check_factors, factor_of
-from declora.batched import as_active_mask
-from declora.peft_methods import adapter_config, peft_param_name
-from declora.task import Example, SingleAdapterOutputs, Task
+from declora.engine.batched import as_active_mask
+from declora.model.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
+from declora.model.peft_methods import adapter_config, peft_param_name
+from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
+from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 __all__ = ["ReferenceEngine", "lora_config", "peer_name", "peft_param_name"]
 
@@ -48,7 +48,7 @@ def _adapter_params(named: dict[str, nn.Parameter], adapter: str) -> dict[str, n
 class ReferenceEngine(SingleAdapterOutputs):
     """n PEFT adapters on one model, trained peer by peer, each with its own optimizer.
 
-    `init` names every trainable tensor of the spec's method (see `declora.adapters`); a
+    `init` names every trainable tensor of the spec's method (see `declora.model.adapters`); a
     parameter PEFT trains that `init` does not name is refused, except a head copy when the head
     does not train (prompt tuning's task model always adds one), which stays frozen."""
 

@@ -1,6 +1,6 @@
 """The follow-ups to Dec-LoRA: which factors train in a round, what is sent, how it is combined.
 
-Values are dicts name -> stacked tensor [n, ...] (see `declora.adapters` for the names): LoRA
+Values are dicts name -> stacked tensor [n, ...] (see `declora.model.adapters` for the names): LoRA
 factors `<module>.lora_A` ([n, r, in]) and `<module>.lora_B` ([n, out, r]); every other key (a
 classification head's weights and biases) is mixed like plain gossip, W @ X. Row i of W holds
 peer i's weights over the peers it receives from.

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.task import Example
+from declora.tasks.task import Example
 
 
 def tokenize_classification(

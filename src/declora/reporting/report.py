@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from declora import plots
-from declora.rundir import RunDir
+from declora.reporting import plots
+from declora.runners.rundir import RunDir
 
 if TYPE_CHECKING:
-    from declora.run import Prepared
-    from declora.trainer import Result
+    from declora.engine.round_loop import Result
+    from declora.runners.simulate import Prepared
 
 NAMES = {
     "dec-lora": "Dec-LoRA",

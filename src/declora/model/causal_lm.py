@@ -168,7 +168,7 @@ def resolve_causal_model(name: str) -> str:
             )
             convert_gguf(gguf, out)
         return str(out)
-    from declora.models import local_model_folder
+    from declora.model.classifier import local_model_folder
 
     return local_model_folder(name) or name
 
@@ -251,7 +251,7 @@ def load_causal_lm(
             f"model.name {name!r} could not be loaded as a causal language model: "
             f"{_first_line(exc)}"
         ) from None
-    from declora.models import frozen
+    from declora.model.classifier import frozen
 
     return frozen(model, tokenizer), tokenizer, path
 

@@ -1,6 +1,6 @@
 """Gossip with compressed messages, simulated on stacked tensors ([n, ...]).
 
-Two schemes share the same contract as `declora.gossip.SimulatedGossip.mix` plus exact byte
+Two schemes share the same contract as `declora.network.simulated.SimulatedGossip.mix` plus exact byte
 accounting (`last_bytes`) and checkpointable state:
 
 * `CompressedGossip`: every peer sends a compressed copy of its value (optionally with error
@@ -14,7 +14,7 @@ builds it; a one-peer exponential graph is not). `set_mixing` swaps in the matri
 round (dynamic networks) and keeps the generators and the per-tensor memory.
 Every peer draws its stochastic rounding from its own generator, seeded by (seed, peer), in a
 fixed order (tensors in dict order): a run is reproducible for a seed, and a peer running in its
-own process (`declora.distributed`) draws exactly the same numbers as in simulation.
+own process (`declora.network.distributed`) draws exactly the same numbers as in simulation.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declora.compress import Compressor
 from declora.errors import ConfigError, TopologyError
+from declora.network.compress import Compressor
 
 _GENERATOR_KEY = "generator"
 

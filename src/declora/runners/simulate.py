@@ -14,30 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from declora import plots
-from declora.adapters import AdapterSpec, initial_state
-from declora.algorithms import GOSSIP_ALGORITHMS, DecafGossip, mix_keys_for
-from declora.batched import BatchedEngine
-from declora.checkpoint import fingerprint_of
-from declora.compress import Compressor, make_compressor
-from declora.compressed_gossip import ChocoGossip, CompressedGossip
-from declora.config import RunConfig
-from declora.data import TextClassificationData, load_classification_data
-from declora.dynamic import Schedule, make_schedule
-from declora.errors import ConfigError, DataError
-from declora.export import save_peft_adapter
-from declora.features import tokenize_classification
-from declora.gossip import average
-from declora.lm_eval import LMEvaluator
-from declora.lmdata import LMData, generation_prompts, load_lm_data, pack_text, tokenize_chat
-from declora.partition import label_counts, partition, skew_summary
-from declora.peft_methods import check_method, method_spec
-from declora.reference import ReferenceEngine
-from declora.report import summary_rows, write_report
-from declora.rundir import RunDir
-from declora.task import CausalLMTask, ClassificationTask, Example, Task
-from declora.topology import Topology, build_topology
-from declora.trainer import (
+from declora.config.schema import RunConfig
+from declora.data.causal_lm import (
+    LMData,
+    generation_prompts,
+    load_lm_data,
+    pack_text,
+    tokenize_chat,
+)
+from declora.data.classification import TextClassificationData, load_classification_data
+from declora.data.partition import label_counts, partition, skew_summary
+from declora.engine.batched import BatchedEngine
+from declora.engine.reference import ReferenceEngine
+from declora.engine.round_loop import (
     Checkpointing,
     Communicator,
     Engine,
@@ -48,6 +37,23 @@ from declora.trainer import (
     make_plan,
     train,
 )
+from declora.errors import ConfigError, DataError
+from declora.model.adapters import AdapterSpec, initial_state
+from declora.model.export import save_peft_adapter
+from declora.model.peft_methods import check_method, method_spec
+from declora.network.compress import Compressor, make_compressor
+from declora.network.compressed import ChocoGossip, CompressedGossip
+from declora.network.mixing import GOSSIP_ALGORITHMS, DecafGossip, mix_keys_for
+from declora.network.schedules import Schedule, make_schedule
+from declora.network.simulated import average
+from declora.network.topology import Topology, build_topology
+from declora.reporting import plots
+from declora.reporting.report import summary_rows, write_report
+from declora.runners.checkpoint import fingerprint_of
+from declora.runners.rundir import RunDir
+from declora.tasks.lm_eval import LMEvaluator
+from declora.tasks.task import CausalLMTask, ClassificationTask, Example, Task
+from declora.tasks.tokenize import tokenize_classification
 
 
 @dataclass
@@ -200,7 +206,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     check_method(cfg)  # lora.method: refuse what it cannot do, pick the reference engine
     if cfg.task == "causal-lm":
         return prepare_causal(cfg)
-    from declora.models import load_classifier
+    from declora.model.classifier import load_classifier
 
     topology = build_topology_from(cfg)
     schedule = schedule_from(cfg, topology)
@@ -239,7 +245,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def prepare_causal(cfg: RunConfig) -> Prepared:
     """The causal-LM counterpart of `prepare`: chat or text data, answer-token loss."""
-    from declora.llm import load_causal_lm
+    from declora.model.causal_lm import load_causal_lm
 
     topology = build_topology_from(cfg)
     schedule = schedule_from(cfg, topology)

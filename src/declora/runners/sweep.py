@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from declora.config import RunConfig, load_config
+from declora.config.schema import RunConfig, load_config
 from declora.errors import ConfigError
-from declora.rundir import RunDir
+from declora.runners.rundir import RunDir
 
 
 def split_values(text: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from declora.errors import ConfigError
-from declora.stacked import lora_a_init
+from declora.model.stacked import lora_a_init
 
 HEAD_NAMES = ("classifier", "score")
 #: The PEFT methods; all but "lora" run on the reference (PEFT) engine.

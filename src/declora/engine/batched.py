@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from declora.adapters import AdapterSpec, OptimSettings, set_submodule
-from declora.algorithms import LORA_FACTORS, check_factors, factor_of
-from declora.stacked import StackedLinear, StackedLoraLinear
-from declora.task import Example, SingleAdapterOutputs, Task
+from declora.model.adapters import AdapterSpec, OptimSettings, set_submodule
+from declora.model.stacked import StackedLinear, StackedLoraLinear
+from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
+from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 
 def clip_per_peer(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
