@@ -59,17 +59,17 @@ def run_one(prep, base, setting: str) -> dict:
     seed's configuration, so no setting leaks into the next."""
     import torch
 
-    from declora.engine.round_loop import make_plan, train
-    from declora.runners.simulate import make_engine, make_evaluator, make_gossip
+    from declora.algorithms import make_algorithm
+    from declora.engine.round_loop import train
+    from declora.runners.build import make_engine, make_evaluator, simulated_communicator
 
     cfg = base.model_copy(deep=True)
     for key, value in SETTINGS[setting].items():
         setattr(cfg.comm, key, value)
     prep.cfg = cfg
     torch.manual_seed(cfg.seed)
-    plan = make_plan(
-        "dec-lora", prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
-    )
+    algorithm = make_algorithm("dec-lora", cfg)
+    plan = algorithm.plan(prep.topology, prep.parts, cfg.train.batch_size, prep.schedule)
     engine = make_engine(prep, plan)
     start = time.perf_counter()
     try:
@@ -85,7 +85,7 @@ def run_one(prep, base, setting: str) -> dict:
             eval_peers="never",
             lora_modules=prep.spec.lora_modules,
             progress=False,
-            gossip=make_gossip(cfg, plan),
+            gossip=simulated_communicator(cfg, algorithm, plan),
             gossip_steps=cfg.comm.gossip_steps,
         )
     finally:
@@ -195,7 +195,7 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     from declora.config.schema import load_config
-    from declora.runners.simulate import prepare
+    from declora.runners.build import prepare
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def _setup(n_peers: int, batch: int):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from declora.config.schema import load_config
-    from declora.runners.simulate import prepare
+    from declora.runners.build import prepare
 
     cfg = load_config(
         None, [f"topology.peers={max(n_peers, 1)}", "data.min_size=8", f"train.batch_size={batch}"]
@@ -94,7 +94,7 @@ def throughput(n: int, b: int, steps: int) -> dict:
 
     # reference engine: n named PEFT adapters, one after another
     from declora.config.schema import load_config  # fresh model: PEFT wrapped the old one
-    from declora.runners.simulate import prepare
+    from declora.runners.build import prepare
 
     prep2 = prepare(load_config(None, [f"topology.peers={n}", "data.min_size=8"]))
     ref = ReferenceEngine(prep2.model, prep2.spec, n, prep2.init, prep2.task, **kw)

@@ -9,13 +9,13 @@ from peft import PeftModel
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
+from declora.algorithms import make_plan
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import make_plan, train
-from declora.model.adapters import build_spec, initial_state
+from declora.engine.round_loop import train
+from declora.model.adapters import average, build_spec, initial_state
 from declora.model.export import save_peft_adapter
-from declora.network.simulated import average
 from declora.network.topology import build_topology
 from declora.tasks.lm_eval import LMEvaluator, answer_f1, normalize_answer
 from declora.tasks.task import IGNORE, CausalLMTask

@@ -6,15 +6,17 @@ import math
 
 import numpy as np
 
+from declora.algorithms import make_algorithm, make_plan
 from declora.config.schema import load_config
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
-from declora.engine.round_loop import Evaluator, make_plan, train
+from declora.engine.round_loop import train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.compress import make_compressor
 from declora.network.compressed import CompressedGossip
 from declora.network.topology import build_topology
-from declora.runners.simulate import make_gossip
+from declora.runners.build import simulated_communicator
+from declora.tasks.evaluate import Evaluator
 from tests.conftest import synthetic_examples, tiny_bert
 
 N = 4
@@ -75,13 +77,15 @@ def test_four_bit_gossip_counts_packed_bytes_and_stays_close(tokenizer, task):
 def test_config_selects_the_communicator():
     topo = build_topology("ring", N, "laplacian")
     plan = make_plan("dec-lora", topo, [np.arange(3)] * N, batch_size=2)
-    assert make_gossip(load_config(), plan) is None
-    g = make_gossip(load_config(None, ["comm.bits=2", "comm.error_feedback=true"]), plan)
-    assert isinstance(g, CompressedGossip)
-    choco = make_gossip(load_config(None, ["comm.bits=2", "comm.scheme=choco"]), plan)
-    assert type(choco).__name__ == "ChocoGossip"
+    def chosen(overrides: list[str], p=plan) -> object:
+        cfg = load_config(None, overrides)
+        return simulated_communicator(cfg, make_algorithm(p.algorithm, cfg), p)
+
+    assert type(chosen([])).__name__ == "SimulatedGossip"
+    assert isinstance(chosen(["comm.bits=2", "comm.error_feedback=true"]), CompressedGossip)
+    assert type(chosen(["comm.bits=2", "comm.scheme=choco"])).__name__ == "ChocoGossip"
     local = make_plan("local-only", topo, [np.arange(3)] * N, batch_size=2)
-    assert make_gossip(load_config(None, ["comm.bits=2"]), local) is None
+    assert type(chosen(["comm.bits=2"], local)).__name__ == "SimulatedGossip"
 
 
 def test_several_gossip_exchanges_per_round_apply_w_repeatedly_and_cost_each(tokenizer, task):

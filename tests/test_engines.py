@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from declora.algorithms import make_plan
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import Evaluator, make_plan, train
+from declora.engine.round_loop import train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
+from declora.tasks.evaluate import Evaluator
 from tests.conftest import synthetic_examples, tiny_bert
 
 N_PEERS = 4
@@ -203,7 +205,7 @@ def test_linear_schedule_decays_to_zero():
 def test_data_size_weights_make_the_average_step_the_pooled_step(tokenizer, task):
     """With weights n*N_i/N, the mean over peers of one SGD step equals sum_i (N_i/N) step_i:
     the pooled objective's gradient, not the plain mean of the local gradients."""
-    from declora.engine.round_loop import peer_weights
+    from declora.engine.plan import peer_weights
 
     parts = [np.arange(10), np.arange(30), np.arange(60), np.arange(100)]
     w = peer_weights(parts, "data-size")

@@ -17,15 +17,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
+from declora.algorithms import make_plan
 from declora.cli import app
 from declora.data.partition import partition
 from declora.engine.reference import ReferenceEngine, peer_name
-from declora.engine.round_loop import Evaluator, make_plan, train
+from declora.engine.round_loop import train
 from declora.errors import ConfigError
-from declora.model.adapters import IA3_VECTOR, MAGNITUDE, PROMPT, build_spec, initial_state
+from declora.model.adapters import IA3_VECTOR, MAGNITUDE, PROMPT, average, build_spec, initial_state
 from declora.model.export import save_peft_adapter
-from declora.network.simulated import average, consensus_distance
+from declora.network.simulated import consensus_distance
 from declora.network.topology import build_topology
+from declora.tasks.evaluate import Evaluator
 from declora.tasks.task import CausalLMTask
 from tests.conftest import WORDS, synthetic_examples, tiny_bert
 

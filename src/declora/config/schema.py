@@ -7,20 +7,51 @@ local-only training.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from declora.errors import ConfigError
 
 TopologyKind = Literal["ring", "complete", "star", "er", "torus", "exponential", "regular", "edges"]
 MixingRule = Literal["laplacian", "metropolis", "uniform", "fedavg", "identity"]
 PartitionScheme = Literal["iid", "dirichlet", "label-skew", "natural", "quantity"]
-AlgorithmName = Literal["dec-lora", "centralized", "local-only", "fedavg", "decaf", "ffa", "adf"]
+
+
+def _algorithm_name(name: object) -> str:
+    """`algorithm.name` and `baselines` accept what the algorithm registry holds."""
+    from declora.algorithms.registry import algorithm_class
+
+    try:
+        return algorithm_class(name).name
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("algorithm.name ")) from None
+
+
+AlgorithmName = Annotated[str, BeforeValidator(_algorithm_name)]
 DynamicKind = Literal["static", "er-each-round", "one-peer-exponential", "random-pairs"]
 TaskName = Literal["classification", "causal-lm"]
+
+# Seeds feed numpy, torch and scikit-learn alike; the last takes 0 .. 2**32 - 1 only.
+MAX_SEED = 2**32 - 1
+# A run's name becomes a folder under runs/: one plain path component, never a path.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+# What a config may expand to: YAML aliases share nodes, so 1 KB can stand for billions.
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_BYTES = 10 * 2**20
+# Longest echo of a refused value in an error line.
+_SHOWN_CHARS = 80
 
 # What a causal-LM run uses where the user leaves a key unset (classification defaults otherwise).
 CAUSAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -31,7 +62,9 @@ CAUSAL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr > 0` alone lets .inf through, and one infinite number turns a
+    # whole run into NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TopologyConfig(_Section):
@@ -44,7 +77,9 @@ class TopologyConfig(_Section):
         0.3, gt=0.0, le=1.0, description="edge probability for kind=er and dynamic=er-each-round"
     )
     degree: int | None = Field(None, ge=1, description="degree for kind=regular")
-    seed: int | None = Field(None, description="graph seed; defaults to the run seed")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="graph seed; defaults to the run seed"
+    )
     edge_file: str | None = None
     matrix_file: str | None = None
     dynamic: DynamicKind = Field(
@@ -87,10 +122,17 @@ class DataConfig(_Section):
     min_size: int = Field(32, ge=1)
     proportions: list[list[float]] | None = None
     test_size: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     max_length: int = Field(64, ge=4, le=8192)
     max_train_examples: int | None = Field(None, ge=1)
     max_test_examples: int | None = Field(None, ge=1)
+    val_size: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="classification: share of train held out for validation (seeded by "
+        "split_seed); per-round evaluations and the best round use it, test is scored once",
+    )
 
 
 class ModelConfig(_Section):
@@ -100,6 +142,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     quantize: Literal["nf4", "int8"] | None = Field(
         None, description="frozen base quantization (bitsandbytes, CUDA only)"
+    )
+    dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="the base model's own dropout while training (None: the model's own, "
+        "e.g. MiniLM's 0.1); 0 makes real peers end equal to the simulation",
     )
 
 
@@ -236,11 +285,52 @@ class CommConfig(_Section):
         return self.bits == 32 and self.scheme == "plain"
 
 
+TrackerName = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class LogConfig(_Section):
+    """Experiment trackers that receive the config, every evaluated round and the report.
+
+    Each tracker is an optional extra (`pip install 'declora[tensorboard]'`); one tracker run per
+    algorithm, grouped so the tracker shows Dec-LoRA and its baselines side by side."""
+
+    to: list[TrackerName] = Field(
+        default_factory=list, description="trackers to log to; none by default"
+    )
+    dir: str | None = Field(
+        None,
+        description="where tracker files go (TensorBoard events, the MLflow database, W&B's "
+        "offline folder); None: the run directory",
+    )
+    project: str = Field("declora", min_length=1, description="W&B project and MLflow experiment")
+    group: str | None = Field(
+        None, description="groups one run's algorithms; None: the run directory's name"
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra tags on every tracker run (a sweep adds each cell's grid values)",
+    )
+    peers: bool = Field(
+        False,
+        description="distributed runs: every peer also logs its own loss, bytes and times",
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: a SQLite file, mlflow.db, in log.dir"
+    )
+
+    @field_validator("to")
+    @classmethod
+    def _once_each(cls, to: list[str]) -> list[str]:
+        if len(set(to)) != len(to):
+            raise ValueError("names a tracker twice")
+        return to
+
+
 class RunConfig(_Section):
     """Everything a run needs; saved fully resolved as config.yaml in the run directory."""
 
-    name: str = "demo"
-    seed: int = 0
+    name: str = Field("demo", description="names the run directory runs/<time>-<name>")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     task: TaskName = "classification"
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -251,6 +341,18 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     baselines: list[AlgorithmName] = Field(default_factory=lambda: ["centralized", "local-only"])
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """The name is a folder name: `--set name=../../x` must not write outside runs/."""
+        if not _RUN_NAME.match(name) or ".." in name:
+            raise ValueError(
+                "must be a plain folder name: letters, digits and . _ + = - (at most 100, "
+                "no '/' and no '..'), since it names the run directory"
+            )
+        return name
 
     @model_validator(mode="after")
     def _task_defaults(self) -> RunConfig:
@@ -286,8 +388,53 @@ def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
     if err["type"] == "value_error" and not loc:
         return msg
     got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    shown = f" (got {_shown(got)})" if got is not None and not isinstance(got, dict) else ""
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _shown(value: Any) -> str:
+    """A refused value as echoed in an error line: its repr, cut to a readable length (a
+    shared YAML node can stand for gigabytes of text)."""
+    if isinstance(value, list | tuple) and len(value) > _SHOWN_CHARS:
+        value = value[:_SHOWN_CHARS]  # never build the repr of a huge list to cut it
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def check_size(raw: Any, where: str) -> None:
+    """Refuse a config whose expansion is huge or infinite before anything copies it.
+
+    YAML aliases make one node appear many times: 1 KB of `&a [*b, *b, ...]` stands for
+    billions of values, which validation (and any error echo) would expand. Shared nodes are
+    counted once per use, without expanding them; a node that contains itself is refused."""
+    memo: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in open_nodes:
+            raise ConfigError(f"{where} refers to itself through a YAML alias (&name ... *name)")
+        if depth > 50:
+            raise ConfigError(f"{where} is nested more than 50 levels deep")
+        open_nodes.add(key)
+        children = node.values() if isinstance(node, dict) else node
+        total = 1 + len(node) if isinstance(node, dict) else 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_CONFIG_NODES:
+                raise ConfigError(
+                    f"{where} expands to more than {MAX_CONFIG_NODES:,} values (YAML aliases "
+                    "repeat shared parts); a run config is far smaller"
+                )
+        open_nodes.discard(key)
+        memo[key] = total
+        return total
+
+    size(raw, 0)
 
 
 def validate(raw: dict[str, Any]) -> RunConfig:
@@ -310,6 +457,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply") from None
     return key.split("."), value
 
 
@@ -332,21 +481,42 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping; every way it can be unreadable is one ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {str(p)!r} has {size:,} bytes; a config is at most "
+                f"{MAX_CONFIG_BYTES:,} (data and matrices belong in their own files)"
+            )
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(p)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not a list")
+        kind = "a list" if isinstance(data, list) else f"a single {type(data).__name__}"
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not {kind}")
+    check_size(data, f"config file {str(p)!r}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The embedded default, updated by an optional YAML file, then by --set overrides."""
-    raw = read_yaml(path) if path else {}
-    return validate(apply_overrides(raw, overrides or []))
+    raw = apply_overrides(read_yaml(path) if path else {}, overrides or [])
+    check_size(raw, "the config with its --set overrides")
+    return validate(raw)

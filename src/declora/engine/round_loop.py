@@ -14,22 +14,20 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import networkx as nx
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from declora.data.sampling import PeerSampler
-from declora.network.mixing import GOSSIP_ALGORITHMS, LORA_FACTORS, check_period, trainable_factors
-from declora.network.schedules import Schedule, StaticSchedule
-from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, average, consensus_distance
+from declora.engine.plan import Plan
+from declora.network.mixing import LORA_FACTORS
+from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, consensus_distance
 from declora.network.simulated import values_per_peer as count_values
-from declora.network.topology import Topology
 from declora.runners import checkpoint as ckpt
 from declora.runners import faults
-from declora.tasks.metrics import classification_metrics
+from declora.tasks.evaluate import summarize_peers
 from declora.tasks.task import Example
 
 
@@ -63,186 +61,6 @@ class EvaluatorLike(Protocol):
     def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]: ...
     def peers(self, engine: Engine) -> list[dict[str, float]]: ...
     def extras(self, engine: Engine) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Who trains what on which data and who talks to whom, round by round, for one algorithm.
-
-    Without a schedule every round is the same: `mixing`, every peer online for K steps. Every
-    per-round quantity is a pure function of the round (and the seed), so a resumed run
-    recomputes it instead of saving it."""
-
-    algorithm: str
-    parts: list[np.ndarray]
-    mixing: np.ndarray
-    batch_size: int
-    messages: np.ndarray  # per peer: how many copies of its values it sends each round
-    weights: np.ndarray  # per peer: factor on its updates (n * its share of the data, or 1)
-    schedule: Schedule | None = None  # per-round matrix, online peers and local steps
-    period: int | None = None  # adf: rounds per phase
-    adf_start: Literal["A", "B"] = "B"  # adf: the factor that trains first
-
-    @property
-    def n(self) -> int:
-        return len(self.parts)
-
-    def factors(self, t: int) -> frozenset[str]:
-        """The LoRA factors that train in round t (a head, if any, always trains)."""
-        return trainable_factors(self.algorithm, t, self.period, self.adf_start)
-
-    def mixing_at(self, t: int) -> np.ndarray:
-        return self.mixing if self.schedule is None else self.schedule.matrix(t)
-
-    def local_steps(self, t: int, k: int) -> np.ndarray:
-        """Local steps of each peer in round t: k, fewer for a straggler, 0 when offline."""
-        if self.schedule is None:
-            return np.full(self.n, k, dtype=np.int64)
-        return self.schedule.local_steps(t, k)
-
-    def messages_at(self, t: int) -> np.ndarray:
-        """How many copies of its values each peer sends in round t."""
-        if self.schedule is None:
-            return self.messages
-        if self.algorithm == "fedavg":  # every online peer uploads once
-            return self.messages * self.schedule.live(t)
-        return self.schedule.messages(t)
-
-
-def peer_weights(parts: list[np.ndarray], weighting: str) -> np.ndarray:
-    """Factors on each peer's updates so that the network minimises the right objective.
-
-    With "data-size", peer i's updates are scaled by n * N_i / N: averaged over the peers, the
-    gradient is then the pooled data's gradient (what centralized training follows), instead of
-    the mean of the local gradients, which over-weights small peers and shifts the class prior
-    whenever data sizes and label mixes differ. "uniform" is plain D-SGD (every peer alike)."""
-    n = len(parts)
-    if weighting == "uniform" or n == 1:
-        return np.ones(n)
-    if weighting == "data-size":
-        sizes = np.array([len(p) for p in parts], dtype=np.float64)
-        return n * sizes / sizes.sum()
-    raise ValueError(f"unknown peer weighting {weighting!r} (accepted: data-size, uniform)")
-
-
-def _availability_only(schedule: Schedule | None, mixing: np.ndarray, rule: str) -> Schedule | None:
-    """A baseline's schedule: its own fixed matrix (rebuilt on the online peers) with the same
-    offline peers and stragglers as the gossip schedule; None when everyone is always there."""
-    if schedule is None:
-        return None
-    a = schedule.availability
-    if a.offline_prob == 0 and a.straggler_prob == 0:
-        return None
-    n = mixing.shape[0]
-    base = Topology(graph=nx.empty_graph(n), mixing=mixing, kind=rule, rule=rule)
-    return StaticSchedule(base, schedule.seed, a)
-
-
-def make_plan(
-    algorithm: str,
-    topology: Topology,
-    parts: list[np.ndarray],
-    batch_size: int,
-    weighting: str = "uniform",
-    *,
-    schedule: Schedule | None = None,
-    period: int | None = None,
-    adf_start: Literal["A", "B"] = "B",
-) -> Plan:
-    """The plan of one algorithm. `schedule` (dynamic graphs, offline peers, stragglers) drives
-    the gossip algorithms; FedAvg and local-only take only its availability (same peers offline
-    in the same rounds), centralized training none of it. Local-only peers never mix, so their
-    own objective is the only one: always uniform weights."""
-    n = len(parts)
-    w = peer_weights(parts, weighting)
-    if algorithm in GOSSIP_ALGORITHMS:
-        if algorithm == "adf":
-            period = check_period(period)
-        deg = np.array(topology.degrees)
-        return Plan(
-            algorithm, parts, topology.mixing, batch_size, deg, w, schedule, period, adf_start
-        )
-    if algorithm == "fedavg":  # each peer uploads once; the server's broadcast is not counted
-        W = np.full((n, n), 1.0 / n)
-        avail = _availability_only(schedule, W, "fedavg")
-        return Plan(algorithm, parts, W, batch_size, np.ones(n), w, avail)
-    if algorithm == "local-only":
-        avail = _availability_only(schedule, np.eye(n), "identity")
-        return Plan(algorithm, parts, np.eye(n), batch_size, np.zeros(n), np.ones(n), avail)
-    if algorithm == "centralized":
-        pooled = np.sort(np.concatenate(parts))
-        return Plan(algorithm, [pooled], np.eye(1), batch_size * n, np.zeros(1), np.ones(1))
-    raise ValueError(f"unknown algorithm {algorithm!r}")
-
-
-class Evaluator:
-    """Held-out classification metrics of the averaged model and of each peer's own model."""
-
-    primary = "accuracy"
-    columns = ("accuracy", "macro_f1")
-    higher_is_better = True
-
-    def __init__(
-        self,
-        test: Sequence[Example],
-        num_classes: int,
-        *,
-        binary_f1: bool = False,
-        batch_size: int = 128,
-        max_examples: int | None = None,
-        final_max_examples: int | None = None,
-        peer_max_examples: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.test, self.num_classes, self.binary_f1 = test, num_classes, binary_f1
-        self.batch_size = batch_size
-        order = np.random.default_rng(seed).permutation(len(test))
-        self.avg_idx = self._by_length(order[: max_examples or len(test)])
-        self.final_idx = self._by_length(order[: final_max_examples or len(test)])
-        self.peer_idx = self._by_length(order[: peer_max_examples or len(test)])
-
-    def _by_length(self, idx: np.ndarray) -> np.ndarray:
-        """Evaluation order by length, so batches carry little padding (metrics ignore order)."""
-        return np.array(sorted(idx, key=lambda i: len(self.test[i]["input_ids"])), dtype=np.int64)
-
-    def _labels(self, idx: np.ndarray) -> np.ndarray:
-        return np.array([self.test[i]["label"] for i in idx])
-
-    def _batches(self, idx: np.ndarray, size: int) -> list[list[Example]]:
-        return [[self.test[i] for i in idx[s : s + size]] for s in range(0, len(idx), size)]
-
-    def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]:
-        idx = self.final_idx if final else self.avg_idx
-        values = average(engine.stacked())
-        logits = [engine.outputs_single(values, b) for b in self._batches(idx, self.batch_size)]
-        preds = torch.cat(logits).argmax(-1).numpy()
-        out = classification_metrics(
-            preds, self._labels(idx), self.num_classes, binary_f1=self.binary_f1
-        )
-        return {**out, "eval_examples": len(idx)}
-
-    def peers(self, engine: Engine) -> list[dict[str, float]]:
-        size = max(1, self.batch_size // max(1, min(engine.n, 8)))
-        logits = [engine.outputs_all_peers(b) for b in self._batches(self.peer_idx, size)]
-        preds = torch.cat(logits, dim=1).argmax(-1).numpy()
-        labels = self._labels(self.peer_idx)
-        return [
-            classification_metrics(p, labels, self.num_classes, binary_f1=self.binary_f1)
-            for p in preds
-        ]
-
-    def extras(self, engine: Engine) -> dict[str, Any]:
-        return {}
-
-
-def summarize_peers(per_peer: list[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in per_peer[0]:
-        vals = np.array([m[key] for m in per_peer])
-        out[f"peers_{key}"] = float(vals.mean())
-        out[f"peers_{key}_min"] = float(vals.min())
-        out[f"peers_{key}_max"] = float(vals.max())
-    return out
 
 
 @dataclass

@@ -246,3 +246,8 @@ class OptimSettings:
             groups.append({"params": head, "lr": (self.head_lr or self.lr) * scale})
         opt = make_optimizer(self.optimizer, groups, self.lr, self.weight_decay, self.momentum)
         return opt, make_scheduler(opt, self.schedule, self.total_steps)
+
+
+def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The paper's evaluated model: each factor (and head) averaged over peers."""
+    return {k: v.mean(dim=0) for k, v in values.items()}

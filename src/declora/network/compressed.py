@@ -24,6 +24,7 @@ import torch
 
 from declora.errors import ConfigError, TopologyError
 from declora.network.compress import Compressor
+from declora.network.mixing import choco_step, mix_with_own_exact
 
 _GENERATOR_KEY = "generator"
 
@@ -47,6 +48,7 @@ class _GossipBase:
                 f"mixing matrix has shape {mixing.shape}; it must be square, one row per peer"
             )
         self.n = mixing.shape[0]
+        self.own_index = torch.arange(self.n)  # each peer's own message: its own row
         self.compressor = compressor
         self.set_mixing(mixing)
         self.seed = seed
@@ -150,14 +152,10 @@ class CompressedGossip(_GossipBase):
                     residual[i] = message - decoded[i]
             if residual is not None:
                 self._memory[name] = residual
-            flat_x, flat_d = x.reshape(self.n, -1), decoded.reshape(self.n, -1)
-            w = self.W.to(flat_x.device)
-            own = self.self_weight.to(flat_x.device).unsqueeze(1)
-            # W @ dec swaps in the peer's own exact value through the diagonal correction; with a
-            # lossless compressor the correction is exactly zero and this is plain W @ x.
-            mixed = w @ flat_d + own * (flat_x - flat_d)
-            mixed[self.isolated.to(flat_x.device)] = flat_x[self.isolated.to(flat_x.device)]
-            out[name] = mixed.reshape(v.shape).to(v.dtype)
+            mixed = mix_with_own_exact(self.W, self.self_weight, x, decoded, self.own_index)
+            alone = self.isolated.to(x.device)
+            mixed[alone] = x[alone]
+            out[name] = mixed.to(v.dtype)
         self.last_bytes = sent
         return out
 
@@ -197,11 +195,9 @@ class ChocoGossip(_GossipBase):
             for i in self.senders:
                 xhat[i] += self._send(x[i] - xhat[i], i, sent)
             self._memory[name] = xhat
-            flat_x, flat_h = x.reshape(self.n, -1), xhat.reshape(self.n, -1)
-            w = self.W.to(flat_x.device)
-            # sum_j W_ij (xhat_j - xhat_i) = (W xhat)_i - xhat_i because rows of W sum to one.
-            mixed = flat_x + self.gamma * (w @ flat_h - flat_h)
-            mixed[self.isolated.to(flat_x.device)] = flat_x[self.isolated.to(flat_x.device)]
-            out[name] = mixed.reshape(v.shape).to(v.dtype)
+            mixed = choco_step(self.W, x, xhat, self.own_index, self.gamma)
+            alone = self.isolated.to(x.device)
+            mixed[alone] = x[alone]
+            out[name] = mixed.to(v.dtype)
         self.last_bytes = sent
         return out

@@ -20,11 +20,13 @@ Only tensors travel: JSON text is sent as uint8 tensors, nothing is pickled.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ from declora.errors import ConfigError, DecloraError
 from declora.model.adapters import PLAIN_LEAVES
 from declora.network.compress import Compressor, Packet
 from declora.network.compressed import peer_generator
+from declora.network.mixing import choco_step, decaf_combine, mix_with_own_exact
 
 log = logging.getLogger("declora.network.distributed")
 
@@ -152,15 +155,46 @@ def _store() -> dist.Store:
     by hand, rank 0 does."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hosting = not agent and rank == 0
+    listener = _loopback_listener(host, port) if hosting else None
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
+        host,
+        port,
         world,
-        is_master=not agent and rank == 0,
+        is_master=hosting,
         timeout=timedelta(seconds=300),
+        master_listen_fd=None if listener is None else listener.fileno(),
     )
+    if listener is not None:
+        _LISTENERS.append(listener)  # the store serves on it for the life of the process
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"declora/attempt-{attempt}", store)
+
+
+_LISTENERS: list[socket.socket] = []
+
+
+def _loopback_listener(host: str, port: int) -> socket.socket | None:
+    """A listening socket on the loopback address `host`, for a store that must not be
+    reachable from the network (TCPStore itself listens on every interface); None when `host`
+    is not a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return None
+    if not infos or not all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
+        return None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(max(128, int(os.environ.get("WORLD_SIZE", "1")) * 2))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def stop() -> None:
@@ -176,20 +210,52 @@ def stop() -> None:
 STARTUP_S = 900.0  # how long peers wait for each other at start-up (model loading differs)
 
 
-def _gather_json(obj: Any, proc: PeerProcess, seconds: float = STARTUP_S) -> list[Any]:
-    """Every peer's JSON-able `obj`, in rank order (two all-gathers of plain tensors)."""
+#: The least every peer accepts as another peer's start-up message, whatever its own size.
+MIN_STARTUP_MESSAGE = 1 << 20
+
+
+def startup_limit(own_bytes: int) -> int:
+    """The largest start-up message this peer accepts: what its own configuration implies
+    (peers running the same job send nearly the same fingerprint), with room for the
+    differences the handshake is there to report."""
+    return max(MIN_STARTUP_MESSAGE, 4 * own_bytes)
+
+
+def _gather_json(
+    obj: Any, proc: PeerProcess, seconds: float = STARTUP_S, limit: int | None = None
+) -> list[Any]:
+    """Every peer's JSON-able `obj`, in rank order (two all-gathers of plain tensors).
+
+    The first all-gather shares each peer's message size and the most it accepts (`limit`,
+    default `startup_limit` of its own message); every peer then holds the same numbers and
+    refuses, together, a size above the smallest limit before allocating anything for it."""
     raw = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    size = torch.tensor([raw.numel()], dtype=torch.int64, device=proc.device)
-    sizes = [torch.zeros_like(size) for _ in range(proc.world)]
-    _collective(dist.all_gather(sizes, size, async_op=True), "the start-up exchange", seconds)
-    longest = int(max(int(s) for s in sizes))
-    buf = torch.zeros(longest, dtype=torch.uint8, device=proc.device)
+    cap = startup_limit(raw.numel()) if limit is None else int(limit)
+    head = torch.tensor([raw.numel(), cap], dtype=torch.int64, device=proc.device)
+    heads = [torch.zeros_like(head) for _ in range(proc.world)]
+    _collective(dist.all_gather(heads, head, async_op=True), "the start-up exchange", seconds)
+    sizes = [int(h[0]) for h in heads]
+    allowed = min(int(h[1]) for h in heads)
+    bad = [(i, s) for i, s in enumerate(sizes) if not 0 <= s <= allowed]
+    if bad:
+        shown = "; ".join(f"peer {i} announced {s:,} bytes" for i, s in bad[:5])
+        raise SetupMismatch(
+            f"start-up messages are at most {allowed:,} bytes for this configuration: {shown} "
+            "(is it running another job or another declora version?)"
+        )
+    buf = torch.zeros(max(sizes), dtype=torch.uint8, device=proc.device)
     buf[: raw.numel()] = raw.to(proc.device)
     bufs = [torch.zeros_like(buf) for _ in range(proc.world)]
     _collective(dist.all_gather(bufs, buf, async_op=True), "the start-up exchange", seconds)
     out = []
-    for b, s in zip(bufs, sizes, strict=True):
-        out.append(json.loads(bytes(b[: int(s)].cpu().tolist()).decode()))
+    for i, (b, s) in enumerate(zip(bufs, sizes, strict=True)):
+        try:
+            out.append(json.loads(bytes(b[:s].cpu().tolist()).decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SetupMismatch(
+                f"peer {i} sent a start-up message that is not JSON text; is it a declora peer "
+                "of the same version?"
+            ) from None
     return out
 
 
@@ -203,13 +269,27 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str = "") -> None:
     """Compare every peer's setup; raise `SetupMismatch` on all peers if any differs or failed.
 
     A peer that could not prepare passes `error` instead of a fingerprint, so the others stop
     with its message instead of waiting for it forever."""
-    mine = {"error": error} if error else {"fingerprint": fingerprint}
+    mine = {"error": error[:2000]} if error else {"fingerprint": fingerprint}
     everyone = _gather_json(mine, proc)
+    for i, e in enumerate(everyone):
+        ok = isinstance(e, dict) and (
+            isinstance(e.get("error"), str) or isinstance(e.get("fingerprint"), dict)
+        )
+        if not ok:
+            raise SetupMismatch(
+                f"peer {i} sent a start-up message without a fingerprint; is it a declora peer "
+                "of the same version?"
+            )
     failed = [(i, e["error"]) for i, e in enumerate(everyone) if "error" in e]
     if failed:
         lines = "; ".join(f"peer {i}: {msg}" for i, msg in failed)
@@ -222,7 +302,9 @@ def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str 
         diff = [k for k in set(ref) | set(other) if ref.get(k) != other.get(k)]
         diff.sort(key=lambda k: (order.get(k, len(order)), k))
         for k in diff[:5]:
-            problems.append(f"peer {i} has {k}={other.get(k)!r} where peer 0 has {ref.get(k)!r}")
+            problems.append(
+                f"peer {i} has {k}={_short(other.get(k))} where peer 0 has {_short(ref.get(k))}"
+            )
         if len(diff) > 5:
             problems.append(f"peer {i}: {len(diff) - 5} more differences")
     if problems:
@@ -232,6 +314,9 @@ def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str 
 def agree_on_resume(available: list[int], proc: PeerProcess) -> int:
     """The newest round every peer has a complete checkpoint of (0: start from scratch)."""
     everyone = _gather_json(sorted(available), proc)
+    for i, e in enumerate(everyone):
+        if not isinstance(e, list) or not all(isinstance(r, int) for r in e):
+            raise SetupMismatch(f"peer {i} sent no list of checkpoint rounds at resume")
     common = set(everyone[0]).intersection(*map(set, everyone[1:]))
     return max(common) if common else 0
 
@@ -268,6 +353,11 @@ def _layout(packets: dict[str, Packet]) -> list[_Slot]:
             )
         )
     return out
+
+
+def _wire_size(layout: list[_Slot]) -> int:
+    """Bytes of a packed message with this layout (what `pack_wire` produces)."""
+    return sum(s.payload + 4 * (s.scales + s.offsets) for s in layout)
 
 
 def pack_wire(packets: dict[str, Packet]) -> torch.Tensor:
@@ -324,6 +414,8 @@ class PeerGossip:
         timeout_s: float = 60.0,
         on_failure: str = "error",
         device: torch.device | None = None,
+        rule: str = "average",
+        rank_r: int | None = None,
     ) -> None:
         if on_failure not in ("error", "skip"):
             raise ConfigError(
@@ -331,11 +423,13 @@ class PeerGossip:
             )
         if scheme not in ("plain", "choco"):
             raise ConfigError(f"comm.scheme={scheme!r} is unknown; choose plain or choco")
-        w = np.asarray(mixing, dtype=np.float64)
-        self.rank, self.n = rank, w.shape[0]
-        self.row = w[rank]
-        self.sources = [j for j in range(self.n) if j != rank and w[rank, j] != 0]
-        self.targets = [j for j in range(self.n) if j != rank and w[j, rank] != 0]
+        if rule not in ("average", "product-svd"):
+            raise ConfigError(f"mixing rule {rule!r} is unknown; choose average or product-svd")
+        if rule == "product-svd" and (scheme != "plain" or error_feedback):
+            raise ConfigError("the product-svd rule (DeCAF) mixes exact factors only")
+        self.rank, self.n = rank, np.asarray(mixing).shape[0]
+        self.rule, self.rank_r = rule, rank_r
+        self.set_mixing(mixing)
         self.compressor, self.scheme = compressor, scheme
         self.error_feedback, self.gamma = error_feedback, float(gamma)
         self.generator = peer_generator(seed, rank)
@@ -349,6 +443,16 @@ class PeerGossip:
         self.bytes_on_wire = 0  # buffers handed to send ops that completed, over the whole run
         self.seconds = 0.0  # time in the gossip step: encode, exchange, decode, mix
         self.wait_seconds = 0.0  # of which waiting for the exchange (transfer + slower peers)
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        """Use this matrix from the next exchange on (dynamic graphs, offline peers): every
+        process computes the same per-round matrix from the seed, so no one announces it."""
+        w = np.asarray(mixing, dtype=np.float64)
+        if w.shape != (self.n, self.n):
+            raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {w.shape}")
+        self.row = w[self.rank]
+        self.sources = [j for j in range(self.n) if j != self.rank and w[self.rank, j] != 0]
+        self.targets = [j for j in range(self.n) if j != self.rank and w[j, self.rank] != 0]
 
     # -- state for checkpoints (tensors only)
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -449,30 +553,52 @@ class PeerGossip:
         if not self.sources and not self.targets:
             self.last_bytes = np.zeros(1, dtype=np.int64)
             return values
-        mixed = self._mix_choco(x) if self.scheme == "choco" else self._mix_plain(x)
+        if self.scheme == "choco":
+            mixed = self._mix_choco(x)
+        else:
+            mixed = self._mix_plain(x)
         return {k: mixed[k].to(values[k].dtype).to(values[k].device).unsqueeze(0) for k in x}
 
     def _encode(self, messages: dict[str, torch.Tensor]) -> dict[str, Packet]:
         return {k: self.compressor.encode(m, self.generator) for k, m in messages.items()}
 
+    def _layout_of(self, x: dict[str, torch.Tensor]) -> list[_Slot]:
+        """The wire layout of a message of these tensors (it depends on shapes only): what a
+        peer that sends nothing this round still needs to read its neighbours' buffers."""
+        scratch = torch.Generator().manual_seed(0)
+        return _layout({k: self.compressor.encode(torch.zeros_like(v), scratch) for k, v in x.items()})
+
     def _mix_plain(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        messages = dict(x)
-        if self.error_feedback:
-            messages = {k: v + self._mem(k, v) for k, v in x.items()}
-        packets = self._encode(messages)
-        if self.error_feedback:
-            for k, p in packets.items():
-                self.memory[k] = messages[k] - self.compressor.decode(p)
-        layout = _layout(packets)
-        arrived = self._exchange(self._to_device(pack_wire(packets)))
+        """Encode (only when someone receives it, as in the simulation), exchange, check,
+        decode, and combine with the algorithm's rule."""
+        sending = any(j not in self.failed for j in self.targets)
+        if sending:
+            messages = dict(x)
+            if self.error_feedback:
+                messages = {k: v + self._mem(k, v) for k, v in x.items()}
+            packets = self._encode(messages)
+            own_decoded = {k: self.compressor.decode(p) for k, p in packets.items()}
+            if self.error_feedback:
+                for k in packets:
+                    self.memory[k] = messages[k] - own_decoded[k]
+            layout = _layout(packets)
+            buf = self._to_device(pack_wire(packets))
+        else:
+            own_decoded, layout = dict(x), self._layout_of(x)
+            buf = self._to_device(torch.zeros(_wire_size(layout), dtype=torch.uint8))
+        arrived = self._exchange(buf)
         decoded = {j: d for j, b in arrived.items() if (d := self._decode(j, b, layout))}
         own, others = self._weights(decoded)
+        if not others:
+            return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
+        if self.rule == "product-svd":
+            return decaf_combine(x, decoded, others, self.rank_r, self_weight=own)
+        W = torch.tensor([[own, *others.values()]], dtype=torch.float32)
+        own_w, own_index = W[:, 0], torch.zeros(1, dtype=torch.long)
         out = {}
         for k, v in x.items():
-            acc = own * v
-            for j, w in others.items():
-                acc = acc + w * decoded[j][k]
-            out[k] = acc
+            block = torch.stack([own_decoded[k], *(decoded[j][k] for j in others)])
+            out[k] = mix_with_own_exact(W, own_w, v.unsqueeze(0), block, own_index)[0]
         return out
 
     def _mix_choco(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -490,17 +616,74 @@ class PeerGossip:
                 key = f"{k}@{j}"
                 self.memory[key] = self._mem(key, v) + v
         own, others = self._weights(decoded)
+        W = torch.tensor([[own, *others.values()]], dtype=torch.float32)
+        own_index = torch.zeros(1, dtype=torch.long)
         out = {}
         for k, v in x.items():
-            mine = self.memory[f"{k}@{self.rank}"]
-            acc = own * mine
-            for j, w in others.items():
-                acc = acc + w * self.memory[f"{k}@{j}"]
-            out[k] = v + self.gamma * (acc - mine)
+            block = torch.stack([self.memory[f"{k}@{j}"] for j in (self.rank, *others)])
+            out[k] = choco_step(W, v.unsqueeze(0), block, own_index, self.gamma)[0]
         return out
 
     def _to_device(self, buf: torch.Tensor) -> torch.Tensor:
         return buf.to(self.device)
+
+
+class AllReduceAverage:
+    """FedAvg between real peers: one all-reduce of every online peer's values, divided by
+    their count, instead of a server. An offline peer (its row of this round's matrix is the
+    identity's) still takes part in the collective, with zeros, and keeps its own values.
+    Bytes are counted as in the simulation: one upload of the values per online peer."""
+
+    def __init__(self, proc: PeerProcess, mixing: np.ndarray, *, timeout_s: float) -> None:
+        self.proc, self.timeout_s = proc, float(timeout_s)
+        self.n = np.asarray(mixing).shape[0]
+        self.set_mixing(mixing)
+        self.last_bytes = np.zeros(1, dtype=np.int64)
+        self.bytes_on_wire = 0
+        self.seconds = 0.0
+        self.wait_seconds = 0.0
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        w = np.asarray(mixing, dtype=np.float64)
+        if w.shape != (self.n, self.n):
+            raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {w.shape}")
+        off = (w != 0) & ~np.eye(self.n, dtype=bool)
+        self.online = off.any(axis=1)  # a lone online peer would average with itself only
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"unexpected keys {sorted(state)[:3]} in an all-reduce state")
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return self._mix(values)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mine = bool(self.online[self.proc.rank])
+        flat = torch.cat([v.detach().reshape(-1).to(torch.float32) for v in values.values()])
+        contribution = (flat if mine else torch.zeros_like(flat)).to(self.proc.device)
+        begin = time.perf_counter()
+        work = dist.all_reduce(contribution, op=dist.ReduceOp.SUM, async_op=True)
+        _collective(work, f"peer {self.proc.rank}: the FedAvg all-reduce", self.timeout_s)
+        self.wait_seconds += time.perf_counter() - begin
+        sent = 4 * flat.numel() if mine else 0
+        self.last_bytes = np.array([sent], dtype=np.int64)
+        self.bytes_on_wire += sent
+        if not mine:
+            return values
+        mean = contribution.cpu() / float(self.online.sum())
+        out, pos = {}, 0
+        for k, v in values.items():
+            size = v.numel()
+            out[k] = mean[pos : pos + size].reshape(v.shape).to(v.dtype).to(v.device)
+            pos += size
+        return out
 
 
 # ------------------------------------------------------------------ network-wide numbers

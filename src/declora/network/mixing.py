@@ -1,40 +1,27 @@
-"""The follow-ups to Dec-LoRA: which factors train in a round, what is sent, how it is combined.
+"""Combine rules: how a peer turns its own values and what it received into its new values.
 
-Values are dicts name -> stacked tensor [n, ...] (see `declora.model.adapters` for the names): LoRA
-factors `<module>.lora_A` ([n, r, in]) and `<module>.lora_B` ([n, out, r]); every other key (a
-classification head's weights and biases) is mixed like plain gossip, W @ X. Row i of W holds
-peer i's weights over the peers it receives from.
+Each rule is written once, as arithmetic over a block of rows that a peer combines: in the
+simulation the block is every peer's stacked tensor ([n, ...]) and W is n x n; in a peer
+process (`declora.network.distributed`) it is the peer's own values and its neighbours'
+([1 + k, ...], own first) and W is the peer's row over them. Values are dicts name -> tensor:
+LoRA factors `<module>.lora_A` ([.., r, in]) and `<module>.lora_B` ([.., out, r]); any other
+key (a classification head, other PEFT methods' vectors) is averaged like the factors.
 
-* dec-lora (and its baselines fedavg, local-only, centralized): train both factors, average
-  each factor on its own.
-* decaf (arXiv 2505.21382): train both factors; each peer averages the *products* B_j A_j and
-  factors the average back to rank r by truncated SVD. Averaging factors separately adds cross
-  terms B_j A_k (j != k) that no peer trained; averaging products does not.
-* ffa (FFA-LoRA, and ConLoRA in the decentralized setting): A stays at the common init, only B
-  trains and only B is sent. With every A equal, averaging B is averaging the products exactly,
-  at half the bytes.
-* adf (arXiv 2511.18291): train only A or only B, alternating every `period` rounds, and mix
-  both factors every round.
+* `mix_rows`: X_i <- sum_j W_ij X_j (Dec-LoRA's factor averaging, exact messages).
+* `mix_with_own_exact`: the same over decoded (compressed) messages, with each peer's own
+  exact value in place of its decoded copy (plain compressed gossip, error feedback).
+* `choco_step`: CHOCO-gossip's x_i + gamma * sum_j W_ij (xhat_j - xhat_i).
+* `decaf_mix` / `decaf_combine`: DeCAF's product averaging + truncated SVD.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
 import torch
 
-from declora.errors import ConfigError
-
-#: The algorithms that average each factor on its own (the paper and its baselines).
-FACTOR_AVERAGING = ("dec-lora", "fedavg", "local-only", "centralized")
-#: The follow-ups this module adds.
-FOLLOW_UPS = ("decaf", "ffa", "adf")
-ALGORITHMS = FACTOR_AVERAGING + FOLLOW_UPS
-#: The algorithms that gossip with neighbours on the graph (the others are its baselines).
-GOSSIP_ALGORITHMS = ("dec-lora", *FOLLOW_UPS)
 #: The two LoRA factors, by the leaf of their canonical names.
 LORA_FACTORS = frozenset({"lora_A", "lora_B"})
 DecafMethod = Literal["auto", "dense", "lowrank"]
@@ -44,28 +31,6 @@ _LOWRANK_BUDGET = 1 << 26
 
 
 # --------------------------------------------------------------------------- names and phases
-
-
-def check_algorithm(name: object) -> str:
-    """Reject algorithm names this module does not know, with a close match when there is one."""
-    if name in ALGORITHMS:
-        return str(name)
-    hint = ""
-    if isinstance(name, str):
-        close = difflib.get_close_matches(name, ALGORITHMS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ConfigError(
-        f"algorithm.name {name!r} is unknown{hint}; choose one of: {', '.join(ALGORITHMS)}"
-    )
-
-
-def check_period(period: object) -> int:
-    """ADF's phase length is a positive number of rounds."""
-    if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
-        raise ConfigError(
-            f"algorithm.period (rounds per ADF phase) must be an integer >= 1; got {period!r}"
-        )
-    return int(period)
 
 
 def check_factors(factors: Iterable[str]) -> frozenset[str]:
@@ -83,49 +48,46 @@ def factor_of(key: str) -> str | None:
     return leaf if leaf in LORA_FACTORS else None
 
 
-def adf_phase(round: int, period: int, start: Literal["A", "B"] = "B") -> Literal["A", "B"]:
-    """Which factor trains in `round` (rounds start at 1): `start` for rounds 1..period, the
-    other one for the next `period` rounds, and so on.
-
-    B trains first by default: B starts at 0, so the gradient of A (which is B^T times the
-    output gradient) is exactly 0 until B moves; an A-first phase would only apply weight decay.
-    B-first is LoRA's own init logic: A is a fixed random projection while B learns."""
-    if isinstance(round, bool) or not isinstance(round, int | np.integer) or round < 1:
-        raise ValueError(f"rounds are numbered from 1; got {round!r}")
-    period = check_period(period)
-    if start not in ("A", "B"):
-        raise ConfigError(f"algorithm.adf_start must be 'A' or 'B'; got {start!r}")
-    other: Literal["A", "B"] = "A" if start == "B" else "B"
-    return start if ((round - 1) // period) % 2 == 0 else other
-
-
-def trainable_factors(
-    algorithm: str, round: int, period: int | None = None, start: Literal["A", "B"] = "B"
-) -> frozenset[str]:
-    """The LoRA factors that get gradients in `round`; a head, if any, always trains."""
-    algorithm = check_algorithm(algorithm)
-    if algorithm == "ffa":
-        return frozenset({"lora_B"})
-    if algorithm == "adf":
-        if period is None:
-            raise ConfigError("algorithm.name 'adf' needs algorithm.period (rounds per phase)")
-        return frozenset({f"lora_{adf_phase(round, period, start)}"})
-    return LORA_FACTORS
-
-
-def mix_keys_for(algorithm: str, keys: Iterable[str]) -> set[str]:
-    """The keys a peer sends and mixes each round; the others stay as they are.
-
-    FFA sends no A: every peer's A is the common init and never trains, so it is equal
-    everywhere and mixing it would change nothing. Every other algorithm sends everything (ADF
-    mixes the frozen factor too, so peers stay in the same phase state)."""
-    algorithm = check_algorithm(algorithm)
-    if algorithm == "ffa":
-        return {k for k in keys if factor_of(k) != "lora_A"}
-    return set(keys)
-
-
 # --------------------------------------------------------------------------- plain gossip
+
+
+def mix_rows(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rows of W times the block x ([m, ...] -> [rows of W, ...]): exact factor averaging."""
+    flat = x.reshape(x.shape[0], -1)
+    return (W.to(flat.dtype) @ flat).reshape(W.shape[0], *x.shape[1:])
+
+
+def mix_with_own_exact(
+    W: torch.Tensor,
+    own_weight: torch.Tensor,
+    exact: torch.Tensor,
+    decoded: torch.Tensor,
+    own_index: torch.Tensor,
+) -> torch.Tensor:
+    """sum_{j != i} W_ij dec_j + W_ii x_i: every neighbour's decoded message, but the peer's own
+    exact value. `decoded` is the block of decoded messages; `exact` the computing peers' own
+    values ([rows, ...]); `own_index` where each computing peer's own message sits in the block.
+    Computed as W @ dec + W_ii (x - dec_own): with a lossless compressor the correction is 0."""
+    flat_x = exact.reshape(exact.shape[0], -1)
+    flat_d = decoded.reshape(decoded.shape[0], -1)
+    own = own_weight.to(flat_x.device).unsqueeze(1)
+    mixed = W.to(flat_x.device) @ flat_d + own * (flat_x - flat_d[own_index])
+    return mixed.reshape(exact.shape)
+
+
+def choco_step(
+    W: torch.Tensor,
+    x: torch.Tensor,
+    xhat: torch.Tensor,
+    own_index: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """CHOCO's consensus step x_i + gamma * sum_j W_ij (xhat_j - xhat_i) over the block of
+    public copies `xhat`; rows of W sum to one, so the sum is (W xhat)_i - xhat_i."""
+    flat_x = x.reshape(x.shape[0], -1)
+    flat_h = xhat.reshape(xhat.shape[0], -1)
+    mixed = flat_x + gamma * (W.to(flat_x.device) @ flat_h - flat_h[own_index])
+    return mixed.reshape(x.shape)
 
 
 def _matrix(W: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -135,10 +97,7 @@ def _matrix(W: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return W.to(device=like.device, dtype=like.dtype)
 
 
-def plain_mix(
-    values: Mapping[str, torch.Tensor], W: np.ndarray | torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """X_i <- sum_j W_ij X_j for every key: Dec-LoRA's factor averaging."""
+def _plain(values: Mapping[str, torch.Tensor], W: np.ndarray) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in values.items():
         flat = v.reshape(v.shape[0], -1)
@@ -304,7 +263,7 @@ def decaf_mix(
     W_np = (W.detach().cpu().numpy() if torch.is_tensor(W) else np.asarray(W)).astype(np.float64)
     modules = _lora_modules(values, lora_modules)
     product_keys = {f"{m}.lora_{f}" for m in modules for f in "AB"}
-    out = plain_mix({k: v for k, v in values.items() if k not in product_keys}, W_np)
+    out = _plain({k: v for k, v in values.items() if k not in product_keys}, W_np)
     if not modules:
         return {k: out[k] for k in values}
     idx_np, wts_np = _support(W_np)
@@ -361,19 +320,6 @@ def decaf_combine(
         newB, newA = _decaf_rows(A, B, idx, w, rank or A.shape[-2], method)
         result[f"{name}.lora_A"], result[f"{name}.lora_B"] = newA[0], newB[0]
     return {k: result[k] for k in own}
-
-
-def combine(
-    algorithm: str,
-    values: Mapping[str, torch.Tensor],
-    W: np.ndarray | torch.Tensor,
-    lora_modules: Iterable[str] | None = None,
-    rank: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """One gossip step of `algorithm` on the values it sends (see `mix_keys_for`)."""
-    if check_algorithm(algorithm) == "decaf":
-        return decaf_mix(values, W, lora_modules, rank)
-    return plain_mix(values, W)
 
 
 class DecafGossip:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from declora.model.adapters import PLAIN_LEAVES
+from declora.network.mixing import mix_rows
 
 BYTES_PER_VALUE = 4  # fp32 on the wire
 
@@ -34,17 +35,7 @@ class SimulatedGossip:
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.identity:
             return values
-        out = {}
-        for k, v in values.items():
-            flat = v.reshape(self.n, -1)
-            w = self.W.to(flat.dtype)
-            out[k] = (w @ flat).reshape(v.shape)
-        return out
-
-
-def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The paper's evaluated model: each factor (and head) averaged over peers."""
-    return {k: v.mean(dim=0) for k, v in values.items()}
+        return {k: mix_rows(self.W, v) for k, v in values.items()}
 
 
 def consensus_distance(values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:

@@ -5,23 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from declora.algorithms.registry import label
 from declora.reporting import plots
 from declora.runners.rundir import RunDir
 
 if TYPE_CHECKING:
     from declora.engine.round_loop import Result
-    from declora.runners.simulate import Prepared
-
-NAMES = {
-    "dec-lora": "Dec-LoRA",
-    "centralized": "Centralized LoRA",
-    "local-only": "Local-only",
-    "fedavg": "FedAvg",
-    "decaf": "DeCAF",
-    "ffa": "FFA-LoRA",
-    "adf": "ADF-LoRA",
-}
-
+    from declora.runners.build import Prepared
 
 LABELS = {
     "accuracy": "accuracy",
@@ -53,7 +43,7 @@ def summary_rows(
         for view, prefix in views:
             row: dict[str, Any] = {
                 "algorithm": name,
-                "label": f"{NAMES.get(name, name)} ({view})",
+                "label": f"{label(name)} ({view})",
             }
             for col in columns:
                 row[col] = res.last(f"{prefix}{col}")
@@ -128,10 +118,10 @@ def _series(results: dict[str, Result], key: str, peers_too: bool) -> dict:
     out = {}
     for name, res in results.items():
         recs = [r for r in res.records if key in r]
-        out[NAMES.get(name, name)] = ([r["round"] for r in recs], [r[key] for r in recs])
+        out[label(name)] = ([r["round"] for r in recs], [r[key] for r in recs])
         peer = [r for r in res.records if f"peers_{key}" in r]
         if peers_too and len(peer) > 1:
-            out[f"{NAMES.get(name, name)} (peers)"] = (
+            out[f"{label(name)} (peers)"] = (
                 [r["round"] for r in peer],
                 [r[f"peers_{key}"] for r in peer],
             )
@@ -187,7 +177,7 @@ def write_report(
     skew = f" (alpha={cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""
     text = f"""# declora run: {cfg.name}
 
-{NAMES.get(cfg.algorithm.name, cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
+{label(cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
 ({topo.rule} mixing, spectral gap {topo.spectral_gap:.4f}); model `{cfg.model.name}` with LoRA
 r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{cfg.data.name}` ({summary["train_size"]}
 train / {summary["test_size"]} test, {what}) split with `{cfg.data.partition}`{skew};

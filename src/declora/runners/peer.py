@@ -21,14 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from declora.algorithms import algorithm_class
 from declora.config.schema import RunConfig
-from declora.engine.round_loop import Plan, Result, make_plan, train
+from declora.engine.round_loop import Result, train
 from declora.errors import DecloraError
 from declora.model.export import save_peft_adapter
 from declora.network import distributed as dd
 from declora.reporting.report import summary_rows, write_report
 from declora.runners import checkpoint as ckpt
+from declora.runners.build import PeerSide, build_algorithm, loop_settings, make_evaluator, prepare
 from declora.runners.rundir import STATUS_FILE, RunDir, write_json
+from declora.runners.simulate import write_setup
 
 
 def restarted() -> bool:
@@ -81,16 +84,16 @@ def fingerprint(cfg: RunConfig, prep: Any) -> dict[str, Any]:
 
 
 def simulation_only(cfg: RunConfig) -> str:
-    """The first setting distributed runs do not support yet, or ''."""
-    t = cfg.topology
-    checks = [
-        (cfg.algorithm.name != "dec-lora", f"algorithm.name={cfg.algorithm.name}"),
-        (t.dynamic != "static", f"topology.dynamic={t.dynamic}"),
-        (t.offline_prob > 0, f"topology.offline_prob={t.offline_prob}"),
-        (cfg.train.straggler_prob > 0, f"train.straggler_prob={cfg.train.straggler_prob}"),
-        (cfg.lora.method != "lora", f"lora.method={cfg.lora.method}"),
-    ]
-    return next((what for bad, what in checks if bad), "")
+    """Why this config cannot run as one process per peer, or ''. Only the baselines that
+    need no network (centralized training, local-only peers) are refused: they would only
+    waste processes; run them with `declora run`."""
+    algorithm = algorithm_class(cfg.algorithm.name)
+    if algorithm.single_process:
+        return (
+            f"algorithm.name={cfg.algorithm.name} needs no network (one model, or peers that "
+            "never talk)"
+        )
+    return ""
 
 
 def _open_rundir(out: Path, proc: dd.PeerProcess, resume: bool, overwrite: bool) -> str:
@@ -109,18 +112,6 @@ def _open_rundir(out: Path, proc: dd.PeerProcess, resume: bool, overwrite: bool)
     return ""
 
 
-def _one_peer_plan(plan: Plan, rank: int) -> Plan:
-    """The engine's view: this peer's data share and weight, and nothing of the others'."""
-    return Plan(
-        plan.algorithm,
-        [plan.parts[rank]],
-        np.eye(1),
-        plan.batch_size,
-        plan.messages[rank : rank + 1],
-        plan.weights[rank : rank + 1],
-    )
-
-
 def run_peer(
     cfg: RunConfig,
     out: Path,
@@ -130,16 +121,6 @@ def run_peer(
     progress: bool = True,
 ) -> tuple[dd.PeerProcess, Result]:
     """Run this process's peer; every peer returns when the whole run is written."""
-    from declora.runners.simulate import (
-        checkpointing,
-        compressor_of,
-        loop_settings,
-        make_engine,
-        make_evaluator,
-        prepare,
-        write_setup,
-    )
-
     proc = dd.start(cfg.comm.backend, cfg.comm.timeout_s)
     resume = resume or restarted()
     error = ""
@@ -149,9 +130,7 @@ def run_peer(
             "start one process per peer (torchrun --nproc-per-node / --nnodes)"
         )
     elif simulation_only(cfg):
-        error = (
-            f"{simulation_only(cfg)} runs in simulation only for now (declora run without torchrun)"
-        )
+        error = f"{simulation_only(cfg)}: run it with `declora run` (no torchrun)"
     prep = None
     if not error:
         try:
@@ -167,37 +146,25 @@ def run_peer(
     peer_dir = rundir.sub(f"peers/peer-{rank}")
     if proc.leader:
         write_setup(rundir, prep)
-    plan = make_plan(
-        "dec-lora", prep.topology, prep.parts, cfg.train.batch_size, cfg.train.peer_weighting
-    )
+    name = cfg.algorithm.name
     torch.manual_seed(cfg.seed + rank)
-    engine = dd.TimedEngine(make_engine(prep, _one_peer_plan(plan, rank)))
     skip = cfg.comm.on_peer_failure == "skip"
     # collectives wait for the slowest peer's evaluation too: a generous bound, not comm.timeout_s
     slack = max(cfg.comm.timeout_s, dd.STARTUP_S)
     network = dd.PeerNetwork(proc, monitor=cfg.eval.monitor, timeout_s=slack, local=skip)
-    evaluator = dd.MonitoredEvaluator(make_evaluator(prep), network)
-    c = cfg.comm
-    gossip = dd.PeerGossip(
-        rank,
-        plan.mixing,
-        compressor_of(cfg),
-        scheme=c.scheme,
-        error_feedback=c.error_feedback,
-        gamma=c.gamma,
-        seed=cfg.seed,
-        timeout_s=c.timeout_s,
-        on_failure=c.on_peer_failure,
-        device=proc.device,
+    run = build_algorithm(
+        prep,
+        name,
+        out / "checkpoints" / f"peer-{rank}",
+        resume=resume,
+        side=PeerSide(proc, network),
     )
+    plan, engine, gossip, checkpoints = run.plan, run.engine, run.communicator, run.checkpoints
     network.clocks = {
         "compute": lambda: engine.seconds,
         "comm": lambda: gossip.seconds,
         "comm_wait": lambda: gossip.wait_seconds,
     }
-    checkpoints = checkpointing(
-        cfg, out / "checkpoints" / f"peer-{rank}", resume=resume, extra=["dec-lora", rank]
-    )
     if checkpoints is not None:
         checkpoints.keep = max(2, checkpoints.keep)  # peers must share a round to resume from
         if resume:
@@ -213,23 +180,20 @@ def run_peer(
         if proc.leader:
             rundir.rewrite_metrics([_network_view(r) for r in records])
 
-    mix_keys = None
-    if not cfg.lora.mix_head:
-        mix_keys = {k for k in prep.init if k.endswith((".lora_A", ".lora_B"))}
     try:
         result = train(
             engine,
             plan,
             prep.train_examples,
-            evaluator,
+            run.evaluator,
             **loop_settings(prep),
             eval_peers=cfg.eval.peers if plan.n > 1 else "never",
             on_record=on_record,
             progress=progress and proc.leader,
-            mix_keys=mix_keys,
+            mix_keys=run.mix_keys,
             gossip=gossip,
-            gossip_steps=c.gossip_steps,
-            peers=[rank],
+            gossip_steps=run.algorithm.gossip_steps(),
+            peers=run.peers,
             network=network,
             checkpoints=checkpoints,
             on_restore=on_restore,
@@ -287,12 +251,11 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
     for i in range(proc.world):
         f = rundir.path / "peers" / f"peer-{i}" / "wire.json"
         wire.append(json.loads(f.read_text())["bytes_on_wire"] if f.is_file() else None)
-    from declora.runners.simulate import make_evaluator
-
     ev = make_evaluator(prep)
+    name = cfg.algorithm.name
     rows = summary_rows(
-        {"dec-lora": result},
-        "dec-lora",
+        {name: result},
+        name,
         ev.columns,
         ev.primary,
         ev.higher_is_better,
@@ -301,14 +264,14 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
     rundir.write_json(
         "summary.json",
         {
-            "main": "dec-lora",
+            "main": name,
             "task": cfg.task,
             "columns": list(ev.columns),
             "rows": rows,
             "distributed": {"processes": proc.world, "bytes_on_wire_per_peer": wire},
         },
     )
-    write_report(rundir, prep, {"dec-lora": result}, rows)
+    write_report(rundir, prep, {name: result}, rows)
     rundir.set_status(
         "complete",
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads per peer",

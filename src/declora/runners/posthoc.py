@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from declora.config.schema import load_config
@@ -21,8 +22,15 @@ from declora.model.export import peft_key, save_peft_adapter
 from declora.runners.rundir import RunDir
 
 
-def peer_adapters(run: Path, canonical: list[str], spec: Any, n: int) -> list[dict]:
-    """Every peer's adapter under canonical names; an error names what is missing."""
+def peer_adapters(
+    run: Path,
+    canonical: list[str],
+    spec: Any,
+    n: int,
+    like: dict[str, torch.Tensor] | None = None,
+) -> list[dict]:
+    """Every peer's adapter under canonical names; an error names what is missing, unreadable
+    or of another shape than `like` (this run's adapter: another rank, another model)."""
     names = {peft_key(spec, k): k for k in canonical}
     out = []
     for i in range(n):
@@ -32,28 +40,44 @@ def peer_adapters(run: Path, canonical: list[str], spec: Any, n: int) -> list[di
                 f"{str(run)!r} lacks peer {i}'s adapter ({f.relative_to(run)}); the averaged "
                 f"model needs all {n} peers' adapters (copy them from the peers' machines)"
             )
-        raw = load_file(str(f))
+        try:
+            raw = load_file(str(f))
+        except (SafetensorError, OSError) as exc:
+            raise DecloraError(
+                f"{f} is not a readable safetensors file ({_one_line(exc)}); copy peer {i}'s "
+                "adapter again"
+            ) from None
         missing = sorted(set(names) - set(raw))
         if missing:
             raise DecloraError(f"{f} has no tensor {missing[0]!r}; it is not this run's adapter")
+        for key, name in names.items():
+            want = None if like is None else tuple(like[name].shape)
+            if want is not None and tuple(raw[key].shape) != want:
+                raise DecloraError(
+                    f"{f}: tensor {key!r} has shape {tuple(raw[key].shape)} where this run's "
+                    f"adapter has {want} (another lora.r or model?); it is not this run's adapter"
+                )
+            if not bool(torch.isfinite(raw[key].float()).all()):
+                raise DecloraError(f"{f}: tensor {key!r} holds non-finite values (NaN or inf)")
         out.append({names[k]: raw[k] for k in names})
     return out
 
 
 def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
     """Average the peers' adapters of a run, evaluate, save, and update summary.json."""
-    from declora.engine.round_loop import Plan
+    from declora.algorithms import make_algorithm
     from declora.reporting.report import table_text
-    from declora.runners.simulate import make_engine, make_evaluator, prepare
+    from declora.runners.build import make_engine, make_evaluator, prepare
 
     run = Path(run_dir)
     rd = RunDir(run)
     cfg = load_config(run / "config.yaml", [])
     prep = prepare(cfg)
     n = cfg.topology.peers
-    adapters = peer_adapters(run, list(prep.init), prep.spec, n)
+    adapters = peer_adapters(run, list(prep.init), prep.spec, n, like=prep.init)
     avg = {k: torch.stack([a[k].float() for a in adapters]).mean(dim=0) for k in prep.init}
-    plan = Plan("average", [np.arange(1)], np.eye(1), 1, np.zeros(1), np.ones(1))
+    # one model (the average) evaluated: centralized's plan over a single one-example share
+    plan = make_algorithm("centralized", cfg).plan(prep.topology, [np.arange(1)], 1)
     engine = make_engine(prep, plan)
     engine.load_stacked({k: v.unsqueeze(0) for k, v in avg.items()})
     evaluator = make_evaluator(prep)
@@ -73,3 +97,7 @@ def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
         rd.write_json("summary.json", summary)
         return {"metrics": metrics, "table": table_text(summary["rows"], summary.get("columns"))}
     return {"metrics": metrics, "table": ""}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from declora.network.simulated import average
+from declora.model.adapters import average
 from declora.tasks.task import CausalLMTask, Example
 
 if TYPE_CHECKING:

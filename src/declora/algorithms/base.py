@@ -1,0 +1,128 @@
+"""What makes one member of the Dec-LoRA family what it is, as one object.
+
+An `Algorithm` answers every question the rest of the code used to answer by comparing
+`algorithm.name` with strings: which LoRA factors train in a round, which tensors a peer sends,
+how the received tensors combine (the communicator it asks for), who talks to whom (its plan),
+whether it gossips at all, its label in reports, and which settings it supports (capabilities
+that the config check reads). The round loop is the template method; an algorithm fills in its
+steps. Adding an algorithm is one file that subclasses `Algorithm` and registers itself
+(`declora.algorithms.registry.register`), plus its line in `declora/algorithms/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+import networkx as nx
+import numpy as np
+
+from declora.engine.plan import Plan, peer_weights
+from declora.errors import ConfigError
+from declora.network.mixing import LORA_FACTORS
+from declora.network.schedules import Schedule, StaticSchedule
+from declora.network.topology import Topology
+
+if TYPE_CHECKING:
+    from declora.config.schema import RunConfig
+
+
+class Algorithm:
+    """Base class: Dec-LoRA's answers (both factors train, everything is sent and averaged
+    factor by factor with W on the graph). Subclasses override what differs."""
+
+    #: `algorithm.name` in the config.
+    name: ClassVar[str] = ""
+    #: How reports and plots call it.
+    label: ClassVar[str] = ""
+    #: Exchanges values with graph neighbours each round (the others are its baselines).
+    gossips: ClassVar[bool] = True
+    #: A server averages: every online peer uploads one copy per round (the broadcast back is
+    #: not counted), and a distributed run averages with an all-reduce.
+    server_average: ClassVar[bool] = False
+    #: Mixes something other than factor averages, so it takes exact messages only.
+    exact_messages_only: ClassVar[bool] = False
+    #: Works on LoRA's two factors, so PEFT methods without them (IA3, prompt tuning) are out.
+    needs_lora_factors: ClassVar[bool] = False
+    #: Needs no network at all (one model, or peers that never talk): in a distributed run it
+    #: would only waste processes, so `declora launch` refuses it.
+    single_process: ClassVar[bool] = False
+    #: The peers' own models are the product (personalization): each is scored on held-out
+    #: examples drawn with that peer's own label mix as well.
+    personalized: ClassVar[bool] = False
+    #: How a peer combines what it received: "average" (W times each tensor, exact or
+    #: compressed, plain or CHOCO) or "product-svd" (DeCAF: mix B_j A_j, truncated SVD).
+    mixing_rule: ClassVar[str] = "average"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------- what trains, what is sent
+
+    def trainable(self, round: int) -> frozenset[str]:
+        """The LoRA factors that get gradients in `round` (a head, if any, always trains)."""
+        return LORA_FACTORS
+
+    def sent_keys(self, keys: Iterable[str]) -> set[str]:
+        """The tensors a peer sends and mixes each round; the others stay as they are."""
+        return set(keys)
+
+    # ---------------------------------------------------------------- who talks to whom
+
+    def plan(
+        self,
+        topology: Topology,
+        parts: list[np.ndarray],
+        batch_size: int,
+        schedule: Schedule | None = None,
+    ) -> Plan:
+        """Gossip on the graph: each peer sends one copy to each neighbour; `schedule`
+        (dynamic graphs, offline peers, stragglers) changes the matrix and the steps."""
+        w = peer_weights(parts, self.cfg.train.peer_weighting)
+        deg = np.array(topology.degrees)
+        return Plan(self, parts, topology.mixing, batch_size, deg, w, schedule)
+
+    # ---------------------------------------------------------------- the settings it takes
+
+    def check(self, cfg: RunConfig) -> None:
+        """Refuse settings this algorithm cannot honour, before any work (ConfigError)."""
+        if self.needs_lora_factors and cfg.lora.method in ("ia3", "prompt-tuning"):
+            raise ConfigError(
+                f"algorithm {self.name} works on LoRA's two factors; lora.method="
+                f"{cfg.lora.method} has none (use algorithm.name=dec-lora, which mixes any "
+                "adapter)"
+            )
+        if self.exact_messages_only and not cfg.comm.exact:
+            raise ConfigError(
+                f"algorithm {self.name} sends exact factors; comm.bits={cfg.comm.bits}, "
+                f"comm.scheme={cfg.comm.scheme} is not supported with it (use comm.bits=32 and "
+                "comm.scheme=plain)"
+            )
+        t = cfg.topology
+        changing = t.dynamic != "static" or t.offline_prob > 0
+        if self.gossips and cfg.comm.scheme == "choco" and changing:
+            raise ConfigError(
+                "comm.scheme=choco needs a fixed graph with every peer online (its copies of the "
+                "neighbours' values would go stale); use comm.scheme=plain with topology.dynamic="
+                f"{t.dynamic}, topology.offline_prob={t.offline_prob}"
+            )
+
+    def gossip_steps(self) -> int:
+        """Exchanges per round: `comm.gossip_steps` for gossip, one server average otherwise."""
+        return self.cfg.comm.gossip_steps if self.gossips else 1
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name}>"
+
+
+def availability_only(schedule: Schedule | None, mixing: np.ndarray, rule: str) -> Schedule | None:
+    """A baseline's schedule: its own fixed matrix (rebuilt on the online peers) with the same
+    offline peers and stragglers as the gossip schedule; None when everyone is always there."""
+    if schedule is None:
+        return None
+    a = schedule.availability
+    if a.offline_prob == 0 and a.straggler_prob == 0:
+        return None
+    n = mixing.shape[0]
+    base = Topology(graph=nx.empty_graph(n), mixing=mixing, kind=rule, rule=rule)
+    return StaticSchedule(base, schedule.seed, a)

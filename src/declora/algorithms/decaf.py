@@ -1,0 +1,16 @@
+"""DeCAF (arXiv 2505.21382): train both factors; each peer averages its neighbours' *products*
+B_j A_j and factors the average back to rank r by truncated SVD. Averaging factors separately
+adds cross terms B_j A_k (j != k) that no peer trained; averaging products does not. The SVD
+step is `declora.network.mixing.decaf_mix` (all peers) / `decaf_combine` (one peer)."""
+
+from declora.algorithms.base import Algorithm
+from declora.algorithms.registry import register
+
+
+@register
+class DeCAF(Algorithm):
+    name = "decaf"
+    label = "DeCAF"
+    exact_messages_only = True
+    needs_lora_factors = True
+    mixing_rule = "product-svd"
