@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from declora.algorithms import adf, centralized, dec_lora, decaf, fedavg, ffa, local_only  # noqa: F401
+from declora.algorithms import fedsa  # noqa: F401
 from declora.algorithms.base import Algorithm
 from declora.algorithms.registry import algorithm_class, label, make_algorithm, names
 
