@@ -60,7 +60,7 @@ def run_one(prep, base, setting: str) -> dict:
     import torch
 
     from declora.algorithms import make_algorithm
-    from declora.engine.round_loop import train
+    from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
     from declora.runners.build import make_engine, make_evaluator, simulated_communicator
 
     cfg = base.model_copy(deep=True)
@@ -74,19 +74,23 @@ def run_one(prep, base, setting: str) -> dict:
     start = time.perf_counter()
     try:
         res = train(
-            engine,
-            plan,
+            LoopParts(
+                engine,
+                plan,
+                make_evaluator(prep),
+                communicator=simulated_communicator(cfg, algorithm, plan),
+            ),
             prep.train_examples,
-            make_evaluator(prep),
-            rounds=cfg.train.rounds,
-            local_steps=cfg.train.local_steps,
-            seed=cfg.seed,
-            eval_every=cfg.train.rounds,
-            eval_peers="never",
-            lora_modules=prep.spec.lora_modules,
-            progress=False,
-            gossip=simulated_communicator(cfg, algorithm, plan),
-            gossip_steps=cfg.comm.gossip_steps,
+            LoopSettings(
+                rounds=cfg.train.rounds,
+                local_steps=cfg.train.local_steps,
+                seed=cfg.seed,
+                eval_every=cfg.train.rounds,
+                eval_peers="never",
+                lora_modules=prep.spec.lora_modules,
+                gossip_steps=cfg.comm.gossip_steps,
+            ),
+            LoopHooks(progress=False),
         )
     finally:
         prep.model = engine.remove()

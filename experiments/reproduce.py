@@ -79,7 +79,7 @@ class Experiment:
     compare: bool = False  # also `declora report`'s plots over the first seed's cells
 
 
-def _cell(variant_sets: Iterable[str], seed: int) -> Cell:
+def cell_of(variant_sets: Iterable[str], seed: int) -> Cell:
     """Canonical cell: the same overrides in any order name the same folder (runs once)."""
     pairs = sorted(tuple(s.split("=", 1)) for s in variant_sets)
     keys = [k for k, _ in pairs]
@@ -359,7 +359,7 @@ def plan(exps: Sequence[Experiment]) -> list[tuple[Job, Cell, float]]:
                 for sets, cost in ((v.sets, v.cost), (v.reference, v.cost)):
                     if sets is None:
                         continue
-                    c = _cell(sets, seed)
+                    c = cell_of(sets, seed)
                     seen.setdefault((e.job.name, c), (e.job, c, cost))
     return sorted(seen.values(), key=lambda t: -t[2])
 
@@ -414,9 +414,9 @@ def _ms(vals: Sequence[float], spec: str) -> str:
 def summarize(out: Path, e: Experiment) -> list[dict[str, Any]]:
     rows = []
     for v in e.variants:
-        cells = [read_cell(out, e.job, _cell(v.sets, s)) for s in e.seeds]
+        cells = [read_cell(out, e.job, cell_of(v.sets, s)) for s in e.seeds]
         refs = [
-            read_cell(out, e.job, _cell(v.reference, s)) if v.reference else None for s in e.seeds
+            read_cell(out, e.job, cell_of(v.reference, s)) if v.reference else None for s in e.seeds
         ]
         done = [c for c in cells if c]
         pairs = [(c, r) for c, r in zip(cells, refs, strict=True) if c and r]
@@ -651,7 +651,7 @@ def compare_figures(out: Path, e: Experiment, img: Path) -> list[str]:
     """`declora report`'s comparison plots over the first seed's complete cells."""
     runs, names = [], []
     for v in e.variants:
-        path = out / e.job.name / "cells" / _cell(v.sets, e.seeds[0]).name
+        path = out / e.job.name / "cells" / cell_of(v.sets, e.seeds[0]).name
         if cell_status(path) == "complete":
             runs.append(path)
             names.append(v.label)
@@ -728,7 +728,7 @@ def write_results(
             parts += compare_figures(out, e, img)
         for label, name in e.figures:
             v = next(v for v in e.variants if v.label == label)
-            src = out / e.job.name / "cells" / _cell(v.sets, e.seeds[0]).name / name
+            src = out / e.job.name / "cells" / cell_of(v.sets, e.seeds[0]).name / name
             if src.is_file():
                 dst = img / f"{e.key}-{slug(label)}-{name}"
                 shutil.copyfile(src, dst)

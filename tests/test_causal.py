@@ -13,7 +13,7 @@ from declora.algorithms import make_plan
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import train
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import average, build_spec, initial_state
 from declora.model.export import save_peft_adapter
 from declora.network.topology import build_topology
@@ -131,16 +131,20 @@ def _run(
     engine = engine_cls(model, spec, plan.n, init, task, **kwargs)
     evaluator = LMEvaluator(task, examples[:20], [], batch_size=8)
     res = train(
-        engine,
-        plan,
+        LoopParts(
+            engine,
+            plan,
+            evaluator,
+        ),
         examples,
-        evaluator,
-        rounds=rounds,
-        local_steps=local_steps,
-        seed=0,
-        eval_every=rounds,
-        lora_modules=spec.lora_modules,
-        progress=False,
+        LoopSettings(
+            rounds=rounds,
+            local_steps=local_steps,
+            seed=0,
+            eval_every=rounds,
+            lora_modules=spec.lora_modules,
+        ),
+        LoopHooks(progress=False),
     )
     return res, engine, spec
 

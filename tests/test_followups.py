@@ -20,7 +20,7 @@ from declora.config.schema import DynamicKind
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.plan import Plan
-from declora.engine.round_loop import train
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.compress import make_compressor
 from declora.network.compressed import CompressedGossip
@@ -94,19 +94,22 @@ def _snapshots(
 
     snaps = [state()]
     result = train(
-        engine,
-        plan,
+        LoopParts(
+            engine,
+            plan,
+            Evaluator(examples[:16], 3, batch_size=16),
+            communicator=gossip,
+        ),
         examples,
-        Evaluator(examples[:16], 3, batch_size=16),
-        rounds=rounds,
-        local_steps=local_steps,
-        seed=0,
-        eval_every=1,
-        eval_peers="never",
-        lora_modules=spec.lora_modules,
-        on_record=lambda rec: snaps.append(state()),
-        progress=False,
-        gossip=gossip,
+        LoopSettings(
+            rounds=rounds,
+            local_steps=local_steps,
+            seed=0,
+            eval_every=1,
+            eval_peers="never",
+            lora_modules=spec.lora_modules,
+        ),
+        LoopHooks(on_record=lambda rec: snaps.append(state()), progress=False),
     )
     return snaps, result.records, engine
 
@@ -172,18 +175,22 @@ def test_ffa_sends_half_the_bytes_and_never_moves_a(task, examples):
         keys = {k for k in engine.stacked() if k.endswith(("lora_A", "lora_B"))}
         mix = keys if algorithm == "dec-lora" else {k for k in keys if k.endswith("lora_B")}
         res = train(
-            engine,
-            plan,
+            LoopParts(
+                engine,
+                plan,
+                Evaluator(examples[:16], 3),
+                mix_keys=mix,
+            ),
             examples,
-            Evaluator(examples[:16], 3),
-            rounds=2,
-            local_steps=1,
-            seed=0,
-            eval_every=2,
-            eval_peers="never",
-            lora_modules=spec.lora_modules,
-            progress=False,
-            mix_keys=mix,
+            LoopSettings(
+                rounds=2,
+                local_steps=1,
+                seed=0,
+                eval_every=2,
+                eval_peers="never",
+                lora_modules=spec.lora_modules,
+            ),
+            LoopHooks(progress=False),
         )
         out[algorithm] = res
     assert out["ffa"].last("bytes_sent") * 2 == out["dec-lora"].last("bytes_sent")

@@ -21,7 +21,7 @@ from declora.algorithms import make_plan
 from declora.cli import app
 from declora.data.partition import partition
 from declora.engine.reference import ReferenceEngine, peer_name
-from declora.engine.round_loop import train
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.errors import ConfigError
 from declora.model.adapters import IA3_VECTOR, MAGNITUDE, PROMPT, average, build_spec, initial_state
 from declora.model.export import save_peft_adapter
@@ -133,17 +133,21 @@ def test_one_round_of_gossip_is_w_times_stacked(method, tokenizer, task):
         eng, spec, _ = _engine(method, task)
         plan = make_plan(algorithm, topo, parts, batch_size=4)
         finals[algorithm] = train(
-            eng,
-            plan,
+            LoopParts(
+                eng,
+                plan,
+                evaluator,
+            ),
             examples,
-            evaluator,
-            rounds=1,
-            local_steps=2,
-            seed=0,
-            eval_every=1,
-            eval_peers="never",
-            lora_modules=spec.lora_modules,
-            progress=False,
+            LoopSettings(
+                rounds=1,
+                local_steps=2,
+                seed=0,
+                eval_every=1,
+                eval_peers="never",
+                lora_modules=spec.lora_modules,
+            ),
+            LoopHooks(progress=False),
         )
     before, after = finals["local-only"].final, finals["dec-lora"].final
     W = torch.tensor(topo.mixing, dtype=torch.float32)
@@ -189,7 +193,6 @@ def test_exported_adapters_reload_in_peft_with_identical_logits(method, tokenize
 @pytest.mark.parametrize("method", ["dora", "prompt-tuning"])
 def test_engine_state_restores_exactly(method, tokenizer, task):
     """What a checkpoint holds (values, optimizer moments, schedules) continues bit for bit."""
-    from declora.runners.checkpoint import engine_state, load_engine_state
 
     examples = synthetic_examples(tokenizer, 60)
 
@@ -199,9 +202,9 @@ def test_engine_state_restores_exactly(method, tokenizer, task):
     a, _, _ = _engine(method, task, optimizer="adamw")
     for s in range(2):
         step(a, s)
-    saved = copy.deepcopy(engine_state(a))  # as on disk: no tensor shared with `a`
+    saved = copy.deepcopy(a.state_dict())  # as on disk: no tensor shared with `a`
     b, _, _ = _engine(method, task, optimizer="adamw")
-    load_engine_state(b, saved)
+    b.load_state_dict(saved)
     step(a, 2)
     step(b, 2)
     for k, v in a.stacked().items():

@@ -51,8 +51,7 @@ def test_real_run_and_peft_export(minilm_path, tmp_path):
     with torch.no_grad():
         got = model(**batch).logits
     from declora.engine.batched import BatchedEngine
-    from declora.model.adapters import build_spec
-    from declora.network.simulated import average
+    from declora.model.adapters import average, build_spec
     from declora.tasks.task import ClassificationTask
 
     fresh = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
@@ -63,3 +62,54 @@ def test_real_run_and_peft_export(minilm_path, tmp_path):
     examples = [{k: batch[k][i][mask[i]].tolist() for k in batch} | {"label": 0} for i in range(3)]
     want = eng.outputs_single(avg, examples)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _default_job(out, *extra: str) -> list[str]:
+    args = ["--quiet", "--out", str(out)]
+    for kv in (
+        "topology.peers=3",
+        "train.rounds=2",
+        "eval.every=2",
+        "eval.max_examples=40",
+        "eval.final_max_examples=40",
+        "eval.peer_max_examples=20",
+        "baselines=[]",
+        *extra,
+    ):
+        args += ["--set", kv]
+    return args
+
+
+def test_real_peers_equal_the_simulation_on_minilm_with_dropout_off(minilm_path, tmp_path):
+    """The default job (3 peers, 2 rounds) on the real MiniLM: with model.dropout=0 the three
+    torchrun peers end with the simulation's adapters. MiniLM's own dropout (0.1) draws masks
+    from each process's random stream, which is why it is a setting (`model.dropout`)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    env = {"OMP_NUM_THREADS": "1"}
+    sim, dist = tmp_path / "sim", tmp_path / "dist"
+    res = run_cli("run", *_default_job(sim, "model.dropout=0"), env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(
+        "launch", "--peers", "3", "--", *_default_job(dist, "model.dropout=0"), env=env, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for i in range(3):
+        a = load_file(str(sim / f"adapters/peer-{i}/adapter_model.safetensors"))
+        b = load_file(str(dist / f"adapters/peer-{i}/adapter_model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"peer {i} {k}")
+
+
+def test_model_dropout_sets_every_dropout_of_minilm(minilm_path):
+    from declora.model.dropout import set_dropout
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=3)
+    ps = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert ps == {0.1}  # MiniLM's own: hidden states, attention, classifier
+    assert set_dropout(model, None) == 0
+    count = set_dropout(model, 0.0)
+    assert count == sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) > 10
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}

@@ -39,21 +39,21 @@ def test_every_cell_is_a_valid_config_and_shared_cells_run_once(rep, quick):
         for e in exps
         for v in e.variants
         for s in e.seeds
-        if rep._cell(v.sets, s) == rep._cell(("lora.r=8",), s)
+        if rep.cell_of(v.sets, s) == rep.cell_of(("lora.r=8",), s)
     )
     assert uses > len(seeds)
-    assert sum(1 for _, c, _ in todo if c == rep._cell(("lora.r=8",), seeds[0])) == 1
+    assert sum(1 for _, c, _ in todo if c == rep.cell_of(("lora.r=8",), seeds[0])) == 1
     # the longest cells start first
     costs = [cost for _, _, cost in todo]
     assert costs == sorted(costs, reverse=True)
 
 
 def test_cell_identity_ignores_the_order_of_overrides(rep):
-    a = rep._cell(["lora.r=4", "topology.kind=er"], 1)
-    b = rep._cell(["topology.kind=er", "lora.r=4"], 1)
+    a = rep.cell_of(["lora.r=4", "topology.kind=er"], 1)
+    b = rep.cell_of(["topology.kind=er", "lora.r=4"], 1)
     assert a == b and a.name == b.name
     with pytest.raises(Exception, match="twice"):
-        rep._cell(["lora.r=4", "lora.r=8"], 0)
+        rep.cell_of(["lora.r=4", "lora.r=8"], 0)
 
 
 def test_long_cell_names_stay_distinct():
@@ -100,9 +100,9 @@ def _fake_cell(root: Path, name: str, accuracy: float, best: float) -> None:
 def test_tables_pair_each_seed_with_its_centralized_run(rep, tmp_path):
     exp = next(e for e in rep.experiments(False) if e.key == "quantization")
     for s, (dec, cen) in enumerate([(0.60, 0.62), (0.61, 0.62), (0.59, 0.64)]):
-        _fake_cell(tmp_path, rep._cell(("lora.r=8",), s).name, dec, dec + 0.01)
+        _fake_cell(tmp_path, rep.cell_of(("lora.r=8",), s).name, dec, dec + 0.01)
         _fake_cell(
-            tmp_path, rep._cell(("algorithm.name=centralized", "lora.r=8"), s).name, cen, cen
+            tmp_path, rep.cell_of(("algorithm.name=centralized", "lora.r=8"), s).name, cen, cen
         )
     rows = rep.summarize(tmp_path, exp)
     fp32 = rows[0]
@@ -121,7 +121,7 @@ def test_tables_pair_each_seed_with_its_centralized_run(rep, tmp_path):
     assert not (tmp_path / "img" / "quantization-compare").exists()  # one finished variant
 
     # with a second variant finished, `declora report`'s plots are drawn and linked
-    _fake_cell(tmp_path, rep._cell(("lora.r=8", "comm.bits=4"), 0).name, 0.6, 0.61)
+    _fake_cell(tmp_path, rep.cell_of(("lora.r=8", "comm.bits=4"), 0).name, 0.6, 0.61)
     doc = rep.write_results(tmp_path, [exp], quick=False, wall=None, n_jobs=2).read_text()
     for png in ("accuracy.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / "img" / "quantization-compare" / png).stat().st_size > 1000
@@ -140,7 +140,7 @@ def test_every_plot_kind_is_drawn_from_finished_cells(rep, tmp_path):
     for e in exps:
         for i, v in enumerate(e.variants):
             for s in e.seeds:
-                name = rep._cell(v.sets, s).name
+                name = rep.cell_of(v.sets, s).name
                 if not (tmp_path / "minilm" / "cells" / name).exists():
                     _fake_cell(tmp_path, name, 0.5 + 0.01 * i, 0.52 + 0.01 * i)
     doc = rep.write_results(tmp_path, exps, quick=True, wall=840.0, n_jobs=2).read_text()

@@ -64,6 +64,7 @@ def run(
     of a distributed run instead."""
     from declora.config.schema import load_config
     from declora.network.distributed import launched
+    from declora.runners.rundir import RunDir
 
     distributed = launched()
     try:
@@ -80,6 +81,12 @@ def run(
                     f"--resume {str(resume)!r} has no config.yaml; not a run directory"
                 )
         cfg = load_config(config, set_ or [])
+        if resume is not None and cfg.train.checkpoint_every == 0:
+            raise DecloraError(
+                f"--resume {str(resume)!r}: this run writes no checkpoints "
+                "(train.checkpoint_every=0), so there is nothing to continue from; start it "
+                "again with --out DIR --overwrite"
+            )
         _quiet_libraries()
         if distributed:
             if out is None:
@@ -92,6 +99,7 @@ def run(
         from declora.runners.simulate import execute
 
         target = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+        RunDir.preflight(target, overwrite=overwrite, resume=resume is not None)
         typer.echo(
             f"declora: {cfg.algorithm.name} on {cfg.topology.peers} peers "
             f"({cfg.topology.kind}, {cfg.topology.mixing}), data {cfg.data.name}, "
@@ -155,22 +163,22 @@ def launch(
 ) -> None:
     """Run `declora run ARGS...` as one process per peer with torch.distributed's launcher.
 
-    Example: declora launch --peers 4 -- --config job.yaml --out runs/dist"""
-    from torch.distributed.run import get_args_parser
-    from torch.distributed.run import run as torchrun
+    On one machine every socket listens on loopback only. Example:
+    declora launch --peers 4 -- --config job.yaml --out runs/dist"""
+    from declora.runners import launch as launcher
 
-    args = [f"--nproc-per-node={peers}", f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
-    if rdzv_endpoint:
-        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
-        args += [f"--node-rank={node_rank}"]
-    elif nnodes != "1":
-        _fail(DecloraError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT"))
-    else:
-        args.append("--standalone")
     extra = [a for a in ctx.args if a != "--"]
-    parsed = get_args_parser().parse_args([*args, "-m", "declora", "run", *extra])
     try:
-        torchrun(parsed)
+        launcher.run(
+            ["declora", "run", *extra],
+            peers=peers,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            max_restarts=max_restarts,
+        )
+    except DecloraError as exc:
+        _fail(exc)
     except Exception as exc:  # torch's ChildFailedError: the peers already printed why
         typer.echo(f"error: the distributed run failed ({type(exc).__name__})", err=True)
         raise typer.Exit(1) from None
@@ -272,9 +280,11 @@ def report(
 ) -> None:
     """Print the summary table of a finished run; with several runs, compare them (one table,
     metric per round, final metric against bytes, consensus distance) in `--out`."""
+    from declora.reporting.compare import finished_summary
     from declora.reporting.report import table_text
-    from declora.runners.rundir import RunDir
 
+    if out is not None and len(run_dirs) == 1:
+        _fail(DecloraError("--out is for comparing several runs; one run's report is printed"))
     if len(run_dirs) > 1:
         from declora.reporting.compare import compare_runs
 
@@ -288,14 +298,8 @@ def report(
         typer.echo(f"comparison: {target / 'compare.md'}")
         return
     run_dir = run_dirs[0]
-    rd = RunDir(run_dir)
     try:
-        status = rd.status()
-        if status is None:
-            raise DecloraError(f"{str(run_dir)!r} is not a declora run directory (no run.json)")
-        if status != "complete":
-            raise DecloraError(f"run {str(run_dir)!r} is not complete (status: {status})")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = finished_summary(run_dir)
         primary = (summary.get("columns") or ["accuracy"])[0]
         unmonitored = any(
             r["label"].endswith("(averaged model)") and r.get(primary) is None

@@ -23,3 +23,7 @@ class DataError(DecloraError):
 
 class ModelError(DecloraError):
     """A model cannot be loaded or does not fit the task."""
+
+
+class CheckpointError(DecloraError):
+    """A checkpoint is missing, damaged or belongs to another run."""

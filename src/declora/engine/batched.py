@@ -23,6 +23,7 @@ from torch import nn
 from declora.model.adapters import AdapterSpec, OptimSettings, set_submodule
 from declora.model.stacked import StackedLinear, StackedLoraLinear
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
+from declora.engine.state import TrainingState
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 
@@ -66,7 +67,7 @@ def _index(group: list[int], device: torch.device) -> slice | torch.Tensor:
     return torch.tensor(group, dtype=torch.long, device=device)
 
 
-class BatchedEngine(SingleAdapterOutputs):
+class BatchedEngine(SingleAdapterOutputs, TrainingState):
     """All peers on one model. `stacked()` exposes name -> [n, ...] tensors for gossip."""
 
     def __init__(
@@ -257,6 +258,9 @@ class BatchedEngine(SingleAdapterOutputs):
             loss.sum().backward()
             total += loss.detach()
         return total
+
+    def _optimizers(self) -> tuple[list, list]:
+        return [self.optimizer], [self.scheduler]
 
     def stacked(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}

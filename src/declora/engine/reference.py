@@ -26,6 +26,7 @@ from declora.engine.batched import as_active_mask
 from declora.model.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
 from declora.model.peft_methods import adapter_config, peft_param_name
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
+from declora.engine.state import TrainingState
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 __all__ = ["ReferenceEngine", "lora_config", "peer_name", "peft_param_name"]
@@ -45,7 +46,7 @@ def _adapter_params(named: dict[str, nn.Parameter], adapter: str) -> dict[str, n
     return {n: p for n, p in named.items() if adapter in n.split(".")}
 
 
-class ReferenceEngine(SingleAdapterOutputs):
+class ReferenceEngine(SingleAdapterOutputs, TrainingState):
     """n PEFT adapters on one model, trained peer by peer, each with its own optimizer.
 
     `init` names every trainable tensor of the spec's method (see `declora.model.adapters`); a
@@ -172,6 +173,9 @@ class ReferenceEngine(SingleAdapterOutputs):
             self.schedulers[i].step()
             losses.append(loss.detach())
         return torch.cat(losses)
+
+    def _optimizers(self) -> tuple[list, list]:
+        return list(self.optimizers), list(self.schedulers)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         return {k: torch.stack([p[k].detach() for p in self.peer_params]) for k in self.names}

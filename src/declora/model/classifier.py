@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from declora.errors import ModelError
+from declora.model.loading import DTYPES, frozen, local_model_folder, quantization_config
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 
@@ -38,21 +38,6 @@ def resolve_model(name: str) -> str:
     return local_model_folder(name) or name
 
 
-def local_model_folder(name: str) -> str | None:
-    """`name` as a checked local model folder; None when it reads as a hub id instead."""
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir() or not (p / "config.json").is_file():
-            raise ModelError(
-                f"model.name {name!r} is not a model folder: expected a directory with "
-                "config.json and weights (a Hugging Face save_pretrained folder)"
-            )
-        return str(p)
-    if name.startswith((".", "/", "~")):
-        raise ModelError(f"model.name {name!r}: no such folder")
-    return None
-
-
 def load_classifier(
     name: str,
     label_names: list[str],
@@ -66,8 +51,6 @@ def load_classifier(
     `quantize` (nf4/int8) loads the frozen base through bitsandbytes, which needs CUDA; the
     check comes before anything is loaded so a machine without it fails at once."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from declora.model.causal_lm import DTYPES, quantization_config
 
     if dtype not in DTYPES:
         raise ModelError(f"model.dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -92,15 +75,3 @@ def load_classifier(
             f"model.name {name!r} could not be loaded as a sequence classifier: {first}"
         ) from None
     return frozen(model, tokenizer), tokenizer, path
-
-
-def frozen(model: nn.Module, tokenizer: Any) -> nn.Module:
-    """The base in eval mode with no trainable weights, and a pad token for batching."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "METHODS",
     "adapter_config",
-    "check_method",
     "method_spec",
     "peft_key",
     "peft_param_name",
@@ -117,27 +116,8 @@ def peft_key(spec: AdapterSpec, canonical: str) -> str:
     return f"{_head_prefix(spec)}{module}.{leaf}"
 
 
-def check_method(cfg: RunConfig) -> None:
-    """Refuse what the chosen method cannot do, in one clear line; then resolve the engine:
-    every method but lora runs on the reference engine (`train.engine` is set to it, so the
-    saved config says what ran). Algorithms that need LoRA factors (decaf, ffa, adf) with IA3
-    or prompt tuning are refused by `declora.runners.simulate.check_combinations`."""
-    method = cfg.lora.method
-    if method == "lora":
-        return
-    problems = []
-    if method == "prompt-tuning" and cfg.task != "classification":
-        problems.append("lora.method=prompt-tuning supports task=classification only")
-    if method == "dora" and cfg.model.quantize:
-        problems.append("lora.method=dora cannot start from a quantized base (model.quantize)")
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if cfg.train.engine != "reference":
-        cfg.train.engine = "reference"
-
-
 def method_spec(model: nn.Module, cfg: RunConfig) -> AdapterSpec:
-    """The adapter spec of a run's `lora` settings on its model (after `check_method`)."""
+    """The adapter spec of a run's `lora` settings on its model."""
     lo = cfg.lora
     if lo.method == "prompt-tuning":
         limit = getattr(model.config, "max_position_embeddings", None)

@@ -22,11 +22,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from declora.engine.health import refusal
 from declora.errors import ConfigError, TopologyError
 from declora.network.compress import Compressor
 from declora.network.mixing import choco_step, mix_with_own_exact
 
 _GENERATOR_KEY = "generator"
+_OVERFLOW = (
+    "a finite value overflowed its wire format (fp16 holds at most 65504: use comm.half=bf16 "
+    "or more comm.bits)"
+)
 
 
 def peer_generator(seed: int, peer: int) -> torch.Generator:
@@ -88,7 +93,12 @@ class _GossipBase:
         """Encode one peer's tensor, count its bytes once per neighbour, return what they see."""
         packet = self.compressor.encode(value, self.generators[peer])
         sent[peer] += packet.nbytes() * int(self.degree[peer])
-        return self.compressor.decode(packet).to(value.device)
+        decoded = self.compressor.decode(packet).to(value.device)
+        if not bool(torch.isfinite(decoded).all()):  # what a real peer refuses to mix
+            if bool(torch.isfinite(value).all()):
+                raise refusal(self.W, peer, ["a compressed tensor"], hint=_OVERFLOW)
+            raise refusal(self.W, peer, ["a compressed tensor"])
+        return decoded
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Generator states plus per-tensor memory, all as tensors (safe for safetensors)."""

@@ -337,7 +337,7 @@ class _Slot:
     has_meta: bool
 
 
-def _layout(packets: dict[str, Packet]) -> list[_Slot]:
+def wire_layout(packets: dict[str, Packet]) -> list[_Slot]:
     out = []
     for name, p in packets.items():
         has_meta = p.scales is not None
@@ -517,7 +517,7 @@ class PeerGossip:
         self.last_bytes = np.array([sent], dtype=np.int64)
         return {j: b for j, b in arrived.items() if j not in self.failed}
 
-    def _decode(self, peer: int, buf: torch.Tensor, layout: list[_Slot]) -> dict | None:
+    def decode_message(self, peer: int, buf: torch.Tensor, layout: list[_Slot]) -> dict | None:
         """A neighbour's buffer checked and decoded, or None when it is unusable (and skipped)."""
         try:
             packets = unpack_wire(buf.cpu(), layout)
@@ -566,7 +566,9 @@ class PeerGossip:
         """The wire layout of a message of these tensors (it depends on shapes only): what a
         peer that sends nothing this round still needs to read its neighbours' buffers."""
         scratch = torch.Generator().manual_seed(0)
-        return _layout({k: self.compressor.encode(torch.zeros_like(v), scratch) for k, v in x.items()})
+        return wire_layout(
+            {k: self.compressor.encode(torch.zeros_like(v), scratch) for k, v in x.items()}
+        )
 
     def _mix_plain(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encode (only when someone receives it, as in the simulation), exchange, check,
@@ -581,13 +583,13 @@ class PeerGossip:
             if self.error_feedback:
                 for k in packets:
                     self.memory[k] = messages[k] - own_decoded[k]
-            layout = _layout(packets)
+            layout = wire_layout(packets)
             buf = self._to_device(pack_wire(packets))
         else:
             own_decoded, layout = dict(x), self._layout_of(x)
             buf = self._to_device(torch.zeros(_wire_size(layout), dtype=torch.uint8))
         arrived = self._exchange(buf)
-        decoded = {j: d for j, b in arrived.items() if (d := self._decode(j, b, layout))}
+        decoded = {j: d for j, b in arrived.items() if (d := self.decode_message(j, b, layout))}
         own, others = self._weights(decoded)
         if not others:
             return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
@@ -608,9 +610,9 @@ class PeerGossip:
             self.memory[f"{k}@{self.rank}"] = self.memory[f"{k}@{self.rank}"] + (
                 self.compressor.decode(p)
             )
-        layout = _layout(packets)
+        layout = wire_layout(packets)
         arrived = self._exchange(self._to_device(pack_wire(packets)))
-        decoded = {j: d for j, b in arrived.items() if (d := self._decode(j, b, layout))}
+        decoded = {j: d for j, b in arrived.items() if (d := self.decode_message(j, b, layout))}
         for j, d in decoded.items():
             for k, v in d.items():
                 key = f"{k}@{j}"
@@ -708,10 +710,12 @@ class PeerNetwork:
         _collective(work, f"peer {self.proc.rank}: a network-wide sum (monitoring)", self.timeout_s)
         return t.cpu()
 
-    def mean(self, local: float) -> float:
-        if self.local:
-            return local
-        return float(self._sum(torch.tensor([local], dtype=torch.float64))[0]) / self.proc.world
+    def mean(self, total: float, count: int) -> float:
+        """The network's mean of a per-step quantity: sums and counts over every peer."""
+        if not self.local:
+            both = self._sum(torch.tensor([total, float(count)], dtype=torch.float64))
+            total, count = float(both[0]), int(both[1])
+        return total / count if count else float("nan")
 
     def bytes_sent(self, local: np.ndarray) -> tuple[float, float]:
         if self.local:

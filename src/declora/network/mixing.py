@@ -340,6 +340,7 @@ class DecafGossip:
     ) -> None:
         self.lora_modules = None if lora_modules is None else tuple(lora_modules)
         self.rank, self.method = rank, method
+        self.last_bytes: np.ndarray | None = None  # exact factors: counted from the plan
         self.n = np.asarray(mixing).shape[0]
         self.set_mixing(mixing)
 
@@ -350,6 +351,13 @@ class DecafGossip:
         self.mixing = W
         off = (W != 0) & ~np.eye(self.n, dtype=bool)
         self.alone = np.flatnonzero(~off.any(axis=1))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # stateless: the matrix is a function of the round
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"unexpected keys {sorted(state)[:3]} in a DeCAF gossip state")
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(self.alone) == self.n:

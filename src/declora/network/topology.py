@@ -29,6 +29,9 @@ MIXING_RULES = ("laplacian", "metropolis", "uniform", "fedavg", "identity")
 CUSTOM_RULE = "custom"
 #: How many random graphs ``er`` and ``regular`` draw before giving up on a connected one.
 MAX_DRAWS = 1000
+#: Most peers a topology may have (as `topology.peers` in a config): an n x n matrix of 10,000
+#: peers is 800 MB already, and its eigenvalues take minutes.
+MAX_PEERS = 10_000
 #: Largest number of peers for which :func:`format_topology` prints per-peer details.
 MAX_PRINTED_PEERS = 32
 #: Eigenvalue moduli this close to 0 or 1 are snapped, so exact cases give exact gaps.
@@ -69,6 +72,8 @@ def _check_n(n: object) -> int:
     """Peers are counted, so n must be a positive integer (bool is not a count)."""
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise TopologyError(f"the number of peers must be an integer >= 1; got {n!r}")
+    if n > MAX_PEERS:
+        raise TopologyError(f"the number of peers must be at most {MAX_PEERS:,}; got {n:,}")
     return int(n)
 
 
@@ -642,7 +647,16 @@ def build_topology(
             check_connected(graph)
         W = mixing_matrix(graph, rule)
     check_mixing(W, graph)
-    return Topology(graph=graph, mixing=W, kind=kind, rule=rule)
+    topology = Topology(graph=graph, mixing=W, kind=kind, rule=rule)
+    if rule != "identity" and topology.n > 1 and topology.spectral_gap <= 0.0:
+        raise TopologyError(
+            f"mixing matrix has spectral gap 0 (|lambda_2| = "
+            f"{topology.second_eigenvalue_modulus:.6g}): gossip with it never reaches the "
+            "average, e.g. [[0, 1], [1, 0]] only swaps the peers' values back and forth; give "
+            "every peer a positive weight on itself (W_ii > 0), or use rule 'identity' for "
+            "local-only training"
+        )
+    return topology
 
 
 def format_topology(t: Topology, *, precision: int = 3) -> str:

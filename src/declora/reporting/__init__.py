@@ -1,0 +1,1 @@
+"""What a run shows: the summary table, report.md, plots, run comparisons, trackers."""

@@ -7,23 +7,59 @@ final metric against bytes each peer sent, and the consensus distance per round.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from declora.errors import DecloraError
 from declora.reporting import plots
-from declora.runners.rundir import RunDir, read_metrics
+from declora.runners.rundir import STATUS_FILE, RunDir, read_metrics, read_record
+
+
+def finished_summary(run: Path) -> dict[str, Any]:
+    """A complete run's summary.json, checked: every way it can be missing or unreadable is
+    one DecloraError naming the folder."""
+    if not run.is_dir():
+        raise DecloraError(f"{str(run)!r} is not a directory")
+    status = RunDir(run).status()
+    if status is None:
+        raise DecloraError(f"{str(run)!r} is not a declora run directory (no {STATUS_FILE})")
+    if status != "complete":
+        raise DecloraError(f"run {str(run)!r} is not complete (status: {status})")
+    summary = read_record(run, "summary.json")
+    if summary is None:
+        raise DecloraError(
+            f"run {str(run)!r} has no summary.json although run.json says complete; the folder "
+            "was changed after the run (run it again with --overwrite)"
+        )
+    rows = summary.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise DecloraError(f"{str(run / 'summary.json')!r} has no table rows; it was damaged")
+    return summary
 
 
 def _load(run: Path) -> dict[str, Any]:
-    status = RunDir(run).status()
-    if status is None:
-        raise DecloraError(f"{str(run)!r} is not a declora run directory (no run.json)")
-    if status != "complete":
-        raise DecloraError(f"run {str(run)!r} is not complete (status: {status})")
-    summary = json.loads((run / "summary.json").read_text())
-    return {"summary": summary, "metrics": read_metrics(run)}
+    return {"summary": finished_summary(run), "metrics": read_metrics(run)}
+
+
+def check_out(out: Path, runs: list[Path]) -> None:
+    """A comparison goes into a folder of its own: never a file, a run directory, or a folder
+    inside one of the compared runs (their plots have the same names)."""
+    if out.exists() and not out.is_dir():
+        raise DecloraError(f"--out {str(out)!r} is a file; the comparison needs a folder")
+    target = out.resolve()
+    for run in runs:
+        r = run.resolve()
+        if target == r or r in target.parents:
+            raise DecloraError(
+                f"--out {str(out)!r} is inside run {str(run)!r}; its plots would be overwritten, "
+                "choose a folder of its own"
+            )
+    for folder in (target, *target.parents):
+        if (folder / STATUS_FILE).is_file():
+            raise DecloraError(
+                f"--out {str(out)!r} is inside the run directory {str(folder)!r}; choose a "
+                "folder of its own"
+            )
 
 
 def _names(runs: list[Path]) -> list[str]:
@@ -39,11 +75,15 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
     loaded = [_load(r) for r in runs]
     if names is not None and len(names) != len(runs):
         raise DecloraError(f"{len(names)} names for {len(runs)} runs")
+    check_out(out, runs)
     names = names or _names(runs)
     columns = loaded[0]["summary"].get("columns") or ["accuracy"]
     primary = columns[0]
     causal = loaded[0]["summary"].get("task") == "causal-lm"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DecloraError(f"cannot create --out {str(out)!r}: {exc.strerror or exc}") from None
     series, consensus, points, rows = {}, {}, {}, []
     for name, run in zip(names, loaded, strict=True):
         recs = [r for r in run["metrics"] if primary in r]

@@ -10,7 +10,7 @@ or this process's place in the group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,18 @@ from declora.data.partition import label_counts, partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.plan import Plan
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import Checkpointing, Communicator, Engine, EvaluatorLike
+from declora.engine.round_loop import (
+    Checkpointing,
+    Communicator,
+    Engine,
+    EvaluatorLike,
+    LoopParts,
+    LoopSettings,
+)
 from declora.errors import ConfigError, DataError
-from declora.model.adapters import AdapterSpec, initial_state
+from declora.model.adapters import AdapterSpec, OptimSettings, initial_state
 from declora.model.dropout import set_dropout
-from declora.model.peft_methods import check_method, method_spec
+from declora.model.peft_methods import method_spec
 from declora.network.compress import Compressor, make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.mixing import DecafGossip
@@ -121,13 +128,6 @@ def schedule_from(cfg: RunConfig, topology: Topology) -> Schedule | None:
     )
 
 
-def check_combinations(cfg: RunConfig) -> None:
-    """Settings that are valid alone but not together, refused before any work: each
-    algorithm of the run (main and baselines) checks what it cannot honour."""
-    for name in (cfg.algorithm.name, *cfg.baselines):
-        make_algorithm(name, cfg).check(cfg)
-
-
 def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
     """The data.* keys every loader takes, plus the named task-specific ones."""
     common = ("path", "test_path", "text_column", "group_column", "test_size", "split_seed")
@@ -174,8 +174,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, graph, partition and model. Raises DecloraError on bad input."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    check_combinations(cfg)
-    check_method(cfg)  # lora.method: refuse what it cannot do, pick the reference engine
     if cfg.task == "causal-lm":
         return prepare_causal(cfg)
     from declora.model.classifier import load_classifier
@@ -362,15 +360,7 @@ def make_engine(prep: Prepared, plan: Plan) -> Engine:
     t = prep.cfg.train
     n_peers, batch_size = plan.n, plan.batch_size
     kwargs: dict[str, Any] = dict(
-        peer_weights=plan.weights.tolist(),
-        lr=t.lr,
-        head_lr=t.head_lr,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optimizer=t.optimizer,
-        momentum=t.momentum,
-        schedule=t.schedule,
-        total_steps=t.rounds * t.local_steps,
+        peer_weights=plan.weights.tolist(), **asdict(OptimSettings.of(t))
     )
     if t.engine == "reference" or prep.spec.method != "lora":  # other PEFT methods: PEFT's own
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
@@ -428,19 +418,6 @@ def checkpointing(
     )
 
 
-def loop_settings(prep: Prepared) -> dict[str, Any]:
-    """The round loop's settings that every way of running it (simulated, one peer per
-    process) takes from the config alike."""
-    cfg = prep.cfg
-    return {
-        "rounds": cfg.train.rounds,
-        "local_steps": cfg.train.local_steps,
-        "seed": cfg.seed,
-        "eval_every": cfg.eval.every,
-        "lora_modules": prep.spec.lora_modules,
-    }
-
-
 
 
 @dataclass
@@ -458,16 +435,23 @@ class PeerSide:
 
 @dataclass
 class AlgorithmRun:
-    """One algorithm's parts, ready for the round loop."""
+    """One algorithm's parts, ready for the round loop, and how long it runs."""
 
     algorithm: Algorithm
-    plan: Plan
-    engine: Engine
-    evaluator: EvaluatorLike
-    communicator: Communicator
-    mix_keys: set[str]
-    checkpoints: Checkpointing | None
-    peers: list[int] | None = None  # the peers this process holds; None: all of them
+    parts: LoopParts
+    settings: LoopSettings
+
+    @property
+    def engine(self) -> Engine:
+        return self.parts.engine
+
+    @property
+    def plan(self) -> Plan:
+        return self.parts.plan
+
+    @property
+    def evaluator(self) -> EvaluatorLike:
+        return self.parts.evaluator
 
 
 def build_algorithm(
@@ -487,16 +471,22 @@ def build_algorithm(
     plan = algorithm.plan(prep.topology, prep.parts, cfg.train.batch_size, prep.schedule)
     keys = [k for k in prep.init if cfg.lora.mix_head or k.endswith((".lora_A", ".lora_B"))]
     mix_keys = algorithm.sent_keys(keys)
+    settings = LoopSettings.of(
+        cfg,
+        n_peers=plan.n,
+        lora_modules=prep.spec.lora_modules,
+        gossip_steps=algorithm.gossip_steps(),
+    )
     if side is None:
-        return AlgorithmRun(
-            algorithm,
-            plan,
+        parts = LoopParts(
             make_engine(prep, plan),
+            plan,
             make_evaluator(prep, best_path=checkpoint_root / "best_val.pt", resume=resume),
             simulated_communicator(cfg, algorithm, plan),
             mix_keys,
             checkpointing(cfg, checkpoint_root, resume=resume, extra=name),
         )
+        return AlgorithmRun(algorithm, parts, settings)
     from declora.network import distributed as dd
 
     rank = side.rank
@@ -524,6 +514,7 @@ def build_algorithm(
             rank_r=cfg.lora.r,
         )
     checkpoints = checkpointing(cfg, checkpoint_root, resume=resume, extra=[name, rank])
-    return AlgorithmRun(
-        algorithm, plan, engine, evaluator, communicator, mix_keys, checkpoints, [rank]
+    parts = LoopParts(
+        engine, plan, evaluator, communicator, mix_keys, checkpoints, [rank], side.network
     )
+    return AlgorithmRun(algorithm, parts, settings)

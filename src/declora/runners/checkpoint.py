@@ -1,11 +1,13 @@
 """Checkpoints: everything a round loop needs to continue bit for bit, in safetensors + JSON.
 
 A checkpoint is a folder `round-000012/` holding `state.safetensors` (every tensor: adapters,
-optimizer moments, generator states, data orders) and `meta.json` (everything else: round,
-metrics so far, learning-rate schedule, numpy generator states, and the size and SHA-256 of the
-tensor file). It is written into a temporary sibling and renamed into place, so a crash leaves
-either the whole checkpoint or none; a damaged one (truncated, changed) is refused with a clear
-error instead of being half-loaded. Nothing is ever unpickled.
+optimizer moments, generator states, data orders), `meta.json` (everything else: round,
+metrics so far, learning-rate schedule, numpy generator states) and `manifest.json` (the size
+and SHA-256 of each of the other two). It is written into a temporary sibling and renamed into
+place, so a crash leaves either the whole checkpoint or none. Loading checks every file against
+the manifest and the structure of what it holds before anything is used: a truncated, edited
+or foreign checkpoint is refused with an error that says what to do, never half-loaded.
+Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,18 +27,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from declora.errors import DecloraError
+from declora.errors import CheckpointError, DecloraError
 
-FORMAT = 1
+FORMAT = 2  # 1 (declora before 0.2) hashed state.safetensors only
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+COVERED = (STATE_FILE, META_FILE)  # what the manifest vouches for
 _ROUND_DIR = re.compile(r"^round-(\d{6,})$")
 _TENSOR = "__tensor__"
 _INT_KEYS = "__int_keys__"
-
-
-class CheckpointError(DecloraError):
-    """A checkpoint is missing, damaged or belongs to another run."""
 
 
 def round_dir(root: Path, round_: int) -> Path:
@@ -81,7 +81,7 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if set(obj) == {_TENSOR}:
             key = obj[_TENSOR]
             if key not in tensors:
-                raise CheckpointError(f"checkpoint tensor {key!r} is missing from {STATE_FILE}")
+                raise CheckpointError(f"tensor {key!r} is missing from {STATE_FILE}")
             return tensors[key]
         if set(obj) == {_INT_KEYS}:
             return {int(k): unflatten(v, tensors) for k, v in obj[_INT_KEYS].items()}
@@ -115,17 +115,18 @@ def save(root: Path, round_: int, state: dict[str, Any], *, fingerprint: str, ke
     tensors: dict[str, torch.Tensor] = {}
     body = flatten(state, "s", tensors)
     save_file(tensors, str(tmp / STATE_FILE))
-    meta = {
-        "format": FORMAT,
-        "round": round_,
-        "fingerprint": fingerprint,
-        "state_bytes": (tmp / STATE_FILE).stat().st_size,
-        "state_sha256": _sha256(tmp / STATE_FILE),
-        "state": body,
-    }
+    meta = {"format": FORMAT, "round": round_, "fingerprint": fingerprint, "state": body}
     (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    for f in (tmp / STATE_FILE, tmp / META_FILE):
-        with open(f, "rb") as fh:
+    manifest = {
+        "format": FORMAT,
+        "files": {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in COVERED
+        },
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    for name in (*COVERED, MANIFEST_FILE):
+        with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():  # a rerun of the same round (after a resume) replaces it
         shutil.rmtree(final)
@@ -147,46 +148,112 @@ def rounds(root: Path) -> list[int]:
     return sorted(found)
 
 
-def load(path: Path, *, fingerprint: str | None = None) -> Checkpoint:
-    """Read one checkpoint folder, checking it is whole and belongs to this run."""
-    meta_file, state_file = path / META_FILE, path / STATE_FILE
-    for f in (meta_file, state_file):
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {f.name} is missing")
+def _advice(path: Path) -> str:
+    """What to do about an unusable checkpoint: deleting it falls back to the previous one,
+    or (with none left) starts this algorithm over; both are what `--resume` then does."""
+    m = _ROUND_DIR.match(path.name)
+    older = [r for r in rounds(path.parent) if m and r < int(m.group(1))]
+    if older:
+        return f"delete {str(path)!r} and --resume again to continue from round {older[-1]}"
+    return (
+        f"delete {str(path)!r} and --resume again to start this algorithm over from round 1 "
+        "(there is no older checkpoint)"
+    )
+
+
+def _refuse(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} is {problem}; {_advice(path)}")
+
+
+def _json_file(path: Path, name: str) -> Any:
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        return json.loads((path / name).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _refuse(path, f"damaged: {name} is not valid JSON ({exc})") from None
+
+
+def _check_files(path: Path) -> None:
+    """Every file of the checkpoint exists, is listed in the manifest and matches it."""
+    for name in (*COVERED, MANIFEST_FILE):
+        if not (path / name).is_file():
+            raise _refuse(path, f"incomplete: {name} is missing")
+    manifest = _json_file(path, MANIFEST_FILE)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is damaged: {META_FILE} is not valid JSON ({exc})"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has an unknown format "
-            f"({meta.get('format') if isinstance(meta, dict) else type(meta).__name__}); "
-            f"this declora reads format {FORMAT}"
+            f"checkpoint {str(path)!r} has an unknown format ({found}); this declora reads "
+            f"format {FORMAT}: resume it with the declora that wrote it, or start the run again"
         )
-    size = state_file.stat().st_size
-    if size != meta.get("state_bytes"):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is damaged: {STATE_FILE} has {size} bytes but was "
-            f"written with {meta.get('state_bytes')} (truncated?); delete this folder to resume "
-            "from the previous checkpoint"
-        )
-    if _sha256(state_file) != meta.get("state_sha256"):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is damaged: {STATE_FILE} does not match its recorded "
-            "SHA-256; delete this folder to resume from the previous checkpoint"
-        )
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(COVERED):
+        raise _refuse(path, f"damaged: {MANIFEST_FILE} does not list {', '.join(COVERED)}")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*COVERED, MANIFEST_FILE))
+    if extra:
+        raise _refuse(path, f"changed: it holds {extra[0]!r}, which it was not written with")
+    for name in COVERED:
+        entry = files[name]
+        if not isinstance(entry, dict):
+            raise _refuse(path, f"damaged: {MANIFEST_FILE} has no size and hash of {name}")
+        size = (path / name).stat().st_size
+        if size != entry.get("bytes"):
+            raise _refuse(
+                path,
+                f"damaged: {name} has {size} bytes but was written with {entry.get('bytes')} "
+                "(truncated or edited?)",
+            )
+        if _sha256(path / name) != entry.get("sha256"):
+            raise _refuse(
+                path, f"damaged: {name} does not match its recorded SHA-256 (edited or corrupted)"
+            )
+
+
+def load(path: Path, *, fingerprint: str | None = None) -> Checkpoint:
+    """Read one checkpoint folder, checking it is whole, well formed and belongs to this run."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if (path / META_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+        meta = _json_file(path, META_FILE)
+        if isinstance(meta, dict) and meta.get("format") == 1:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has format 1 (an older declora, which did not check "
+                f"all of its files); this declora reads format {FORMAT}: resume it with the "
+                "declora that wrote it, or start the run again"
+            )
+    _check_files(path)
+    meta = _json_file(path, META_FILE)
+    m = _ROUND_DIR.match(path.name)
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("round"), int)
+        or not isinstance(meta.get("state"), dict)
+        or not isinstance(meta.get("fingerprint"), str)
+    ):
+        raise _refuse(path, f"malformed: {META_FILE} lacks its round, fingerprint or state")
+    if m and int(m.group(1)) != meta["round"]:
+        raise _refuse(path, f"inconsistent: it holds round {meta['round']}, not {m.group(1)}")
+    if fingerprint is not None and meta["fingerprint"] != fingerprint:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was written by a run with another configuration or "
             "setup; resume with the configuration it was written with"
         )
     try:
-        tensors = load_file(str(state_file))
+        tensors = load_file(str(path / STATE_FILE))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {exc}") from None
-    return Checkpoint(path, int(meta["round"]), unflatten(meta["state"], tensors))
+        raise _refuse(path, f"damaged: {exc}") from None
+    try:
+        state = unflatten(meta["state"], tensors)
+    except (CheckpointError, AttributeError, TypeError, ValueError) as exc:
+        raise _refuse(path, f"malformed: {exc}") from None
+    if "round" in state and state["round"] != meta["round"]:
+        raise _refuse(path, f"inconsistent: its state is of round {state['round']}")
+    return Checkpoint(path, meta["round"], state)
+
+
+def unusable(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a whole checkpoint whose contents do not fit this run (another declora
+    version's layout, another engine): what went wrong and what to do."""
+    return _refuse(path, f"not what this run can continue from ({type(exc).__name__}: {exc})")
 
 
 def latest(root: Path, *, fingerprint: str | None = None) -> Checkpoint | None:
@@ -204,46 +271,3 @@ def fingerprint_of(parts: Iterable[object]) -> str:
 # ------------------------------------------------------------------ what the round loop holds
 
 
-def optimizers_of(engine: object) -> tuple[list, list]:
-    """The optimizers and learning-rate schedulers of an engine (one, or one per peer)."""
-    if hasattr(engine, "optimizers"):
-        return list(engine.optimizers), list(engine.schedulers)  # type: ignore[attr-defined]
-    return [engine.optimizer], [engine.scheduler]  # type: ignore[attr-defined]
-
-
-def engine_state(engine: object) -> dict[str, Any]:
-    opts, scheds = optimizers_of(engine)
-    return {
-        "values": dict(engine.stacked()),  # type: ignore[attr-defined]
-        "optimizers": [o.state_dict() for o in opts],
-        "schedulers": [s.state_dict() for s in scheds],
-    }
-
-
-def load_engine_state(engine: object, state: dict[str, Any]) -> None:
-    opts, scheds = optimizers_of(engine)
-    if len(opts) != len(state["optimizers"]):
-        raise CheckpointError(
-            f"checkpoint holds {len(state['optimizers'])} optimizers, this engine has {len(opts)}"
-        )
-    engine.load_stacked(state["values"])  # type: ignore[attr-defined]
-    for o, s in zip(opts, state["optimizers"], strict=True):
-        o.load_state_dict(s)
-    for sch, s in zip(scheds, state["schedulers"], strict=True):
-        sch.load_state_dict(s)
-
-
-def sampler_state(sampler: Any) -> dict[str, Any]:
-    return {
-        "rng": sampler.rng.bit_generator.state,
-        "order": torch.from_numpy(sampler.order.copy()),
-        "pos": int(sampler.pos),
-        "epoch": int(sampler.epoch),
-    }
-
-
-def load_sampler_state(sampler: Any, state: dict[str, Any]) -> None:
-    sampler.rng.bit_generator.state = state["rng"]
-    sampler.order = state["order"].numpy().astype(np.int64)
-    sampler.pos = int(state["pos"])
-    sampler.epoch = int(state["epoch"])

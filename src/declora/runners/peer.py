@@ -23,13 +23,14 @@ import torch
 
 from declora.algorithms import algorithm_class
 from declora.config.schema import RunConfig
-from declora.engine.round_loop import Result, train
+from declora.engine.round_loop import LoopHooks, Result, train
 from declora.errors import DecloraError
 from declora.model.export import save_peft_adapter
 from declora.network import distributed as dd
 from declora.reporting.report import summary_rows, write_report
+from declora.reporting.trackers import Trackers, require
 from declora.runners import checkpoint as ckpt
-from declora.runners.build import PeerSide, build_algorithm, loop_settings, make_evaluator, prepare
+from declora.runners.build import PeerSide, build_algorithm, make_evaluator, prepare
 from declora.runners.rundir import STATUS_FILE, RunDir, write_json
 from declora.runners.simulate import write_setup
 
@@ -134,6 +135,8 @@ def run_peer(
     prep = None
     if not error:
         try:
+            if proc.leader or cfg.log.peers:
+                require(cfg.log)  # a missing tracker extra stops every peer, before any work
             prep = prepare(cfg)
         except DecloraError as exc:
             error = str(exc)
@@ -147,6 +150,7 @@ def run_peer(
     if proc.leader:
         write_setup(rundir, prep)
     name = cfg.algorithm.name
+    trackers = Trackers.for_peer(cfg, out, rank=rank, leader=proc.leader, resume=resume)
     torch.manual_seed(cfg.seed + rank)
     skip = cfg.comm.on_peer_failure == "skip"
     # collectives wait for the slowest peer's evaluation too: a generous bound, not comm.timeout_s
@@ -159,7 +163,7 @@ def run_peer(
         resume=resume,
         side=PeerSide(proc, network),
     )
-    plan, engine, gossip, checkpoints = run.plan, run.engine, run.communicator, run.checkpoints
+    engine, gossip, checkpoints = run.engine, run.parts.communicator, run.parts.checkpoints
     network.clocks = {
         "compute": lambda: engine.seconds,
         "comm": lambda: gossip.seconds,
@@ -174,6 +178,9 @@ def run_peer(
         peer_dir.append_metrics(_peer_view(rec))
         if proc.leader:
             rundir.append_metrics(_network_view(rec))
+            trackers.log(name, _network_view(rec))
+        if cfg.log.peers:
+            trackers.log(f"peer-{rank}", _peer_view(rec))
 
     def on_restore(records: list[dict[str, Any]]) -> None:
         peer_dir.rewrite_metrics([_peer_view(r) for r in records])
@@ -182,21 +189,10 @@ def run_peer(
 
     try:
         result = train(
-            engine,
-            plan,
+            run.parts,
             prep.train_examples,
-            run.evaluator,
-            **loop_settings(prep),
-            eval_peers=cfg.eval.peers if plan.n > 1 else "never",
-            on_record=on_record,
-            progress=progress and proc.leader,
-            mix_keys=run.mix_keys,
-            gossip=gossip,
-            gossip_steps=run.algorithm.gossip_steps(),
-            peers=run.peers,
-            network=network,
-            checkpoints=checkpoints,
-            on_restore=on_restore,
+            run.settings,
+            LoopHooks(on_record, on_restore, progress=progress and proc.leader),
         )
     except BaseException as exc:
         if proc.leader:
@@ -214,6 +210,8 @@ def run_peer(
         dd.barrier("waiting for every peer to save its adapter", slack)
     if proc.leader:
         _finish(rundir, prep, result, proc)
+        trackers.peer_table(name, result.peer_metrics)
+    trackers.end(out, name if proc.leader else None)  # rank 0 attaches the report and plots
     if not network.local:
         dd.barrier("waiting for the summary", slack)
     return proc, result

@@ -2,13 +2,22 @@
 
 `run.json` says `"status": "running"` from the first byte written and only turns `"complete"`
 as the very last step; metrics are appended one JSON line per evaluation as they happen.
+
+One process at a time writes a run directory: `create` and `reopen` take an exclusive OS lock
+(`fcntl.flock` on `.lock` inside the folder) that is held until the run ends (its status turns
+`complete` or `failed`) or its process dies, when the kernel drops it: a lock is never stale.
+A second run, `--overwrite` or `--resume` into a folder that is in use is refused with the
+holder's process id, host and command.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,14 +25,163 @@ from typing import Any
 from declora import __version__
 from declora.errors import DecloraError
 
+try:  # POSIX; without it (Windows) runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 STATUS_FILE = "run.json"
+LOCK_FILE = ".lock"
+FINAL_STATUSES = ("complete", "failed")
+
+_HELD: dict[Path, int] = {}  # run directory (resolved) -> descriptor holding its lock
+
+
+class RunDirBusy(DecloraError):
+    """Another live process writes this run directory."""
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None: JSON has no NaN or infinity, and a
+    bare `NaN` token makes a file that strict readers (jq, JavaScript, Go) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text (non-finite numbers as null)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_record(path: Path, what: str = STATUS_FILE) -> dict[str, Any] | None:
+    """A JSON object file of a run directory, None when absent; a damaged one is one error."""
+    f = path / what
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DecloraError(
+            f"{str(f)!r} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); it was not "
+            "written by declora or was damaged"
+        ) from None
+    except OSError as exc:
+        raise DecloraError(f"cannot read {str(f)!r}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise DecloraError(
+            f"{str(f)!r} holds a JSON {type(data).__name__}, not an object; it was not written "
+            "by declora or was damaged"
+        )
+    return data
+
+
+# ------------------------------------------------------------------ the lock
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from what the holder wrote into the lock file."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode("utf-8"))
+        return f"process {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def _busy(path: Path, fd: int) -> RunDirBusy:
+    return RunDirBusy(
+        f"run directory {str(path)!r} is in use by {_holder(fd)}; wait for that run to end "
+        "(or stop it) before --resume or --overwrite, or choose another --out"
+    )
+
+
+def lock(path: Path) -> None:
+    """Take the run directory's exclusive lock for this process, or raise `RunDirBusy`."""
+    key = path.resolve()
+    if key in _HELD:
+        raise RunDirBusy(f"run directory {str(path)!r} is already in use by this process")
+    if fcntl is None:  # pragma: no cover
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        err = _busy(path, fd)
+        os.close(fd)
+        raise err from None
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["declora", *sys.argv[1:]])[:300],
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    _HELD[key] = fd
+
+
+def unlock(path: Path) -> None:
+    """Drop this process's lock on the run directory (nothing when it holds none). The lock
+    file stays: deleting it would let two processes lock two different files."""
+    fd = _HELD.pop(path.resolve(), None)
+    if fd is not None:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def busy(path: Path) -> str | None:
+    """Who holds the run directory's lock, when another process does; else None. Creates
+    nothing."""
+    if fcntl is None or path.resolve() in _HELD:
+        return None
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return str(_busy(path, fd))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    return None
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a run directory holds, apart from its lock file."""
+    return [p for p in path.iterdir() if p.name != LOCK_FILE]
+
+
+def _writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a directory this user may write."""
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DecloraError(
+            f"cannot create run directory {str(path)!r}: {str(parent)!r} is a file, not a directory"
+        )
+    if parent != path and not os.access(parent, os.W_OK | os.X_OK):
+        raise DecloraError(
+            f"cannot create run directory {str(path)!r}: no permission to write in {str(parent)!r}"
+        )
 
 
 class RunDir:
@@ -32,12 +190,28 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
+    @staticmethod
+    def preflight(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+        """Refuse an output folder that `create` (or `reopen`) would refuse, before the slow
+        part of a run (loading data and model) instead of after it."""
         p = Path(path)
+        holder = busy(p) if p.is_dir() else None
+        if holder:
+            raise RunDirBusy(holder)
+        if resume:
+            if read_record(p) is None:
+                raise DecloraError(
+                    f"--resume {str(p)!r} is not a declora run directory (no {STATUS_FILE})"
+                )
+        else:
+            RunDir._check_target(p, overwrite)
+            _writable_parent(p)
+
+    @staticmethod
+    def _check_target(p: Path, overwrite: bool) -> None:
         if p.exists() and not p.is_dir():
             raise DecloraError(f"--out {str(p)!r} exists and is a file, not a directory")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and _entries(p):
             if not overwrite:
                 raise DecloraError(
                     f"run directory {str(p)!r} already exists and is not empty; "
@@ -48,34 +222,74 @@ class RunDir:
                     f"refusing to overwrite {str(p)!r}: it is not a declora run directory "
                     f"(no {STATUS_FILE})"
                 )
-            shutil.rmtree(p)
-        p.mkdir(parents=True, exist_ok=True)
-        rd = cls(p)
-        rd.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDir:
+        """A new run directory (an old run's replaced with `overwrite`), locked by this
+        process until its status turns final."""
+        p = Path(path)
+        holder = busy(p) if p.is_dir() else None
+        if holder:
+            raise RunDirBusy(holder)
+        cls._check_target(p, overwrite)
+        _writable_parent(p)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            lock(p)
+        except OSError as exc:
+            raise DecloraError(
+                f"cannot create run directory {str(p)!r}: {exc.strerror or exc}"
+            ) from None
+        try:
+            cls._check_target(p, overwrite)  # again, now that no one else can write it
+            for entry in _entries(p):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            rd = cls(p)
+            rd.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except BaseException:
+            unlock(p)
+            raise
         return rd
 
     @classmethod
     def reopen(cls, path: str | Path) -> RunDir:
-        """An interrupted run's folder, to be continued from its checkpoints."""
+        """An interrupted run's folder, to be continued from its checkpoints; locked by this
+        process first, so a run that is still going is never touched."""
         p = Path(path)
-        rd = cls(p)
-        status = rd.status() if p.is_dir() else None
-        if status is None:
+        if not p.is_dir() or not (p / STATUS_FILE).is_file():
             raise DecloraError(
                 f"--resume {str(p)!r} is not a declora run directory (no {STATUS_FILE})"
             )
-        if status == "complete":
-            raise DecloraError(f"run {str(p)!r} is already complete; there is nothing to resume")
-        data = json.loads((p / STATUS_FILE).read_text())
-        if "error" in data:  # what stopped the last attempt stays on record, not as current
-            data["previous_error"] = data.pop("error")
-            write_json(p / STATUS_FILE, data)
-        rd.set_status("running", resumed=int(data.get("resumed", 0)) + 1)
+        try:
+            lock(p)
+        except OSError as exc:
+            raise DecloraError(f"cannot lock run directory {str(p)!r}: {exc.strerror}") from None
+        try:
+            data = read_record(p)
+            if data is None:
+                raise DecloraError(
+                    f"--resume {str(p)!r} is not a declora run directory (no {STATUS_FILE})"
+                )
+            if data.get("status") == "complete":
+                raise DecloraError(
+                    f"run {str(p)!r} is already complete; there is nothing to resume"
+                )
+            if "error" in data:  # what stopped the last attempt stays on record, not as current
+                data["previous_error"] = data.pop("error")
+                write_json(p / STATUS_FILE, data)
+            rd = cls(p)
+            rd.set_status("running", resumed=int(data.get("resumed", 0)) + 1)
+        except BaseException:
+            unlock(p)
+            raise
         return rd
 
     def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
         """Metrics as they were at a checkpoint (later lines are recomputed by the resumed run)."""
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in records))
 
     def sub(self, name: str) -> RunDir:
         p = self.path / name
@@ -83,14 +297,21 @@ class RunDir:
         return RunDir(p)
 
     def set_status(self, status: str, **extra: Any) -> None:
+        """Record the run's status; a final one (complete, failed) also releases the lock."""
         f = self.path / STATUS_FILE
-        data = json.loads(f.read_text()) if f.is_file() else {"declora_version": __version__}
+        data = read_record(self.path) if f.is_file() else None
+        data = data if data is not None else {"declora_version": __version__}
         data.update(status=status, **extra)
-        write_json(f, data)
+        try:
+            write_json(f, data)
+        finally:
+            if status in FINAL_STATUSES:
+                unlock(self.path)
 
     def status(self) -> str | None:
-        f = self.path / STATUS_FILE
-        return json.loads(f.read_text()).get("status") if f.is_file() else None
+        """The recorded status; None when this is no run directory (no run.json)."""
+        data = read_record(self.path)
+        return None if data is None else data.get("status")
 
     def write_text(self, name: str, text: str) -> Path:
         f = self.path / name
@@ -106,7 +327,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(dumps(record) + "\n")
             fh.flush()
 
 
@@ -114,4 +335,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     f = Path(path) / "metrics.jsonl"
     if not f.is_file():
         return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DecloraError(f"{str(f)!r} is not valid JSON lines ({exc})") from None

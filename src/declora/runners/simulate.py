@@ -14,13 +14,13 @@ import torch
 
 from declora.config.schema import RunConfig
 from declora.data.partition import skew_summary
-from declora.engine.round_loop import Result, train
+from declora.engine.round_loop import LoopHooks, Result, train
 from declora.model.adapters import average
 from declora.model.export import save_peft_adapter
 from declora.reporting import plots
 from declora.reporting.report import summary_rows, write_report
 from declora.reporting.trackers import Trackers, require
-from declora.runners.build import Prepared, build_algorithm, loop_settings, make_evaluator, prepare
+from declora.runners.build import Prepared, build_algorithm, make_evaluator, prepare
 from declora.runners.rundir import RunDir
 from declora.tasks.evaluate import mark_best_round
 
@@ -42,23 +42,17 @@ def run_algorithm(
     plan, engine = run.plan, run.engine
     try:
         result = train(
-            engine,
-            plan,
+            run.parts,
             prep.train_examples,
-            run.evaluator,
-            **loop_settings(prep),
-            eval_peers=cfg.eval.peers if plan.n > 1 else "never",
-            on_record=(trackers or Trackers.none()).on_record(algorithm, out.append_metrics),
-            progress=progress,
-            mix_keys=run.mix_keys,
-            gossip=run.communicator,
-            gossip_steps=run.algorithm.gossip_steps(),
-            checkpoints=run.checkpoints,
-            on_restore=out.rewrite_metrics,
+            run.settings,
+            LoopHooks(
+                on_record=(trackers or Trackers.none()).on_record(algorithm, out.append_metrics),
+                on_restore=out.rewrite_metrics,
+                progress=progress,
+            ),
         )
     finally:
-        remove = getattr(engine, "remove", None)
-        prep.model = remove() if remove else prep.model
+        prep.model = run.engine.remove()  # the next algorithm wraps the bare base model
     if mark_best_round(result.records):  # data.val_size: the round the best adapters are from
         out.rewrite_metrics(result.records)
     kind = prep.peft_task_type

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from declora.config.schema import RunConfig, load_config
-from declora.errors import ConfigError
-from declora.runners.rundir import RunDir
+from declora.errors import ConfigError, DecloraError
+from declora.runners.rundir import RunDir, busy
 
 
 def split_values(text: str) -> list[str]:
@@ -108,7 +108,29 @@ def validate(base: Path | None, base_sets: Sequence[str], todo: Sequence[Cell]) 
 
 
 def cell_status(path: Path) -> str | None:
-    return RunDir(path).status() if (path / "run.json").is_file() else None
+    """A cell's recorded status; "damaged" when its run.json cannot be read (it is run again
+    from scratch: nothing in it can be trusted)."""
+    try:
+        return RunDir(path).status() if (path / "run.json").is_file() else None
+    except DecloraError:
+        return "damaged"
+
+
+def cell_tags(cell: Cell, base_tags: dict[str, str], out: Path) -> str:
+    """`log.tags=...` for a cell: the base config's tags plus its grid values, its seed and the
+    sweep's folder name, so an experiment tracker can filter and group the grid."""
+    tags = {**base_tags, **dict(cell.point), "seed": str(cell.seed), "sweep": out.name}
+    return "log.tags=" + json.dumps(tags)  # JSON is YAML: --set reads it back as a mapping
+
+
+def _resumable(target: Path) -> bool:
+    """An interrupted cell continues from its checkpoints; one that writes none (or whose
+    config cannot be read) is run again from scratch."""
+    try:
+        cfg = load_config(target / "config.yaml")
+    except DecloraError:
+        return False
+    return cfg.train.checkpoint_every != 0
 
 
 def run_cell(
@@ -116,15 +138,19 @@ def run_cell(
 ) -> tuple[Cell, int, str]:
     """One cell in its own process; resumes an interrupted cell from its checkpoints."""
     target = out / "cells" / cell.name
+    holder = busy(target) if target.is_dir() else None
+    if holder:  # another sweep (or a user) runs this cell right now: leave it alone
+        return cell, 2, f"skipped: {holder}"
     status = cell_status(target)
     cmd = [sys.executable, "-m", "declora", "run", "--quiet"]
-    if status in ("running", "failed") and (target / "config.yaml").is_file():
+    if status in ("running", "failed") and _resumable(target):
         cmd += ["--resume", str(target)]
     else:
         cmd += ["--out", str(target), "--overwrite"]
         if base is not None:
             cmd += ["--config", str(base)]
-        for s in [*base_sets, *cell.sets, f"train.threads={threads}"]:
+        tags = cell_tags(cell, load_config(base, base_sets).log.tags, out)
+        for s in [*base_sets, *cell.sets, f"train.threads={threads}", tags]:
             cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)

