@@ -101,3 +101,16 @@ def test_baselines_do_not_gossip_and_say_what_they_need():
     assert (
         make_algorithm("dec-lora", load_config(None, ["comm.gossip_steps=3"])).gossip_steps() == 3
     )
+
+
+def test_cli_lists_every_registered_algorithm():
+    from typer.testing import CliRunner
+
+    from declora.cli import app
+
+    res = CliRunner().invoke(app, ["algorithms"])
+    assert res.exit_code == 0, res.output
+    for name in names():
+        assert f"\n{name} " in "\n" + res.output
+        assert label(name) in res.output
+    assert "no network: `declora run` only" in res.output

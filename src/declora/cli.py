@@ -319,6 +319,33 @@ def report(
     typer.echo(table_text(summary["rows"], summary.get("columns")))
 
 
+@app.command()
+def algorithms() -> None:
+    """List the algorithms `algorithm.name` and `baselines` accept, with what each does."""
+    from declora.algorithms import algorithm_class, names
+
+    rows = []
+    for name in names():
+        cls = algorithm_class(name)
+        traits = []
+        if cls.gossips:
+            traits.append("gossips with graph neighbours")
+        if cls.server_average:
+            traits.append("exact average (all-reduce on real peers)")
+        if cls.single_process:
+            traits.append("no network: `declora run` only")
+        if cls.exact_messages_only:
+            traits.append("exact messages only")
+        if cls.needs_lora_factors:
+            traits.append("LoRA factors only")
+        if cls.mixing_rule != "average":
+            traits.append(f"combine: {cls.mixing_rule}")
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0].split())
+        doc = doc if len(doc) <= 88 else doc[:87].rsplit(" ", 1)[0] + " ..."
+        rows.append(f"{name:<12} {cls.label:<18} {'; '.join(traits)}\n{'':<13}{doc}")
+    typer.echo("\n".join(rows))
+
+
 def main() -> None:
     try:
         app()
