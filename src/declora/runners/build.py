@@ -481,7 +481,7 @@ def build_algorithm(
         parts = LoopParts(
             make_engine(prep, plan),
             plan,
-            make_evaluator(prep, best_path=checkpoint_root / "best_val.pt", resume=resume),
+            make_evaluator(prep, best_path=checkpoint_root / "best_val.safetensors", resume=resume),
             simulated_communicator(cfg, algorithm, plan),
             mix_keys,
             checkpointing(cfg, checkpoint_root, resume=resume, extra=name),

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from declora.model.adapters import average
 from declora.tasks.metrics import classification_metrics
@@ -177,8 +179,9 @@ class ValidationEvaluator(Evaluator):
         self.best_values: dict[str, torch.Tensor] | None = None
         if best_path is not None and best_path.is_file():
             if resume:
-                saved = torch.load(best_path, weights_only=True)
-                self.best_score, self.best_values = float(saved["score"]), saved["values"]
+                with safe_open(str(best_path), framework="pt") as f:
+                    self.best_score = float(f.metadata()["score"])
+                    self.best_values = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             else:
                 best_path.unlink()
 
@@ -195,7 +198,7 @@ class ValidationEvaluator(Evaluator):
         out.update(_prefixed("test_", self.test_eval.score(engine, values, idx)))
         best = self.test_eval.score(engine, self.best_values, idx)
         out.update(_prefixed("val_best_test_", best))
-        if getattr(engine, "n", 1) > 1:
+        if engine.n > 1:
             per_peer = [_prefixed("test_", m) for m in self.test_eval.peers(engine)]
             out.update(summarize_peers(per_peer))
         return out
@@ -207,7 +210,11 @@ class ValidationEvaluator(Evaluator):
             return
         self.best_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.best_path.with_suffix(".tmp")
-        torch.save({"score": score, "values": self.best_values}, tmp)
+        save_file(
+            {k: v.contiguous() for k, v in self.best_values.items()},
+            str(tmp),
+            metadata={"score": repr(float(score))},
+        )
         os.replace(tmp, self.best_path)
 
 
