@@ -34,7 +34,9 @@ SETTINGS: dict[str, dict[str, object]] = {
     "q8+ef": {"bits": 8, "error_feedback": True},
     "q4+ef": {"bits": 4, "error_feedback": True},
     "q2+ef": {"bits": 2, "error_feedback": True},
-    "q1+ef": {"bits": 1, "error_feedback": True},
+    # stochastic 1-bit with error feedback diverges and is refused; the scaled sign is 1 bit
+    # a value plus one fp32 scale per block, and contractive
+    "s1+ef": {"bits": 1, "rounding": "sign", "error_feedback": True},
     "q1-nearest+ef": {"bits": 1, "rounding": "nearest", "error_feedback": True},
     "q2+choco": {"bits": 2, "scheme": "choco"},
     "q2+choco-g0.2": {"bits": 2, "scheme": "choco", "gamma": 0.2},

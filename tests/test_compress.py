@@ -235,3 +235,63 @@ def test_bits_message_lists_what_is_accepted() -> None:
         make_compressor(9)
     with pytest.raises(ConfigError, match=r"comm\.bits"):
         Quantize(16)
+
+
+def test_scaled_sign_is_contractive_and_one_bit_a_value():
+    from declora.network.compress import ScaledSign, make_compressor
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 29, generator=gen)
+    comp = make_compressor(1, "sign", "block", 64)
+    assert isinstance(comp, ScaledSign)
+    packet = comp.encode(x)
+    blocks = -(-x.numel() // 64)
+    assert packet.nbytes() == -(-x.numel() // 8) + 4 * blocks  # bits + one fp32 scale per block
+    y = comp.decode(packet)
+    assert torch.equal(torch.sign(y), torch.where(x >= 0, 1.0, -1.0))
+    # contractive: ||x - C(x)||^2 <= (1 - 1/d) ||x||^2 on every block of d values
+    flat, dec = x.reshape(-1), y.reshape(-1)
+    for lo in range(0, flat.numel(), 64):
+        xb, yb = flat[lo : lo + 64], dec[lo : lo + 64]
+        assert float((xb - yb).pow(2).sum()) <= (1 - 1 / len(xb)) * float(xb.pow(2).sum()) + 1e-5
+        torch.testing.assert_close(yb.abs().mean(), xb.abs().mean())
+
+
+def test_error_feedback_residual_stays_bounded_with_scaled_sign_not_with_stochastic_one_bit():
+    """Sending the same value again and again with error feedback: with the contractive scaled
+    sign the residual stays below its bound sqrt((1 - delta) / delta) ||x|| (delta >= 1/d for
+    blocks of d = 256 values: 16 ||x||) and the mean of what was sent converges to the value;
+    stochastic 1-bit min/max rounding lets the residual explode."""
+    from declora.network.compress import make_compressor
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, generator=gen)
+
+    def run(comp, steps: int) -> tuple[float, float]:
+        residual, sent = torch.zeros_like(x), torch.zeros_like(x)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(steps):
+            message = x + residual
+            if not bool(torch.isfinite(message).all()):
+                return float("inf"), float("inf")  # diverged
+            decoded = comp.decode(comp.encode(message, g))
+            residual = message - decoded
+            sent += decoded
+        return float(residual.norm() / x.norm()), float((sent / steps - x).norm() / x.norm())
+
+    res_sign, err_sign = run(make_compressor(1, "sign", "block", 256), 200)
+    res_stoch, _ = run(make_compressor(1, "stochastic", "block", 256), 40)
+    assert res_sign < 16.0 and err_sign < 0.1
+    assert res_stoch > 1e4
+
+
+def test_one_bit_settings_that_cannot_work_are_refused():
+    from declora.config.schema import load_config
+    from declora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not contractive.*comm\.rounding=sign"):
+        load_config(None, ["comm.bits=1", "comm.error_feedback=true"])
+    with pytest.raises(ConfigError, match=r"comm\.rounding=sign sends 1 bit"):
+        load_config(None, ["comm.bits=4", "comm.rounding=sign"])
+    ok = load_config(None, ["comm.bits=1", "comm.rounding=sign", "comm.error_feedback=true"])
+    assert ok.comm.rounding == "sign"

@@ -10,8 +10,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from declora.algorithms import adf, centralized, dec_lora, decaf, fedavg, ffa, local_only  # noqa: F401
-from declora.algorithms import fedsa  # noqa: F401
+from declora.algorithms import (  # noqa: F401
+    adf,
+    centralized,
+    dec_lora,
+    decaf,
+    fedavg,
+    fedsa,
+    ffa,
+    local_only,
+)
 from declora.algorithms.base import Algorithm
 from declora.algorithms.registry import algorithm_class, label, make_algorithm, names
 

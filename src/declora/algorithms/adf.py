@@ -35,3 +35,12 @@ class ADF(Algorithm):
     def trainable(self, round: int) -> frozenset[str]:
         a = self.cfg.algorithm
         return frozenset({f"lora_{adf_phase(round, a.period, a.adf_start)}"})
+
+    def stale_optimizer_state(self, round: int) -> frozenset[str]:
+        """The factor that resumes training: its momentum is from its last phase, taken on a
+        model that has moved since (the other factor trained, peers mixed), so it would push
+        in a stale direction; it restarts from zero, as at the first phase."""
+        if round == 1:
+            return frozenset()
+        now, before = self.trainable(round), self.trainable(round - 1)
+        return now - before

@@ -53,6 +53,9 @@ class Algorithm:
     #: How a peer combines what it received: "average" (W times each tensor, exact or
     #: compressed, plain or CHOCO) or "product-svd" (DeCAF: mix B_j A_j, truncated SVD).
     mixing_rule: ClassVar[str] = "average"
+    #: `stale_optimizer_state` is cleared right after the round's mixing, only for the peers
+    #: it changed (instead of for every peer at the round's start).
+    stale_after_mixing: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -62,6 +65,12 @@ class Algorithm:
     def trainable(self, round: int) -> frozenset[str]:
         """The LoRA factors that get gradients in `round` (a head, if any, always trains)."""
         return LORA_FACTORS
+
+    def stale_optimizer_state(self, round: int) -> frozenset[str]:
+        """LoRA factors whose optimizer state (momentum, Adam moments) no longer fits them in
+        `round` and is cleared (before its local steps, or after its mixing with
+        `stale_after_mixing`); none by default."""
+        return frozenset()
 
     def sent_keys(self, keys: Iterable[str]) -> set[str]:
         """The tensors a peer sends and mixes each round; the others stay as they are."""

@@ -261,7 +261,11 @@ class CommConfig(_Section):
 
     bits: Literal[1, 2, 3, 4, 5, 6, 7, 8, 16, 32] = 32
     half: Literal["fp16", "bf16"] = "fp16"
-    rounding: Literal["stochastic", "nearest"] = "stochastic"
+    rounding: Literal["stochastic", "nearest", "sign"] = Field(
+        "stochastic",
+        description="stochastic (unbiased) or nearest k-bit rounding; sign: 1-bit scaled sign "
+        "(mean |x| per group times the sign; contractive, for error feedback)",
+    )
     granularity: Literal["tensor", "row", "block"] = "block"
     block_size: int = Field(256, ge=1)
     error_feedback: bool = False
@@ -279,10 +283,55 @@ class CommConfig(_Section):
     on_peer_failure: Literal["error", "skip"] = Field(
         "error", description="distributed runs: stop, or mix without a silent neighbour"
     )
+    robust: Literal["none", "clip", "trimmed-mean", "median"] = Field(
+        "none",
+        description="robust combine rule against bad neighbours: self-centred clipping "
+        "(ClippedGossip), coordinate-wise trimmed mean, or median; none: plain gossip",
+    )
+    robust_radius: float | None = Field(
+        None, gt=0.0, description="comm.robust=clip: a fixed clipping radius; None: adaptive"
+    )
+    robust_trim: int = Field(
+        1, ge=1, le=100, description="neighbours assumed bad: trimmed per end, or clipped"
+    )
+    auth_key_file: str | None = Field(
+        None,
+        description="distributed runs: a file holding a shared secret every peer proves in the "
+        "handshake (or set DECLORA_AUTH_KEY); traffic is still NOT encrypted",
+    )
+
+    @model_validator(mode="after")
+    def _one_bit(self) -> CommConfig:
+        """1-bit settings that cannot work, refused with the reason."""
+        if self.rounding == "sign" and self.bits != 1:
+            raise ValueError(
+                f"comm.rounding=sign sends 1 bit a value; comm.bits={self.bits} (use 1)"
+            )
+        if self.bits == 1 and self.rounding == "stochastic" and self.error_feedback:
+            raise ValueError(
+                "comm.error_feedback with stochastic 1-bit rounding diverges: that rounding is "
+                "unbiased but not contractive, so the carried residual grows every round; use "
+                "comm.rounding=sign (scaled sign, contractive) with error feedback"
+            )
+        return self
 
     @property
     def exact(self) -> bool:
         return self.bits == 32 and self.scheme == "plain"
+
+
+class FaultsConfig(_Section):
+    """Fault injection for robustness studies: chosen peers send poisoned values."""
+
+    byzantine: list[int] = Field(
+        default_factory=list, description="peers that send poisoned factors and head"
+    )
+    attack: Literal["sign-flip", "scaled", "gaussian", "alie", "stale"] | None = Field(
+        None, description="what the byzantine peers send (declora.network.attacks)"
+    )
+    strength: float | None = Field(
+        None, description="the attack's knob (scale, noise std, ALIE's z); None: its default"
+    )
 
 
 TrackerName = Literal["tensorboard", "mlflow", "wandb"]
@@ -340,6 +389,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     baselines: list[AlgorithmName] = Field(default_factory=lambda: ["centralized", "local-only"])
     log: LogConfig = Field(default_factory=LogConfig)
 
@@ -386,6 +436,17 @@ class RunConfig(_Section):
                 algorithm_class(name)(self).check(self)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _robustness(self) -> RunConfig:
+        """faults.* and comm.robust* together (declora.network.robust.check_settings)."""
+        from declora.network.robust import check_settings
+
+        try:
+            check_settings(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from declora.engine.state import TrainingState
 from declora.model.adapters import AdapterSpec, OptimSettings, set_submodule
 from declora.model.stacked import StackedLinear, StackedLoraLinear
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
-from declora.engine.state import TrainingState
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 
@@ -258,6 +258,27 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
             loss.sum().backward()
             total += loss.detach()
         return total
+
+    @torch.no_grad()
+    def reset_optimizer_state(
+        self, factors: frozenset[str], peers: np.ndarray | None = None
+    ) -> None:
+        """Forget the optimizer state (momentum, Adam moments) of these LoRA factors, on every
+        peer or on the `peers` mask: state built for factors that have since changed basis.
+        A peer's rows of every per-element state tensor become zeros, which is exactly how a
+        fresh optimizer starts (SGD's momentum, Adam's moments); Adam's step count is shared by
+        the stacked tensor and is reset only when every peer is."""
+        everyone = peers is None or bool(np.all(peers))
+        for name, p in self.params.items():
+            if factor_of(name) not in factors:
+                continue
+            chosen = np.ones(self.n, dtype=bool) if peers is None else np.asarray(peers)
+            rows = torch.as_tensor(np.flatnonzero(chosen), dtype=torch.long, device=p.device)
+            for t in self.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(t) and t.shape == p.shape:
+                    t[rows] = 0
+                elif torch.is_tensor(t) and everyone:
+                    t.zero_()  # Adam's step count
 
     def _optimizers(self) -> tuple[list, list]:
         return [self.optimizer], [self.scheduler]

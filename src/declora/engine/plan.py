@@ -23,6 +23,11 @@ class RoundPolicy(Protocol):
     server_average: bool
 
     def trainable(self, round: int) -> frozenset[str]: ...
+    def stale_optimizer_state(self, round: int) -> frozenset[str]: ...
+
+    #: The stale state is that of the peers whose factors the round's mixing changed, cleared
+    #: right after it (DeCAF's re-factorization), not every peer's at the round's start (ADF).
+    stale_after_mixing: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,16 @@ class Plan:
         if self.policy.server_average:  # every online peer uploads once
             return self.messages * self.schedule.live(t)
         return self.schedule.messages(t)
+
+    def stale_peers(self, t: int) -> np.ndarray:
+        """The peers whose optimizer state `policy.stale_optimizer_state(t)` concerns: with
+        `stale_after_mixing`, those that combined with at least one neighbour in round t (the
+        state is cleared right after that mixing); otherwise every peer (at the round's
+        start)."""
+        if not self.policy.stale_after_mixing:
+            return np.ones(self.n, dtype=bool)
+        W = self.mixing_at(t)
+        return ((W != 0) & ~np.eye(self.n, dtype=bool)).any(axis=1)
 
     def one_peer(self, rank: int) -> Plan:
         """The engine's view in a one-peer process: its data share and weight only."""

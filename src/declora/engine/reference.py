@@ -23,10 +23,10 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from declora.engine.batched import as_active_mask
+from declora.engine.state import TrainingState
 from declora.model.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
 from declora.model.peft_methods import adapter_config, peft_param_name
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
-from declora.engine.state import TrainingState
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 __all__ = ["ReferenceEngine", "lora_config", "peer_name", "peft_param_name"]
@@ -173,6 +173,19 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
             self.schedulers[i].step()
             losses.append(loss.detach())
         return torch.cat(losses)
+
+    def reset_optimizer_state(
+        self, factors: frozenset[str], peers: np.ndarray | None = None
+    ) -> None:
+        """Forget the optimizer state of these LoRA factors, on every peer or on the `peers`
+        mask (see BatchedEngine; here each peer's optimizer starts afresh exactly)."""
+        chosen = np.ones(self.n, dtype=bool) if peers is None else np.asarray(peers, dtype=bool)
+        for i, (opt, params) in enumerate(zip(self.optimizers, self.peer_params, strict=True)):
+            if not chosen[i]:
+                continue
+            for name, p in params.items():
+                if factor_of(name) in factors:
+                    opt.state.pop(p, None)
 
     def _optimizers(self) -> tuple[list, list]:
         return list(self.optimizers), list(self.schedulers)

@@ -62,6 +62,9 @@ class Engine(Protocol):
     def use_single(self, values: dict[str, torch.Tensor]) -> AbstractContextManager: ...
     def state_dict(self) -> dict[str, Any]: ...  # adapters, optimizers, schedulers
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def reset_optimizer_state(
+        self, factors: frozenset[str], peers: np.ndarray | None = None
+    ) -> None: ...
     def remove(self) -> torch.nn.Module: ...  # the base model as it was before wrapping
 
 
@@ -88,6 +91,7 @@ class LoopSettings:
     eval_peers: str = "final"  # evaluate each peer's own model: final, every, never
     lora_modules: tuple[str, ...] = ()  # for the consensus distance
     gossip_steps: int = 1  # exchanges per round
+    lora_scale: float = 1.0  # s in s B A, for the consensus distance
 
     @classmethod
     def of(
@@ -97,6 +101,7 @@ class LoopSettings:
         n_peers: int,
         lora_modules: tuple[str, ...] = (),
         gossip_steps: int = 1,
+        lora_scale: float = 1.0,
     ) -> LoopSettings:
         """From a RunConfig's `train` and `eval` sections (one peer evaluates no peers)."""
         return cls(
@@ -107,6 +112,7 @@ class LoopSettings:
             eval_peers=cfg.eval.peers if n_peers > 1 else "never",
             lora_modules=lora_modules,
             gossip_steps=gossip_steps,
+            lora_scale=lora_scale,
         )
 
 
@@ -170,7 +176,7 @@ class NetworkView(Protocol):
     def mean(self, total: float, count: int) -> float: ...  # sum over peers / count
     def bytes_sent(self, local: np.ndarray) -> tuple[float, float]: ...  # (mean, total)
     def consensus(
-        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
+        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...], scale: float
     ) -> float | None: ...
     def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None: ...
 
@@ -184,8 +190,10 @@ class LocalNetwork:
     def bytes_sent(self, local: np.ndarray) -> tuple[float, float]:
         return float(local.mean()), float(local.sum())
 
-    def consensus(self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:
-        return consensus_distance(values, lora_modules)
+    def consensus(
+        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...], scale: float
+    ) -> float:
+        return consensus_distance(values, lora_modules, scale)
 
     def annotate(self, rec: dict[str, Any], local_loss: float, local_bytes: np.ndarray) -> None:
         return None
@@ -291,6 +299,9 @@ def train(
         if plan.factors(t) != trainable:  # FFA freezes A, ADF alternates
             trainable = plan.factors(t)
             engine.set_trainable(trainable)
+        stale = plan.policy.stale_optimizer_state(t)  # ADF: the factor that resumes training
+        if stale and not plan.policy.stale_after_mixing:
+            engine.reset_optimizer_state(stale, plan.stale_peers(t)[local])
         # offline peers take 0 steps, stragglers fewer than K; a peer's data order only
         # advances for the steps it takes. The LR schedule counts every step of the round.
         steps = plan.local_steps(t, local_steps)[local]
@@ -318,6 +329,8 @@ def train(
             bytes_sent += sent_per_round if measured is None else measured
         check_peers(t, shared, local, "after gossip")
         engine.load_stacked(shared)
+        if stale and plan.policy.stale_after_mixing:  # DeCAF: the mixing changed the basis
+            engine.reset_optimizer_state(stale, plan.stale_peers(t)[local])
         if t % eval_every == 0 or t == rounds:
             stacked = torch.stack(losses)  # NaN where a peer sat a step out
             taken = ~torch.isnan(stacked)
@@ -333,9 +346,12 @@ def train(
                 result.peer_metrics = evaluator.peers(engine)
                 rec.update(summarize_peers(result.peer_metrics))
             losses = []
-            rec["consensus_distance"] = network.consensus(engine.stacked(), settings.lora_modules)
+            rec["consensus_distance"] = network.consensus(
+                engine.stacked(), settings.lora_modules, settings.lora_scale
+            )
             rec["bytes_sent"], rec["bytes_sent_total"] = network.bytes_sent(bytes_sent)
             rec["wall_seconds"] = round(time.perf_counter() - start, 3)
+            rec.update(getattr(gossip, "round_metrics", dict)())  # robust rules' flags
             network.annotate(rec, local_loss, bytes_sent)
             result.records.append(rec)
             key = evaluator.primary

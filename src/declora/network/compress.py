@@ -3,7 +3,8 @@
 A compressor turns a float tensor into a `Packet` whose `nbytes()` is the exact number of bytes
 sent, so communication cost can be reported honestly (payload plus per-group metadata). Three
 families: exact fp32 (`Identity`), half-precision casts (`Cast`) and k-bit asymmetric min/max
-quantization (`Quantize`) with stochastic (unbiased) or nearest rounding.
+quantization (`Quantize`) with stochastic (unbiased) or nearest rounding, and the scaled sign
+(`ScaledSign`, 1 bit), a contractive compressor for error feedback at one bit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from declora.errors import ConfigError
 
 BITS_CHOICES = "1..8, 16 or 32"
-ROUNDINGS = ("stochastic", "nearest")
+ROUNDINGS = ("stochastic", "nearest", "sign")
 GRANULARITIES = ("tensor", "row", "block")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -157,6 +158,8 @@ class Quantize(Compressor):
         block_size: int = 256,
     ) -> None:
         _check_quant_settings(bits, rounding, granularity, block_size)
+        if rounding == "sign":
+            raise ConfigError("comm.rounding=sign is the scaled-sign compressor, not min/max")
         self.bits = bits
         self.rounding = rounding
         self.granularity = granularity
@@ -223,6 +226,48 @@ class Quantize(Compressor):
         return (lo + codes * scale).reshape(p.shape)
 
 
+class ScaledSign(Compressor):
+    """1 bit a value: the sign, times one scale per group, the group's mean |x|.
+
+    C(x) = mean(|x|) sign(x) is contractive: ||x - C(x)||^2 = ||x||^2 - ||x||_1^2 / d <=
+    (1 - 1/d) ||x||^2 per group of d values, so error feedback's residual shrinks instead of
+    growing. Stochastic 1-bit min/max rounding is unbiased but not contractive (its error can
+    exceed the value itself), which is why error feedback diverges with it. Biased, so use it
+    with error feedback (`comm.error_feedback=true`)."""
+
+    kind = "s1"
+
+    def __init__(self, granularity: str = "block", block_size: int = 256) -> None:
+        _check_common("sign", granularity, block_size)
+        self.granularity, self.block_size = granularity, block_size
+        group = f"block{block_size}" if granularity == "block" else granularity
+        self.name = f"sign1-{group}"
+        self._q = Quantize(1, "nearest", granularity, block_size)  # grouping helpers only
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Packet:
+        flat = x.detach().reshape(-1).to(torch.float32)
+        numel = flat.numel()
+        groups, length = self._q._groups(tuple(x.shape))
+        if numel == 0:
+            empty = torch.zeros(0, dtype=torch.uint8)
+            return Packet(empty, torch.zeros(0), None, tuple(x.shape), self.kind)
+        padded = torch.cat([flat, torch.zeros(groups * length - numel)])
+        counts = torch.full((groups,), float(length))
+        counts[-1] = numel - (groups - 1) * length
+        scale = padded.reshape(groups, length).abs().sum(dim=1) / counts
+        codes = (flat >= 0).to(torch.int64)
+        return Packet(pack_bits(codes, 1), scale, None, tuple(x.shape), self.kind)
+
+    def decode(self, p: Packet) -> torch.Tensor:
+        self._check_kind(p, self.kind)
+        numel = math.prod(p.shape)
+        if p.scales is None:
+            raise ValueError("a scaled-sign packet needs its scales")
+        _, length = self._q._groups(p.shape)
+        signs = unpack_bits(p.payload, 1, numel).to(torch.float32) * 2 - 1
+        return (signs * self._q._per_element(p.scales, numel, length)).reshape(p.shape)
+
+
 # --------------------------------------------------------------------------- factory
 
 
@@ -237,7 +282,9 @@ def _check_quant_settings(
 
 def _check_common(rounding: object, granularity: object, block_size: object) -> None:
     if rounding not in ROUNDINGS:
-        raise ConfigError(f"comm.rounding={rounding!r} is unknown; choose stochastic or nearest")
+        raise ConfigError(
+            f"comm.rounding={rounding!r} is unknown; choose stochastic, nearest or sign"
+        )
     if granularity not in GRANULARITIES:
         raise ConfigError(
             f"comm.granularity={granularity!r} is unknown; choose tensor, row or block"
@@ -266,4 +313,8 @@ def make_compressor(
         return Identity()
     if bits == 16:
         return Cast(half)
+    if rounding == "sign":
+        if bits != 1:
+            raise ConfigError(f"comm.rounding=sign sends 1 bit a value; comm.bits={bits} (use 1)")
+        return ScaledSign(granularity, block_size)
     return Quantize(bits, rounding, granularity, block_size)

@@ -1,7 +1,7 @@
 """Gossip with compressed messages, simulated on stacked tensors ([n, ...]).
 
-Two schemes share the same contract as `declora.network.simulated.SimulatedGossip.mix` plus exact byte
-accounting (`last_bytes`) and checkpointable state:
+Two schemes share the contract of `declora.network.simulated.SimulatedGossip.mix`, plus exact
+byte accounting (`last_bytes`) and checkpointable state:
 
 * `CompressedGossip`: every peer sends a compressed copy of its value (optionally with error
   feedback) and mixes its own exact value with what it decoded from its neighbours.
@@ -148,7 +148,9 @@ class CompressedGossip(_GossipBase):
         super().__init__(mixing, compressor, seed)
         self.error_feedback = error_feedback
 
-    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode_all(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What every peer's neighbours decode from its packets (error feedback applied; a peer
+        that sends nothing keeps its own value): the block a combine rule reads."""
         sent = np.zeros(self.n, dtype=np.int64)
         out = {}
         for name, v in values.items():
@@ -162,11 +164,19 @@ class CompressedGossip(_GossipBase):
                     residual[i] = message - decoded[i]
             if residual is not None:
                 self._memory[name] = residual
+            out[name] = decoded
+        self.last_bytes = sent
+        return out
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, decoded in self.decode_all(values).items():
+            v = values[name]
+            x = v.detach().to(torch.float32)
             mixed = mix_with_own_exact(self.W, self.self_weight, x, decoded, self.own_index)
             alone = self.isolated.to(x.device)
             mixed[alone] = x[alone]
             out[name] = mixed.to(v.dtype)
-        self.last_bytes = sent
         return out
 
 

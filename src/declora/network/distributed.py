@@ -40,9 +40,11 @@ import torch.distributed as dist
 
 from declora.errors import ConfigError, DecloraError
 from declora.model.adapters import PLAIN_LEAVES
+from declora.network.attacks import Attack
 from declora.network.compress import Compressor, Packet
 from declora.network.compressed import peer_generator
 from declora.network.mixing import choco_step, decaf_combine, mix_with_own_exact
+from declora.network.robust import FlagCounts, RobustRule, robust_combine
 
 log = logging.getLogger("declora.network.distributed")
 
@@ -274,6 +276,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def prove_membership(key: bytes | None, proc: PeerProcess, failed: bool = False) -> None:
+    """With a shared secret on any peer, every peer proves it holds it before anything else is
+    exchanged or written (`declora.network.auth`); raises `AuthRefused` on every peer if not."""
+    from declora.network.auth import authenticate
+
+    authenticate(key, proc.rank, proc.world, lambda o: _gather_json(o, proc), failed)
+
+
 def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str = "") -> None:
     """Compare every peer's setup; raise `SetupMismatch` on all peers if any differs or failed.
 
@@ -443,6 +453,9 @@ class PeerGossip:
         self.bytes_on_wire = 0  # buffers handed to send ops that completed, over the whole run
         self.seconds = 0.0  # time in the gossip step: encode, exchange, decode, mix
         self.wait_seconds = 0.0  # of which waiting for the exchange (transfer + slower peers)
+        self.attack: Attack | None = None  # faults.*: this peer may send poisoned values
+        self.robust: RobustRule | None = None  # comm.robust: combine rule against bad peers
+        self.flags = FlagCounts(self.n)  # which neighbour the robust rule flagged, how often
 
     def set_mixing(self, mixing: np.ndarray) -> None:
         """Use this matrix from the next exchange on (dynamic graphs, offline peers): every
@@ -459,7 +472,14 @@ class PeerGossip:
         state = {"generator": self.generator.get_state()}
         state.update({f"memory.{k}": v.clone() for k, v in self.memory.items()})
         state["exchanges"] = torch.tensor([self.exchanges], dtype=torch.int64)
+        state.update(self.flags.state_dict())
+        if self.attack is not None:
+            state.update({f"attack.{k}": v for k, v in self.attack.state_dict().items()})
         return state
+
+    def round_metrics(self) -> dict[str, Any]:
+        """This peer's robust-rule flags (metrics.jsonl keys)."""
+        return self.flags.metrics([self.rank]) if self.robust is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"].to(torch.uint8))
@@ -469,6 +489,12 @@ class PeerGossip:
             if k.startswith("memory.")
         }
         self.exchanges = int(state["exchanges"][0])
+        if "flags.seen" in state:
+            self.flags.load_state_dict(state)
+        if self.attack is not None:
+            self.attack.load_state_dict(
+                {k[len("attack.") :]: v for k, v in state.items() if k.startswith("attack.")}
+            )
 
     def _mem(self, key: str, like: torch.Tensor) -> torch.Tensor:
         if key not in self.memory:
@@ -553,10 +579,7 @@ class PeerGossip:
         if not self.sources and not self.targets:
             self.last_bytes = np.zeros(1, dtype=np.int64)
             return values
-        if self.scheme == "choco":
-            mixed = self._mix_choco(x)
-        else:
-            mixed = self._mix_plain(x)
+        mixed = self._mix_choco(x) if self.scheme == "choco" else self._mix_plain(x)
         return {k: mixed[k].to(values[k].dtype).to(values[k].device).unsqueeze(0) for k in x}
 
     def _encode(self, messages: dict[str, torch.Tensor]) -> dict[str, Packet]:
@@ -576,8 +599,10 @@ class PeerGossip:
         sending = any(j not in self.failed for j in self.targets)
         if sending:
             messages = dict(x)
+            if self.attack is not None:  # faults.*: what a byzantine peer sends instead
+                messages = self.attack.poison(self.rank, x)
             if self.error_feedback:
-                messages = {k: v + self._mem(k, v) for k, v in x.items()}
+                messages = {k: v + self._mem(k, v) for k, v in messages.items()}
             packets = self._encode(messages)
             own_decoded = {k: self.compressor.decode(p) for k, p in packets.items()}
             if self.error_feedback:
@@ -590,9 +615,18 @@ class PeerGossip:
             buf = self._to_device(torch.zeros(_wire_size(layout), dtype=torch.uint8))
         arrived = self._exchange(buf)
         decoded = {j: d for j, b in arrived.items() if (d := self.decode_message(j, b, layout))}
+        if self.attack is not None:
+            self.attack.remember(self.rank, list(decoded.values()))
         own, others = self._weights(decoded)
         if not others:
             return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
+        if self.robust is not None:  # the same per-peer rule the simulator applies
+            ids = list(others)
+            mixed, flagged = robust_combine(
+                self.robust, x, [decoded[j] for j in ids], [others[j] for j in ids]
+            )
+            self.flags.add(self.rank, ids, flagged)
+            return mixed
         if self.rule == "product-svd":
             return decaf_combine(x, decoded, others, self.rank_r, self_weight=own)
         W = torch.tensor([[own, *others.values()]], dtype=torch.float32)
@@ -724,7 +758,7 @@ class PeerNetwork:
         return total / self.proc.world, total
 
     def consensus(
-        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]
+        self, values: dict[str, torch.Tensor], lora_modules: tuple[str, ...], scale: float = 1.0
     ) -> float | None:
         """The simulation's `consensus_distance` from network sums: sqrt(mean_i sum ||P_i -
         mean P||^2) over the LoRA products P_i = B_i A_i and the other methods' plain tensors
@@ -732,7 +766,7 @@ class PeerNetwork:
         if not self.monitor:
             return None
         parts = [
-            values[f"{name}.lora_B"][0].double() @ values[f"{name}.lora_A"][0].double()
+            scale * (values[f"{name}.lora_B"][0].double() @ values[f"{name}.lora_A"][0].double())
             for name in lora_modules
         ]
         parts += [v[0].double() for k, v in values.items() if k.rpartition(".")[2] in PLAIN_LEAVES]

@@ -73,9 +73,13 @@ def _mix_refusing(
     return out
 
 
-def consensus_distance(values: dict[str, torch.Tensor], lora_modules: tuple[str, ...]) -> float:
-    """sqrt(mean_i sum_layers ||B_i A_i - mean_j B_j A_j||_F^2): disagreement of the peers'
-    weight updates, which is what the factors' product changes in the model.
+def consensus_distance(
+    values: dict[str, torch.Tensor], lora_modules: tuple[str, ...], scale: float = 1.0
+) -> float:
+    """sqrt(mean_i sum_layers ||s B_i A_i - mean_j s B_j A_j||_F^2): disagreement of the peers'
+    weight updates, which is what the factors' product (times LoRA's scale s = alpha / r)
+    changes in the model. Without s, disagreement at small r would be understated by the
+    ratio of the scales.
 
     Other PEFT methods' tensors (DoRA magnitudes, IA3 vectors, prompt embeddings: keys whose
     leaf is in `PLAIN_LEAVES`) add their plain distance sum ||x_i - mean_j x_j||^2 the same way;
@@ -83,7 +87,7 @@ def consensus_distance(values: dict[str, torch.Tensor], lora_modules: tuple[str,
     total = 0.0
     for name in lora_modules:
         a, b = values[f"{name}.lora_A"], values[f"{name}.lora_B"]
-        prod = torch.bmm(b.float(), a.float())
+        prod = scale * torch.bmm(b.float(), a.float())
         total += float((prod - prod.mean(dim=0, keepdim=True)).pow(2).sum()) / a.shape[0]
     for k, v in values.items():
         if k.rpartition(".")[2] in PLAIN_LEAVES:

@@ -139,6 +139,31 @@ def _samples_markdown(results: dict[str, Result], main: str) -> str:
     return out
 
 
+def _robust_markdown(cfg: Any, main: Result) -> str:
+    """Faults and robust rules: who the peers flagged, and how often (the last record)."""
+    f, rule = cfg.faults, cfg.comm.robust
+    if not f.byzantine and rule == "none":
+        return ""
+    out = "\n## Robustness\n\n"
+    if f.byzantine:
+        out += f"Fault injection: peer(s) {f.byzantine} send `{f.attack}` values. "
+    out += f"Combine rule: `comm.robust={rule}`.\n"
+    flags = main.last("robust_flags") if rule != "none" else None
+    if isinstance(flags, dict) and flags:
+        by_sender: dict[str, int] = {}
+        for pair, count in flags.items():
+            sender = pair.split("->")[0]
+            by_sender[sender] = by_sender.get(sender, 0) + int(count)
+        ranked = sorted(by_sender.items(), key=lambda kv: -kv[1])
+        out += (
+            "\nTimes a neighbour's message was clipped or mostly trimmed (summed over the "
+            "peers that received it; per pair in `metrics.jsonl`, key `robust_flags`): "
+            + ", ".join(f"peer {s}: {c}" for s, c in ranked[:10])
+            + "\n"
+        )
+    return out
+
+
 def write_report(
     rundir: RunDir, prep: Prepared, results: dict[str, Result], rows: list[dict[str, Any]]
 ) -> None:
@@ -193,7 +218,7 @@ Final round: the averaged model on {final_n} {unit}, each peer's own model on {p
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
 evaluation); "mean of peers" averages each peer's own model's metric.
-{_samples_markdown(results, cfg.algorithm.name)}
+{_samples_markdown(results, cfg.algorithm.name)}{_robust_markdown(cfg, main)}
 ![{primary}]({primary}.png)
 ![consensus](consensus.png)
 ![train loss](train_loss.png)

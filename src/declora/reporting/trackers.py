@@ -208,7 +208,9 @@ class MlflowTracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = artifact_root.resolve().as_uri() if artifact_root else None
-                self.experiment_id = self.client.create_experiment(experiment, location)
+                # the kind makes MLflow's UI open on training runs, not on GenAI traces
+                kind = {"mlflow.experimentKind": "custom_model_development"}
+                self.experiment_id = self.client.create_experiment(experiment, location, kind)
             else:
                 self.experiment_id = exp.experiment_id
 
@@ -446,7 +448,7 @@ class Trackers:
             group=self.group,
             tags={"group": self.group, "algorithm": key, **tags, **self.tags},
             config=self.config,
-            params=flat_params(self.config),
+            params={"run.algorithm": key, **flat_params(self.config)},  # the config is shared
             metrics=self.metrics,
             resumed=self.resumed,
         )

@@ -43,9 +43,11 @@ from declora.errors import ConfigError, DataError
 from declora.model.adapters import AdapterSpec, OptimSettings, initial_state
 from declora.model.dropout import set_dropout
 from declora.model.peft_methods import method_spec
+from declora.network.attacks import Attack
 from declora.network.compress import Compressor, make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.mixing import DecafGossip
+from declora.network.robust import RobustGossip, check_graph, compressed_for, rule_of
 from declora.network.schedules import Schedule, make_schedule
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import Topology, build_topology
@@ -97,7 +99,7 @@ class Prepared:
 
 def build_topology_from(cfg: RunConfig) -> Topology:
     t = cfg.topology
-    return build_topology(
+    topology = build_topology(
         t.kind,
         t.peers,
         t.mixing,
@@ -107,6 +109,8 @@ def build_topology_from(cfg: RunConfig) -> Topology:
         edge_file=t.edge_file,
         matrix_file=t.matrix_file,
     )
+    check_graph(cfg, topology.degrees)  # a robust rule's trimming needs enough neighbours
+    return topology
 
 
 def schedule_from(cfg: RunConfig, topology: Topology) -> Schedule | None:
@@ -359,9 +363,7 @@ def label_mix(counts: np.ndarray, peers: list[int] | None) -> np.ndarray | None:
 def make_engine(prep: Prepared, plan: Plan) -> Engine:
     t = prep.cfg.train
     n_peers, batch_size = plan.n, plan.batch_size
-    kwargs: dict[str, Any] = dict(
-        peer_weights=plan.weights.tolist(), **asdict(OptimSettings.of(t))
-    )
+    kwargs: dict[str, Any] = dict(peer_weights=plan.weights.tolist(), **asdict(OptimSettings.of(t)))
     if t.engine == "reference" or prep.spec.method != "lora":  # other PEFT methods: PEFT's own
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
     chunk = t.peer_chunk or max(1, t.max_pass_examples // batch_size)
@@ -390,12 +392,29 @@ def simulated_communicator(cfg: RunConfig, algorithm: Algorithm, plan: Plan) -> 
     c = cfg.comm
     if algorithm.mixing_rule == "product-svd":
         return DecafGossip(plan.mixing, rank=cfg.lora.r)
+    attack, rule = attack_of(cfg, algorithm), rule_of(cfg) if algorithm.gossips else None
+    if attack is not None or rule is not None:  # faults / robust rules: per-peer combine
+        comp = None
+        if not c.exact:
+            comp = compressed_for(
+                compressor_of(cfg), plan.mixing, error_feedback=c.error_feedback, seed=cfg.seed
+            )
+        return RobustGossip(plan.mixing, rule, attack, compressed=comp)
     if c.exact or not algorithm.gossips:
         return SimulatedGossip(plan.mixing)
     comp = compressor_of(cfg)
     if c.scheme == "choco":
         return ChocoGossip(plan.mixing, comp, gamma=c.gamma, seed=cfg.seed)
     return CompressedGossip(plan.mixing, comp, error_feedback=c.error_feedback, seed=cfg.seed)
+
+
+def attack_of(cfg: RunConfig, algorithm: Algorithm) -> Attack | None:
+    """The poisoned senders `faults.*` asks for: gossip algorithms only (the others send
+    nothing to a neighbour, or average on a server)."""
+    f = cfg.faults
+    if not f.byzantine or f.attack is None or not algorithm.gossips:
+        return None
+    return Attack(f.attack, f.byzantine, cfg.seed, f.strength)
 
 
 def checkpointing(
@@ -416,8 +435,6 @@ def checkpointing(
         keep=cfg.train.keep_checkpoints,
         resume=resume,
     )
-
-
 
 
 @dataclass
@@ -476,6 +493,7 @@ def build_algorithm(
         n_peers=plan.n,
         lora_modules=prep.spec.lora_modules,
         gossip_steps=algorithm.gossip_steps(),
+        lora_scale=prep.spec.scaling if prep.spec.lora_modules else 1.0,
     )
     if side is None:
         parts = LoopParts(
@@ -513,6 +531,8 @@ def build_algorithm(
             rule=algorithm.mixing_rule,
             rank_r=cfg.lora.r,
         )
+        communicator.attack = attack_of(cfg, algorithm)
+        communicator.robust = rule_of(cfg)
     checkpoints = checkpointing(cfg, checkpoint_root, resume=resume, extra=[name, rank])
     parts = LoopParts(
         engine, plan, evaluator, communicator, mix_keys, checkpoints, [rank], side.network

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from declora.errors import CheckpointError, DecloraError
+from declora.errors import CheckpointError
 
 FORMAT = 2  # 1 (declora before 0.2) hashed state.safetensors only
 STATE_FILE = "state.safetensors"
@@ -269,5 +269,3 @@ def fingerprint_of(parts: Iterable[object]) -> str:
 
 
 # ------------------------------------------------------------------ what the round loop holds
-
-

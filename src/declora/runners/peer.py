@@ -27,6 +27,7 @@ from declora.engine.round_loop import LoopHooks, Result, train
 from declora.errors import DecloraError
 from declora.model.export import save_peft_adapter
 from declora.network import distributed as dd
+from declora.network.auth import load_key
 from declora.reporting.report import summary_rows, write_report
 from declora.reporting.trackers import Trackers, require
 from declora.runners import checkpoint as ckpt
@@ -74,6 +75,7 @@ def fingerprint(cfg: RunConfig, prep: Any) -> dict[str, Any]:
     resolved["train"].pop("threads", None)
     for key in ("path", "test_path"):
         resolved["data"].pop(key, None)
+    resolved["comm"].pop("auth_key_file", None)  # a path per machine; the secret is proved
     if Path(cfg.model.name).exists():
         resolved["model"].pop("name", None)
     return {
@@ -132,14 +134,16 @@ def run_peer(
         )
     elif simulation_only(cfg):
         error = f"{simulation_only(cfg)}: run it with `declora run` (no torchrun)"
-    prep = None
+    prep, key = None, None
     if not error:
         try:
             if proc.leader or cfg.log.peers:
                 require(cfg.log)  # a missing tracker extra stops every peer, before any work
+            key = load_key(cfg.comm.auth_key_file)  # before any work: a bad key stops all
             prep = prepare(cfg)
         except DecloraError as exc:
             error = str(exc)
+    dd.prove_membership(key, proc, failed=bool(error))  # before the run directory exists
     if not error:
         error = _open_rundir(out, proc, resume, overwrite)
     dd.handshake(None if error else fingerprint(cfg, prep), proc, error=error)
@@ -226,6 +230,8 @@ _PEER_KEYS = (
     "peer_compute_seconds",
     "peer_comm_seconds",
     "peer_comm_wait_seconds",
+    "robust_flagged_share",  # whom this peer's robust rule flagged (comm.robust)
+    "robust_flags",
 )
 
 

@@ -39,7 +39,7 @@ def run_algorithm(
     # every algorithm starts from the same RNG state (dropout masks), whatever ran before it
     torch.manual_seed(cfg.seed)
     run = build_algorithm(prep, algorithm, out.path / "checkpoints", resume=resume)
-    plan, engine = run.plan, run.engine
+    plan = run.plan
     try:
         result = train(
             run.parts,

@@ -1,0 +1,371 @@
+"""Robust combine rules: how ONE peer combines its own value with what its neighbours sent when
+some of them may be broken or hostile (`comm.robust`).
+
+Plain gossip is linear, so `declora.network.mixing` writes it once over a block of rows. These
+rules are not: each is a function of one peer's own values, its neighbours' received values and
+their weights. The simulator (`RobustGossip`) calls it for every peer over its neighbourhood;
+a peer process (`declora.network.distributed.PeerGossip`) calls it for itself, so both modes
+compute the same numbers. Values are dicts name -> tensor (one peer's, no peer axis); the rules
+treat everything a peer sent as ONE vector (all tensors concatenated), as the papers do.
+
+* `clip`: self-centred clipping, ClippedGossip (He, Karimireddy and Jaggi 2022):
+  x_i <- x_i + sum_j W_ij CLIP(x_j - x_i, tau). The radius tau is `comm.robust_radius`, or
+  adaptive: the (k - b)-th smallest of the k neighbours' distances, so the b farthest
+  neighbours (b = `comm.robust_trim`) are pulled in to the distance of the farthest one kept.
+* `trimmed-mean`: per coordinate, drop the b largest and b smallest of [own, received...] and
+  average the rest (unweighted, as in the coordinate-wise trimmed mean of Yin et al. 2018).
+* `median`: per coordinate, the median of [own, received...] (the mean of the middle two when
+  their count is even).
+
+Each call also says which neighbours it flagged: clipped (clip), or with at least half of
+their coordinates discarded (trimmed-mean, median), which is what a peer logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from declora.network.compress import Compressor
+
+RobustName = Literal["clip", "trimmed-mean", "median"]
+ROBUST_RULES: tuple[str, ...] = ("clip", "trimmed-mean", "median")
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    """A robust rule and its settings: `trim` (b) neighbours assumed bad, a fixed `radius`
+    (clip only; None: adaptive)."""
+
+    name: str
+    trim: int = 1
+    radius: float | None = None
+
+    def min_neighbours(self) -> int:
+        """The fewest neighbours a peer needs for this rule to do what it promises."""
+        if self.name == "trimmed-mean":
+            return 2 * self.trim
+        if self.name == "median":
+            return 2
+        return 1 if self.radius is not None else self.trim + 1
+
+
+# --------------------------------------------------------------------------- one peer, flat
+
+
+def clip_combine(
+    own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, radius: float | None, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClippedGossip for one peer: own [d], received [k, d], weights [k] (W_ij). Returns the
+    new value [d] and which neighbours were clipped ([k] bool)."""
+    diff = received - own.unsqueeze(0)
+    dist = torch.linalg.vector_norm(diff, dim=1)
+    tau = adaptive_radius(dist, b) if radius is None else torch.tensor(float(radius))
+    tau = tau.to(dist.dtype)
+    clipped = dist > tau
+    scale = torch.where(clipped, tau / dist.clamp_min(torch.finfo(dist.dtype).tiny), 1.0)
+    return own + (weights.to(own.dtype) * scale) @ diff, clipped
+
+
+def adaptive_radius(dist: torch.Tensor, b: int) -> torch.Tensor:
+    """The (k - b)-th smallest distance (the smallest when k <= b): the b farthest neighbours
+    are clipped to the farthest of the others."""
+    k = dist.shape[0]
+    return torch.sort(dist).values[max(k - b, 1) - 1]
+
+
+def trimmed_mean_combine(
+    own: torch.Tensor, received: torch.Tensor, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise trimmed mean of [own, received...] dropping b values at each end (fewer
+    when the neighbourhood is too small: at most (m - 1) // 2). Returns the value [d] and per
+    neighbour the share of its coordinates that were dropped ([k])."""
+    block = torch.cat([own.unsqueeze(0), received])
+    m = block.shape[0]
+    b = min(b, (m - 1) // 2)
+    if b == 0:
+        return block.mean(dim=0), torch.zeros(m - 1)
+    order = torch.argsort(block, dim=0, stable=True)
+    kept = order[b : m - b]
+    value = torch.gather(block, 0, kept).mean(dim=0)
+    dropped = torch.ones_like(block, dtype=torch.bool)
+    dropped.scatter_(0, kept, False)
+    return value, dropped[1:].float().mean(dim=1)
+
+
+def median_combine(own: torch.Tensor, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise median of [own, received...]; the share of each neighbour's coordinates
+    that are not among the middle value(s) ([k])."""
+    block = torch.cat([own.unsqueeze(0), received])
+    m = block.shape[0]
+    order = torch.argsort(block, dim=0, stable=True)
+    middle = order[(m - 1) // 2 : m // 2 + 1]
+    value = torch.gather(block, 0, middle).mean(dim=0)
+    dropped = torch.ones_like(block, dtype=torch.bool)
+    dropped.scatter_(0, middle, False)
+    return value, dropped[1:].float().mean(dim=1)
+
+
+def combine_flat(
+    rule: RobustRule, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One peer's robust combine over flat vectors; returns (value [d], flagged [k] bool)."""
+    if rule.name == "clip":
+        return clip_combine(own, received, weights, rule.radius, rule.trim)
+    if rule.name == "trimmed-mean":
+        value, share = trimmed_mean_combine(own, received, rule.trim)
+    elif rule.name == "median":
+        value, share = median_combine(own, received)
+    else:
+        raise ValueError(f"comm.robust={rule.name!r} is unknown; choose {', '.join(ROBUST_RULES)}")
+    return value, share >= 0.5
+
+
+def robust_combine(
+    rule: RobustRule,
+    own: Mapping[str, torch.Tensor],
+    received: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """One peer's robust combine over dicts of tensors (all tensors as one vector): what the
+    simulator computes for each peer and a peer process for itself."""
+    keys = list(own)
+    flat_own = torch.cat([own[k].reshape(-1).to(torch.float32) for k in keys])
+    rows = [torch.cat([r[k].reshape(-1).to(torch.float32) for k in keys]) for r in received]
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    value, flagged = combine_flat(rule, flat_own, torch.stack(rows), w)
+    out, pos = {}, 0
+    for k in keys:
+        n = own[k].numel()
+        out[k] = value[pos : pos + n].reshape(own[k].shape)
+        pos += n
+    return out, [bool(f) for f in flagged]
+
+
+# --------------------------------------------------------------------------- who was flagged
+
+
+class FlagCounts:
+    """How often each receiving peer flagged (clipped or trimmed) each neighbour, over the run:
+    the numbers an operator reads to see who misbehaves. Kept as tensors (checkpointable)."""
+
+    def __init__(self, n: int) -> None:
+        self.flagged = torch.zeros(n, n, dtype=torch.float64)  # [receiver, sender]
+        self.seen = torch.zeros(n, n, dtype=torch.float64)
+
+    def add(self, receiver: int, senders: Sequence[int], flagged: Sequence[bool]) -> None:
+        for j, f in zip(senders, flagged, strict=True):
+            self.seen[receiver, j] += 1
+            self.flagged[receiver, j] += float(f)
+
+    def metrics(self, receivers: Sequence[int]) -> dict[str, object]:
+        """metrics.jsonl keys: `robust_flagged_share` (flagged / received messages, these
+        receivers) and `robust_flags` {"sender->receiver": times flagged} for pairs flagged."""
+        rows = list(receivers)
+        seen, flagged = self.seen[rows], self.flagged[rows]
+        total = float(seen.sum())
+        flags = {
+            f"{int(j)}->{rows[int(r)]}": int(flagged[r, j])
+            for r, j in torch.nonzero(flagged > 0).tolist()
+        }
+        return {
+            "robust_flagged_share": float(flagged.sum()) / total if total else 0.0,
+            "robust_flags": flags,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"flags.flagged": self.flagged.clone(), "flags.seen": self.seen.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name in ("flagged", "seen"):
+            value = state[f"flags.{name}"]
+            if value.shape != self.flagged.shape:
+                raise ValueError(f"flag counts of shape {tuple(value.shape)} for {self.seen.shape}")
+            setattr(self, name, value.to(torch.float64).clone())
+
+
+# --------------------------------------------------------------------------- the simulator
+
+
+class RobustGossip:
+    """Simulated gossip with faults and/or a robust rule: attackers replace what they send
+    (`declora.network.attacks`), messages are (optionally) compressed and decoded, and every
+    peer combines its own exact value with what it decoded from its neighbours, with the
+    robust rule or, without one, plain `mix_with_own_exact`. Same contract as the other
+    simulators (`mix`, `set_mixing`, `last_bytes`, state)."""
+
+    def __init__(
+        self,
+        mixing: np.ndarray,
+        rule: RobustRule | None,
+        attack: object | None = None,
+        *,
+        compressed: object | None = None,
+    ) -> None:
+        """`compressed`: a `CompressedGossip` whose encode/decode (and error feedback) the
+        messages go through; None: exact fp32 messages."""
+        self.n = np.asarray(mixing).shape[0]
+        self.rule, self.attack, self.compressed = rule, attack, compressed
+        self.flags = FlagCounts(self.n)
+        self.last_bytes: np.ndarray | None = None
+        self.set_mixing(mixing)
+
+    def set_mixing(self, mixing: np.ndarray) -> None:
+        W = np.asarray(mixing, dtype=np.float64)
+        if W.shape != (self.n, self.n):
+            raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {W.shape}")
+        self.mixing = W
+        self.W = torch.tensor(W, dtype=torch.float32)
+        self.sources = [[j for j in np.flatnonzero(W[i]) if j != i] for i in range(self.n)]
+        off = (W != 0) & ~np.eye(self.n, dtype=bool)
+        self.senders = [i for i in range(self.n) if off[:, i].any()]
+        if self.compressed is not None:
+            self.compressed.set_mixing(W)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = dict(self.flags.state_dict())
+        if self.attack is not None:
+            state.update({f"attack.{k}": v for k, v in self.attack.state_dict().items()})
+        if self.compressed is not None:
+            state.update({f"comp.{k}": v for k, v in self.compressed.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.flags.load_state_dict(state)
+        for prefix, part in (("attack.", self.attack), ("comp.", self.compressed)):
+            if part is not None:
+                part.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                )
+
+    def round_metrics(self) -> dict[str, object]:
+        return self.flags.metrics(range(self.n)) if self.rule is not None else {}
+
+    def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from declora.engine.health import nonfinite_rows, refusal
+        from declora.network.mixing import mix_with_own_exact
+
+        x = {k: v.detach().to(torch.float32) for k, v in values.items()}
+        bad = nonfinite_rows(x)
+        if bad:  # what real peers refuse (comm.on_peer_failure=skip is for real peers)
+            raise refusal(self.mixing, sorted(bad)[0], ["non-finite values"])
+        sent = dict(x)
+        if self.attack is not None:
+            sent = self.attack.poison_stacked(x, self.senders)
+        if self.compressed is not None:
+            decoded = self.compressed.decode_all(sent)
+            self.last_bytes = self.compressed.last_bytes
+        else:
+            decoded = sent
+        if self.attack is not None:
+            self.attack.remember_stacked(decoded, self.sources)
+        out = {}
+        if self.rule is None:
+            own = torch.diagonal(self.W).clone()
+            index = torch.arange(self.n)
+            out = {k: mix_with_own_exact(self.W, own, x[k], decoded[k], index) for k in x}
+        else:
+            out = {k: v.clone() for k, v in x.items()}
+            for i in range(self.n):
+                src = self.sources[i]
+                if not src:
+                    continue
+                own_i = {k: v[i] for k, v in x.items()}
+                recv = [{k: v[j] for k, v in decoded.items()} for j in src]
+                mixed, flagged = robust_combine(
+                    self.rule, own_i, recv, [float(self.mixing[i, j]) for j in src]
+                )
+                self.flags.add(i, src, flagged)
+                for k in out:
+                    out[k][i] = mixed[k]
+        for i in range(self.n):
+            if not self.sources[i]:
+                for k in out:
+                    out[k][i] = x[k][i]
+        return {k: out[k].to(values[k].dtype) for k in values}
+
+
+def compressed_for(compressor: Compressor, mixing: np.ndarray, **kwargs: object) -> object:
+    """The `CompressedGossip` whose encode/decode a `RobustGossip` reuses."""
+    from declora.network.compressed import CompressedGossip
+
+    return CompressedGossip(mixing, compressor, **kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def rule_of(cfg: object) -> RobustRule | None:
+    """The robust rule `comm.*` asks for, or None (plain gossip)."""
+    c = cfg.comm  # type: ignore[attr-defined]
+    if c.robust == "none":
+        return None
+    return RobustRule(c.robust, trim=c.robust_trim, radius=c.robust_radius)
+
+
+def check_settings(cfg: object) -> None:
+    """Refuse faults.* / comm.robust* settings that cannot work, one line each (ConfigError);
+    what depends on the built graph is `check_graph`."""
+    from declora.algorithms.registry import algorithm_class
+    from declora.errors import ConfigError
+
+    c, f = cfg.comm, cfg.faults  # type: ignore[attr-defined]
+    peers = cfg.topology.peers  # type: ignore[attr-defined]
+    outside = sorted({p for p in f.byzantine if not 0 <= p < peers})
+    if outside:
+        raise ConfigError(
+            f"faults.byzantine: {outside} are not peers; topology.peers={peers} accepts "
+            f"0..{peers - 1}"
+        )
+    if len(set(f.byzantine)) != len(f.byzantine):
+        raise ConfigError(f"faults.byzantine names a peer twice: {f.byzantine}")
+    if f.byzantine and f.attack is None:
+        raise ConfigError(
+            f"faults.byzantine={f.byzantine} needs faults.attack: sign-flip, scaled, gaussian, "
+            "alie or stale"
+        )
+    if f.attack is not None and not f.byzantine:
+        raise ConfigError(f"faults.attack={f.attack} needs faults.byzantine (a list of peer ids)")
+    if len(f.byzantine) >= peers:
+        raise ConfigError(
+            f"faults.byzantine: every one of the {peers} peers attacks; leave one honest"
+        )
+    if c.robust_radius is not None and c.robust != "clip":
+        raise ConfigError(
+            f"comm.robust_radius is for comm.robust=clip (got comm.robust={c.robust})"
+        )
+    if c.robust == "none" and not f.byzantine:
+        return
+    what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
+    if c.scheme != "plain":
+        raise ConfigError(f"{what} works with comm.scheme=plain only (got {c.scheme})")
+    name = cfg.algorithm.name  # type: ignore[attr-defined]
+    algo = algorithm_class(name)
+    if not algo.gossips or algo.mixing_rule != "average":
+        raise ConfigError(
+            f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, adf); "
+            f"algorithm.name={name} is not one"
+        )
+
+
+def check_graph(cfg: object, degrees: Sequence[int]) -> None:
+    """A robust rule needs enough neighbours at every peer for its trimming (ConfigError)."""
+    from declora.errors import ConfigError
+
+    rule = rule_of(cfg)
+    if rule is None:
+        return
+    need = rule.min_neighbours()
+    short = [i for i, d in enumerate(degrees) if d < need]
+    if short:
+        c = cfg.comm  # type: ignore[attr-defined]
+        raise ConfigError(
+            f"comm.robust={rule.name} with comm.robust_trim={c.robust_trim} needs at least {need} "
+            f"neighbours per peer; peer(s) {short[:8]} have {min(degrees[i] for i in short)} "
+            "(use a denser topology, a smaller comm.robust_trim"
+            + (", or comm.robust_radius)" if rule.name == "clip" else ")")
+        )

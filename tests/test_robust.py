@@ -1,0 +1,278 @@
+"""Gossip that survives bad peers (issue 16 §2) and peers that must prove membership (§3)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from declora.config.schema import load_config
+from declora.errors import ConfigError
+from declora.network.attacks import Attack
+from declora.network.auth import AuthRefused, authenticate, load_key
+from declora.network.robust import (
+    RobustGossip,
+    RobustRule,
+    clip_combine,
+    median_combine,
+    robust_combine,
+    trimmed_mean_combine,
+)
+from declora.network.topology import build_topology
+from tests.conftest import run_cli, write_tiny_job
+
+# --------------------------------------------------------------------------- the rules
+
+
+def test_clipping_pulls_a_far_neighbour_to_the_radius_and_leaves_near_ones():
+    own = torch.zeros(2)
+    received = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # distances 5 and 0.5
+    w = torch.tensor([0.25, 0.25])
+    value, clipped = clip_combine(own, received, w, radius=1.0, b=1)
+    # 0.25 * (3, 4) / 5 + 0.25 * (0.3, 0.4)
+    torch.testing.assert_close(value, torch.tensor([0.225, 0.3]))
+    assert clipped.tolist() == [True, False]
+
+
+def test_adaptive_radius_is_the_distance_of_the_farthest_neighbour_kept():
+    own = torch.zeros(1)
+    received = torch.tensor([[1.0], [2.0], [100.0]])
+    value, clipped = clip_combine(own, received, torch.full((3,), 0.25), radius=None, b=1)
+    # radius 2: the 100 is pulled in to 2
+    torch.testing.assert_close(value, torch.tensor([0.25 * (1 + 2 + 2)]))
+    assert clipped.tolist() == [False, False, True]
+
+
+def test_trimmed_mean_drops_the_extremes_per_coordinate():
+    own = torch.tensor([1.0, 10.0])
+    received = torch.tensor([[2.0, -50.0], [3.0, 11.0], [100.0, 12.0], [4.0, 13.0]])
+    value, share = trimmed_mean_combine(own, received, b=1)
+    # coordinate 0: drop 1 and 100 -> mean(2, 3, 4); coordinate 1: drop -50 and 13 -> mean(10..12)
+    torch.testing.assert_close(value, torch.tensor([3.0, 11.0]))
+    torch.testing.assert_close(share, torch.tensor([0.5, 0.0, 0.5, 0.5]))
+
+
+def test_median_odd_and_even_and_the_flags():
+    own = torch.tensor([0.0])
+    value, share = median_combine(own, torch.tensor([[1.0], [5.0]]))
+    torch.testing.assert_close(value, torch.tensor([1.0]))
+    torch.testing.assert_close(share, torch.tensor([0.0, 1.0]))
+    value, _ = median_combine(own, torch.tensor([[1.0], [5.0], [2.0]]))
+    torch.testing.assert_close(value, torch.tensor([1.5]))  # mean of the middle two
+
+
+def test_robust_combine_treats_all_tensors_as_one_vector():
+    rule = RobustRule("clip", radius=1.0)
+    own = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    received = [{"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}]
+    out, flagged = robust_combine(rule, own, received, [1.0])
+    torch.testing.assert_close(out["a"], torch.tensor([0.6]))
+    torch.testing.assert_close(out["b"], torch.tensor([0.8]))
+    assert flagged == [True]
+
+
+# --------------------------------------------------------------------------- attacks, simulated
+
+BAD = 3
+
+
+def _gossip_error(attack: str | None, rule: RobustRule | None, rounds: int = 20) -> float:
+    """Ten peers on a 4-regular graph that all move the same way each round (as training
+    would); the honest peers' distance to where the honest average should be."""
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    g = torch.Generator().manual_seed(1)
+    x = {"m.lora_A": 1 + 0.1 * torch.randn(10, 2, 8, generator=g)}
+    x["head"] = 0.1 * torch.randn(10, 3, generator=g)
+    ref = {k: v.mean(0) for k, v in x.items()}
+    gossip = RobustGossip(W, rule, Attack(attack, [BAD], seed=0) if attack else None)
+    honest = [i for i in range(10) if i != BAD]
+    for _ in range(rounds):
+        x = gossip.mix({k: v + 0.05 for k, v in x.items()})
+        ref = {k: v + 0.05 for k, v in ref.items()}
+    err = sum(float((x[k][honest] - ref[k]).pow(2).sum()) for k in x) / len(honest)
+    return err**0.5
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "scaled", "gaussian", "alie", "stale"])
+def test_an_attacker_drags_plain_gossip_but_not_a_robust_rule(attack):
+    clean = _gossip_error(None, None)
+    plain = _gossip_error(attack, None)
+    robust = {name: _gossip_error(attack, RobustRule(name)) for name in ("clip", "trimmed-mean")}
+    assert clean < 0.01  # plain gossip without an attacker: the honest average
+    assert plain > 0.3, plain  # one peer of ten moves the honest ones far off
+    for name, err in robust.items():
+        assert err < 0.25 and err < plain / 2, (name, err, plain)
+
+
+def test_attacks_draw_per_peer_seeded_numbers_and_keep_their_state():
+    x = {"k": torch.ones(3)}
+    a, b = Attack("gaussian", [1, 2], seed=7), Attack("gaussian", [2], seed=7)
+    torch.testing.assert_close(a.poison(2, x)["k"], b.poison(2, x)["k"])  # same (seed, peer)
+    assert not torch.equal(a.poison(1, x)["k"], a.poison(2, x)["k"])
+    assert torch.equal(a.poison(0, x)["k"], x["k"])  # an honest peer sends its values
+    saved, c = a.state_dict(), Attack("gaussian", [1, 2], seed=7)
+    c.load_state_dict(saved)
+    torch.testing.assert_close(a.poison(1, x)["k"], c.poison(1, x)["k"])
+    stale = Attack("stale", [0], seed=0)
+    stale.poison(0, x)
+    assert torch.equal(stale.poison(0, {"k": torch.zeros(3)})["k"], x["k"])
+
+
+def test_the_simulator_counts_who_each_peer_flagged():
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    gossip = RobustGossip(W, RobustRule("clip"), Attack("scaled", [BAD], seed=0))
+    x = {"a": 1 + 0.1 * torch.randn(10, 5)}
+    for _ in range(3):
+        x = gossip.mix(x)
+    flags = gossip.round_metrics()["robust_flags"]
+    receivers = [int(i) for i in (W[:, BAD] != 0).nonzero()[0] if i != BAD]
+    for r in receivers:
+        assert flags[f"{BAD}->{r}"] == 3  # flagged in every exchange by every neighbour
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["faults.byzantine=[12]", "faults.attack=scaled"], "faults.byzantine: [12] are not peers"),
+        (["faults.byzantine=[1]"], "needs faults.attack"),
+        (["faults.attack=alie"], "needs faults.byzantine"),
+        (["comm.robust=clip", "algorithm.name=fedavg"], "needs a gossip algorithm"),
+        (["comm.robust=median", "comm.scheme=choco"], "comm.scheme=plain only"),
+        (["comm.robust_radius=1.0"], "comm.robust_radius is for comm.robust=clip"),
+        (["comm.robust=trim"], "comm.robust"),
+    ],
+)
+def test_bad_robustness_settings_are_one_line_each(sets, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets)
+    assert message in str(info.value)
+
+
+def test_too_few_neighbours_for_the_trimming_exits_2_before_any_run_directory(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(
+        "run", "--quiet", "--out", str(out), "--set", "comm.robust=trimmed-mean",
+        "--set", "comm.robust_trim=2",  # a ring gives every peer 2 neighbours, 4 are needed
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "comm.robust=trimmed-mean with comm.robust_trim=2 needs at least 4" in res.stderr
+    assert not out.exists()
+
+
+def test_missing_or_short_keys_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("DECLORA_AUTH_KEY", raising=False)
+    assert load_key(None) is None
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_key(str(tmp_path / "nope"))
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_key(str(tmp_path / "short"))
+    monkeypatch.setenv("DECLORA_AUTH_KEY", "x" * 32)
+    assert load_key(None) == b"x" * 32
+
+
+# --------------------------------------------------------------------------- auth, in-process
+
+
+def _run_auth(keys: list[bytes | None]) -> list[str | None]:
+    """The membership proof between len(keys) threads sharing JSON like an all-gather."""
+    world = len(keys)
+    slots: list[object] = [None] * world
+    barrier = threading.Barrier(world)
+    outcome: list[str | None] = [None] * world
+
+    def gather(obj: object, rank: int) -> list[object]:
+        barrier.wait()
+        slots[rank] = json.loads(json.dumps(obj))  # only JSON travels
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    def peer(rank: int) -> None:
+        try:
+            authenticate(keys[rank], rank, world, lambda o: gather(o, rank), False)
+        except AuthRefused as exc:
+            outcome[rank] = str(exc)
+
+    threads = [threading.Thread(target=peer, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outcome
+
+
+def test_peers_with_the_secret_are_accepted_and_a_wrong_or_missing_key_refused():
+    good, bad = b"s" * 32, b"t" * 32
+    assert _run_auth([good] * 4) == [None] * 4
+    assert _run_auth([None] * 4) == [None] * 4  # no secret anywhere: open, as before
+    wrong = _run_auth([good, good, good, bad])
+    assert all("peer(s) [3] could not prove" in m for m in wrong[:3] if m)
+    assert wrong[3] is not None and "this peer's shared secret does not match" in wrong[3]
+    missing = _run_auth([good, None, good, good])
+    assert all(m and "peer(s) [1] hold no shared secret" in m for m in missing[0:1] + missing[2:])
+    assert missing[1] is not None and "this peer has none" in missing[1]
+
+
+# --------------------------------------------------------------------------- real peers
+
+PEERS = 4
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("robustjob")
+    write_tiny_job(d, tokenizer, seed=3)
+    cfg = {
+        "model": {"name": str(d / "model"), "dropout": 0.0},
+        "data": {"name": "file", "path": str(d / "data.csv"), "max_length": 16},
+        "topology": {"peers": PEERS, "kind": "complete"},
+        "train": {"rounds": 3, "local_steps": 2, "batch_size": 4},
+        "eval": {"every": 3, "max_examples": 20, "final_max_examples": 20},
+        "baselines": [],
+    }
+    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+CASES = {
+    "gaussian+trimmed-mean": ["faults.attack=gaussian", "comm.robust=trimmed-mean"],
+    "alie+clip+q4ef": [
+        "faults.attack=alie",
+        "comm.robust=clip",
+        "comm.bits=4",
+        "comm.error_feedback=true",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, tmp_path, name):
+    from tests.test_distributed_algorithms import assert_same_adapters
+
+    sets = ["faults.byzantine=[2]", *CASES[name]]
+    args = ["--quiet", "--config", str(job / "job.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    env = {"OMP_NUM_THREADS": "1", "DECLORA_AUTH_KEY": "k" * 32}  # and peers prove the secret
+    sim, dist = tmp_path / "sim", tmp_path / "dist"
+    res = run_cli("run", *args, "--out", str(sim), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("launch", "--peers", str(PEERS), "--", *args, "--out", str(dist), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_adapters(sim, dist)
+    last = json.loads((sim / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["robust_flagged_share"] > 0
+    flagged = {k for k, v in last["robust_flags"].items() if v}
+    assert {"2->0", "2->1", "2->3"} <= flagged or name.startswith("alie")
+    peer0 = json.loads((dist / "peers" / "peer-0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert peer0["robust_flags"] == {k: v for k, v in last["robust_flags"].items()
+                                     if k.endswith("->0")}  # fmt: skip
