@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.declora-installed
 
-.PHONY: setup demo test lint docs bench results results-quick plateau clean
+.PHONY: setup demo test lint docs bench results results-quick plateau clean test-real
 
 setup: $(STAMP)
 
@@ -16,13 +16,22 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,causal,tensorboard,mlflow,wandb,docs]"
 	$(BIN)/python -m pip install -q --no-deps -r requirements/assets.txt
+	@# iproute2 (ip, tc) for the multi-host tests' network namespaces; they skip without it
+	@command -v ip >/dev/null && command -v tc >/dev/null || \
+	  { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+	    apt-get install -y -q iproute2 >/dev/null; } || \
+	  echo "iproute2 not installed: the multi-host tests will skip"
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/declora run --out runs/demo --overwrite
 
+# The real-model smoke tests (MiniLM, SmolLM2; about 6 minutes) run with `make test-real`.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not real" tests
+
+test-real: setup
+	$(BIN)/python -m pytest -q -m real tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments

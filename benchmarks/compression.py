@@ -37,6 +37,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     # stochastic 1-bit with error feedback diverges and is refused; the scaled sign is 1 bit
     # a value plus one fp32 scale per block, and contractive
     "s1+ef": {"bits": 1, "rounding": "sign", "error_feedback": True},
+    "s1-b64+ef": {"bits": 1, "rounding": "sign", "block_size": 64, "error_feedback": True},
     "q1-nearest+ef": {"bits": 1, "rounding": "nearest", "error_feedback": True},
     "q2+choco": {"bits": 2, "scheme": "choco"},
     "q2+choco-g0.2": {"bits": 2, "scheme": "choco", "gamma": 0.2},

@@ -248,7 +248,7 @@ def experiments(quick: bool = False) -> list[Experiment]:
         Experiment(
             "quantization",
             "Quantized communication",
-            "10 peers on a ring, rank 8. Factors sent as 4-bit codes with one fp16 scale and "
+            "10 peers on a ring, rank 8. Factors sent as 4-bit codes with one fp32 scale and "
             "offset per block of 256 values and stochastic rounding. The frozen base in 4 or 8 "
             "bits (`model.quantize=nf4|int8`, bitsandbytes) needs CUDA and is not run here.",
             job["minilm"],

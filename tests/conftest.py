@@ -146,3 +146,25 @@ def run_adapters(run) -> dict:
         for k, v in load_file(str(f)).items():
             out[f"{f.parent.relative_to(run)}/{k}"] = v
     return out
+
+
+@pytest.fixture(scope="module")
+def netns_hosts():
+    """`make(m, rate_mbit=None)`: m hosts as network namespaces on one bridge
+    (`benchmarks/hosts.py`), removed at the end of the module; skips only where namespaces
+    cannot be made here (no root, no iproute2, no namespace support)."""
+    from benchmarks.hosts import Hosts, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(f"multi-host tests need network namespaces: {why}")
+    made = []
+
+    def make(m: int, rate_mbit: float | None = None):
+        hosts = Hosts(m, rate_mbit=rate_mbit).__enter__()
+        made.append(hosts)
+        return hosts
+
+    yield make
+    for hosts in made:
+        hosts.close()

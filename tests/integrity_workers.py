@@ -72,7 +72,7 @@ def _init(rank: int, world: int, store: str) -> None:
 
 def oversized_announcement(rank: int, world: int, store: str, out: str) -> None:
     """Peer 1 announces a 1 TB start-up message; peer 0 must refuse it without allocating."""
-    from declora.network.distributed import PeerProcess, SetupMismatch, _gather_json
+    from declora.network.distributed import PeerProcess, SetupMismatch, gather_json
 
     torch.set_num_threads(1)
     _init(rank, world, store)
@@ -83,7 +83,7 @@ def oversized_announcement(rank: int, world: int, store: str, out: str) -> None:
         dist.all_gather(heads, head)
         return
     try:
-        _gather_json({"fingerprint": {"x": 1}}, proc, seconds=30)
+        gather_json({"fingerprint": {"x": 1}}, proc, seconds=30)
         result = {"error": None}
     except SetupMismatch as exc:
         result = {"error": str(exc)}

@@ -114,3 +114,49 @@ def test_cli_lists_every_registered_algorithm():
         assert f"\n{name} " in "\n" + res.output
         assert label(name) in res.output
     assert "no network: `declora run` only" in res.output
+
+
+def test_stale_optimizer_state_of_adf_and_decaf():
+    """ADF clears the momentum of the factor that resumes training; DeCAF clears both factors'
+    after every re-factorization; the others keep theirs."""
+    cfg = load_config(None, ["algorithm.period=2"])
+    adf = make_algorithm("adf", cfg)
+    assert [sorted(adf.stale_optimizer_state(t)) for t in range(1, 7)] == [
+        [],
+        [],
+        ["lora_A"],
+        [],
+        ["lora_B"],
+        [],
+    ]
+    assert not adf.stale_after_mixing
+    decaf = make_algorithm("decaf", cfg)
+    assert decaf.stale_optimizer_state(1) == {"lora_A", "lora_B"} and decaf.stale_after_mixing
+    for name in ("dec-lora", "ffa", "fedsa", "fedavg"):
+        assert make_algorithm(name, cfg).stale_optimizer_state(3) == frozenset()
+
+
+def test_reset_optimizer_state_zeroes_the_chosen_peers_rows(task, tokenizer):
+    """After a reset, a peer's next step is a first step; other peers and factors keep theirs."""
+    import numpy as np
+
+    from declora.engine.batched import BatchedEngine
+    from declora.model.adapters import build_spec, initial_state
+    from tests.conftest import synthetic_examples, tiny_bert
+
+    model = tiny_bert()
+    spec = build_spec(model, ["query", "value"], r=2, alpha=4, dropout=0.0, train_head=True)
+    engine = BatchedEngine(
+        model, spec, 3, initial_state(model, spec, seed=0), task, lr=0.1, optimizer="sgd"
+    )
+    ex = synthetic_examples(tokenizer, 12)
+    for _ in range(2):  # B is 0 at LoRA's init, so A's gradient is 0 on the first step
+        engine.train_step([ex[0:4], ex[4:8], ex[8:12]])
+    engine.reset_optimizer_state(frozenset({"lora_A"}), np.array([True, False, True]))
+    for name, p in engine.params.items():
+        buf = engine.optimizer.state[p]["momentum_buffer"]
+        if name.endswith("lora_A"):
+            assert float(buf[0].abs().sum()) == 0 and float(buf[2].abs().sum()) == 0
+            assert float(buf[1].abs().sum()) > 0
+        else:
+            assert float(buf.abs().sum()) > 0

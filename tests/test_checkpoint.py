@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from declora.cli import app
 from declora.data.sampling import PeerSampler
-from declora.runners import checkpoint as ckpt
+from declora.engine import checkpoint as ckpt
 from tests.conftest import run_adapters, run_cli, write_tiny_job
 
 runner = CliRunner()

@@ -85,13 +85,51 @@ def assert_same_adapters(sim: Path, dist: Path, atol: float = 1e-5) -> None:
     for i, (a, b) in enumerate(zip(peer_adapters(sim), peer_adapters(dist), strict=True)):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"peer {i} {k}")
+            torch.testing.assert_close(
+                a[k], b[k], rtol=0, atol=atol, msg=lambda m, i=i, k=k: f"peer {i} {k}: {m}"
+            )
+
+
+RESTARTED = "adf+random-pairs+offline+stragglers+q4ef"
+
+
+def assert_same_products(sim: Path, dist: Path, atol: float = 1e-5) -> None:
+    for i, (a, b) in enumerate(zip(peer_adapters(sim), peer_adapters(dist), strict=True)):
+        assert a.keys() == b.keys()
+        for k in a:
+            if "lora_B" in k:
+                continue
+            if "lora_A" in k:
+                kb = k.replace("lora_A", "lora_B")
+                x, y = a[kb] @ a[k], b[kb] @ b[k]
+            else:
+                x, y = a[k], b[k]
+            torch.testing.assert_close(
+                x, y, rtol=0, atol=atol, msg=lambda m, i=i, k=k: f"{i} {k}: {m}"
+            )
+
+
+@pytest.fixture(scope="module")
+def runs(job, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Each case simulated and launched once (the restart test reuses one of them)."""
+    return {}
+
+
+def _case(job: Path, runs: dict, tmp_path_factory, name: str) -> tuple[Path, Path]:
+    if name not in runs:
+        runs[name] = simulate_and_launch(job, tmp_path_factory.mktemp("case"), CASES[name])
+    return runs[name]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_real_peers_end_equal_to_the_simulation(job, tmp_path, name):
-    sim, dist = simulate_and_launch(job, tmp_path, CASES[name])
-    assert_same_adapters(sim, dist)
+def test_real_peers_end_equal_to_the_simulation(job, runs, tmp_path_factory, name):
+    sim, dist = _case(job, runs, tmp_path_factory, name)
+    if name.startswith("decaf"):
+        # DeCAF's SVD fixes the factors only up to a rotation among (nearly) equal singular
+        # values, which float rounding picks; its state is the product B A (and the head)
+        assert_same_products(sim, dist)
+    else:
+        assert_same_adapters(sim, dist)
     ms = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
     md = [json.loads(x) for x in (dist / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in ms] == [r["round"] for r in md]
@@ -105,15 +143,16 @@ def test_real_peers_end_equal_to_the_simulation(job, tmp_path, name):
     assert json.loads((dist / "run.json").read_text())["status"] == "complete"
 
 
-def test_a_killed_peer_of_a_dynamic_adf_q4ef_run_restarts_bit_identical(job, tmp_path):
+def test_a_killed_peer_of_a_dynamic_adf_q4ef_run_restarts_bit_identical(
+    job, runs, tmp_path_factory, tmp_path
+):
     """A dynamic graph, ADF's phases and 4-bit error feedback all carry state across rounds;
     a peer killed mid-run and the group restarted from the last common checkpoint must end
     exactly where the uninterrupted run ends."""
-    sets = CASES["adf+random-pairs+offline+stragglers+q4ef"]
+    sets = CASES[RESTARTED]
     env = {"OMP_NUM_THREADS": "1"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    res = run_cli("launch", "--peers", str(PEERS), "--", *_args(job, whole, sets), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _, whole = _case(job, runs, tmp_path_factory, RESTARTED)
+    killed = tmp_path / "killed"
     res = run_cli(
         "launch",
         "--peers",

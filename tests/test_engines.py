@@ -112,7 +112,9 @@ def test_identity_mixing_is_independent_training(tokenizer, task):
     from declora.data.sampling import PeerSampler
 
     for i in range(N_PEERS):
-        eng = BatchedEngine(tiny_bert(), spec, 1, init, task, lr=5e-3, max_grad_norm=1.0)
+        eng = BatchedEngine(
+            tiny_bert(), spec, 1, init, task, lr=5e-3, optimizer="adamw", schedule="constant"
+        )
         sampler = PeerSampler(parts[i], 5, 0, i)
         for _ in range(3 * 2):
             eng.train_step([[examples[j] for j in sampler.next()]])

@@ -18,6 +18,7 @@ from declora.algorithms import make_plan
 from declora.cli import app
 from declora.config.schema import DynamicKind
 from declora.data.partition import partition
+from declora.engine import checkpoint as ckpt
 from declora.engine.batched import BatchedEngine
 from declora.engine.plan import Plan
 from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
@@ -28,7 +29,6 @@ from declora.network.mixing import DecafGossip
 from declora.network.schedules import DYNAMIC_KINDS, make_schedule
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
-from declora.runners import checkpoint as ckpt
 from declora.tasks.evaluate import Evaluator
 from tests.conftest import run_adapters, run_cli, synthetic_examples, tiny_bert, write_tiny_job
 

@@ -31,7 +31,11 @@ from typer.testing import CliRunner
 from declora.cli import app
 from declora.config.schema import RunConfig, load_config
 from declora.data.classification import load_classification_data
-from declora.engine.health import (
+from declora.engine import checkpoint as ckpt
+from declora.errors import ConfigError, DataError, TopologyError
+from declora.network.compress import make_compressor
+from declora.network.compressed import CompressedGossip
+from declora.network.health import (
     Diverged,
     MessageGuard,
     NonFiniteMessage,
@@ -39,14 +43,10 @@ from declora.engine.health import (
     check_peers,
     nonfinite_rows,
 )
-from declora.errors import ConfigError, DataError, TopologyError
-from declora.network.compress import make_compressor
-from declora.network.compressed import CompressedGossip
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
-from declora.runners import checkpoint as ckpt
+from declora.reporting.rundir import RunDir, RunDirBusy
 from declora.runners import launch
-from declora.runners.rundir import RunDir, RunDirBusy
 from declora.runners.sweep import Cell, run_cell
 from tests.conftest import run_adapters, run_cli, write_tiny_job
 from tests.integrity_workers import nan_neighbour, nan_values, oversized_announcement
@@ -274,7 +274,7 @@ def _holder(path: Path, config: Path | None = None) -> Iterator[subprocess.Popen
     """Another live process that holds `path` as its run directory."""
     code = (
         "import shutil, sys, time\n"
-        "from declora.runners.rundir import RunDir\n"
+        "from declora.reporting.rundir import RunDir\n"
         "RunDir.create(sys.argv[1], overwrite=True)\n"
         "if len(sys.argv) > 2: shutil.copy(sys.argv[2], sys.argv[1] + '/config.yaml')\n"
         "print('ready', flush=True)\n"

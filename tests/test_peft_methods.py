@@ -51,6 +51,7 @@ def _engine(method: str, task, model=None, n: int = N, **kw):
     model = model if model is not None else tiny_bert()
     spec = _spec(model, method, kw.pop("train_head", True))
     init = initial_state(model, spec, seed=0)
+    kw = {"optimizer": "adamw", "schedule": "constant", **kw}  # small steps that all move
     return ReferenceEngine(model, spec, n, init, task, lr=2e-2, **kw), spec, init
 
 

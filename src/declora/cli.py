@@ -64,7 +64,7 @@ def run(
     of a distributed run instead."""
     from declora.config.schema import load_config
     from declora.network.distributed import launched
-    from declora.runners.rundir import RunDir
+    from declora.reporting.rundir import RunDir
 
     distributed = launched()
     try:
@@ -160,6 +160,13 @@ def launch(
     max_restarts: Annotated[
         int, typer.Option(min=0, help="restart the group this often after a peer fails")
     ] = 0,
+    local_addr: Annotated[
+        str | None,
+        typer.Option(help="this machine's address the others reach (default: towards endpoint)"),
+    ] = None,
+    rdzv_timeout: Annotated[
+        float, typer.Option(min=1, help="seconds to wait for the other machines (multi-machine)")
+    ] = 300.0,
 ) -> None:
     """Run `declora run ARGS...` as one process per peer with torch.distributed's launcher.
 
@@ -176,6 +183,8 @@ def launch(
             node_rank=node_rank,
             rdzv_endpoint=rdzv_endpoint,
             max_restarts=max_restarts,
+            local_addr=local_addr,
+            rdzv_timeout_s=rdzv_timeout,
         )
     except DecloraError as exc:
         _fail(exc)

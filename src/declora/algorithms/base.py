@@ -107,6 +107,17 @@ class Algorithm:
                 f"comm.scheme={cfg.comm.scheme} is not supported with it (use comm.bits=32 and "
                 "comm.scheme=plain)"
             )
+        c, f = cfg.comm, cfg.faults
+        if (
+            (c.robust != "none" or f.byzantine)
+            and (not self.gossips or self.mixing_rule != "average")
+            and name_is_main(cfg, self.name)
+        ):
+            what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
+            raise ConfigError(
+                f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, "
+                f"adf); algorithm.name={self.name} is not one"
+            )
         t = cfg.topology
         changing = t.dynamic != "static" or t.offline_prob > 0
         if self.gossips and cfg.comm.scheme == "choco" and changing:
@@ -122,6 +133,12 @@ class Algorithm:
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name}>"
+
+
+def name_is_main(cfg: RunConfig, name: str) -> bool:
+    """Whether `name` is the run's main algorithm (faults and robust rules apply to it; the
+    baselines run without them)."""
+    return cfg.algorithm.name == name
 
 
 def availability_only(schedule: Schedule | None, mixing: np.ndarray, rule: str) -> Schedule | None:

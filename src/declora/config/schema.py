@@ -440,11 +440,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _robustness(self) -> RunConfig:
-        """faults.* and comm.robust* together (declora.network.robust.check_settings)."""
-        from declora.network.robust import check_settings
-
+        """faults.* and comm.robust* together."""
         try:
-            check_settings(self)
+            _check_robustness(self)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -454,6 +452,41 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_robustness(cfg: RunConfig) -> None:
+    """Refuse faults.* / comm.robust* settings that cannot work, one line each (ConfigError).
+    What depends on the algorithm is its `check`; what depends on the built graph is
+    `declora.network.robust.check_graph`."""
+
+    c, f = cfg.comm, cfg.faults
+    peers = cfg.topology.peers
+    outside = sorted({p for p in f.byzantine if not 0 <= p < peers})
+    if outside:
+        raise ConfigError(
+            f"faults.byzantine: {outside} are not peers; topology.peers={peers} accepts "
+            f"0..{peers - 1}"
+        )
+    if len(set(f.byzantine)) != len(f.byzantine):
+        raise ConfigError(f"faults.byzantine names a peer twice: {f.byzantine}")
+    if f.byzantine and f.attack is None:
+        raise ConfigError(
+            f"faults.byzantine={f.byzantine} needs faults.attack: sign-flip, scaled, gaussian, "
+            "alie or stale"
+        )
+    if f.attack is not None and not f.byzantine:
+        raise ConfigError(f"faults.attack={f.attack} needs faults.byzantine (a list of peer ids)")
+    if len(f.byzantine) >= peers:
+        raise ConfigError(
+            f"faults.byzantine: every one of the {peers} peers attacks; leave one honest"
+        )
+    if c.robust_radius is not None and c.robust != "clip":
+        raise ConfigError(
+            f"comm.robust_radius is for comm.robust=clip (got comm.robust={c.robust})"
+        )
+    if (c.robust != "none" or f.byzantine) and c.scheme != "plain":
+        what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
+        raise ConfigError(f"{what} works with comm.scheme=plain only (got {c.scheme})")
 
 
 def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:

@@ -18,15 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from sklearn.model_selection import train_test_split
 
-from declora.data.classification import (
+from declora.data.tables import (
     FILE_EXTENSIONS,
-    _check_options,
-    _is_missing,
-    _one_line,
-    _Options,
-    _read_table,
+    Example,
+    Options,
+    cap,
+    check_options,
+    is_missing,
+    one_line,
+    read_table,
+    stratified_pick,
 )
 from declora.errors import DataError
 
@@ -37,7 +39,6 @@ CHATTERBOT_PIN = "chatterbot-corpus==1.3.3"
 NO_GROUP = "all"
 
 Message = dict[str, str]
-Example = dict[str, Any]  # same shape as declora.tasks.task.Example, without importing torch
 Conversation = list[Message]
 
 # Plain format for tokenizers without a chat template; assistant content + eos is trained.
@@ -98,7 +99,7 @@ def load_lm_data(
     dropped before splitting, so none lands in both train and test. ``group_column`` applies
     to tables only; chatterbot's groups are its categories.
     """
-    _check_options(test_size, max_train_examples, max_test_examples)
+    check_options(test_size, max_train_examples, max_test_examples)
     if name not in LM_DATASET_NAMES:
         raise DataError(f"unknown LM data set {name!r}; accepted: {', '.join(LM_DATASET_NAMES)}")
     if name == "chatterbot":
@@ -126,7 +127,7 @@ def load_lm_data(
         examples,
         groups,
         test_examples,
-        _Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples),
+        Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples),
         source,
     )
 
@@ -163,7 +164,7 @@ def _load_chatterbot() -> tuple[list[Conversation], list[str]]:
             doc = yaml.load(yml.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
         except yaml.YAMLError as err:
             raise DataError(
-                f"chatterbot file {yml.name} is not valid YAML: {_one_line(err)}"
+                f"chatterbot file {yml.name} is not valid YAML: {one_line(err)}"
             ) from err
         if not isinstance(doc, dict):
             continue
@@ -233,7 +234,7 @@ def _read_source(
         return _split_documents(_read_text_file(path, key), path), None
     if not path.exists():
         raise DataError(f"{key} {path} does not exist; expected {_path_hint(name)}")
-    frame = _read_table(path, key)
+    frame = read_table(path, key)
     available = ", ".join(str(c) for c in frame.columns)
     groups = None
     if group_column is not None:
@@ -309,7 +310,7 @@ def _rows_to_documents(
     values: list, groups: list | None, group_column: str | None, path: Path
 ) -> tuple[list[str], list[str] | None]:
     """Non-empty text cells of a table become documents."""
-    keep = [i for i, v in enumerate(values) if not _is_missing(v) and str(v).strip()]
+    keep = [i for i, v in enumerate(values) if not is_missing(v) and str(v).strip()]
     docs = [str(values[i]).strip() for i in keep]
     if not docs:
         raise DataError(f"the text column of {path} holds no non-empty text")
@@ -320,7 +321,7 @@ def _rows_to_documents(
 
 def _check_groups(groups: list | None, group_column: str | None, path: Path) -> None:
     """Partitioners need a group for every example."""
-    if groups is not None and any(_is_missing(g) or not str(g).strip() for g in groups):
+    if groups is not None and any(is_missing(g) or not str(g).strip() for g in groups):
         raise DataError(
             f"data.group_column {group_column!r} has empty cells in {path}; "
             "every row with text needs a group"
@@ -329,7 +330,7 @@ def _check_groups(groups: list | None, group_column: str | None, path: Path) -> 
 
 def _prompt_response(prompt: object, response: object) -> Conversation | None:
     """One user turn answered by one assistant turn; None when either is empty."""
-    texts = ["" if _is_missing(v) else str(v).strip() for v in (prompt, response)]
+    texts = ["" if is_missing(v) else str(v).strip() for v in (prompt, response)]
     if not all(texts):
         return None
     return [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": texts[1]}]
@@ -353,7 +354,7 @@ def _parse_messages(value: object, where: str) -> Conversation | None:
     if isinstance(value, np.ndarray | tuple):  # parquet gives arrays of dicts
         value = list(value)
     if not isinstance(value, list):
-        if _is_missing(value):
+        if is_missing(value):
             return None
         raise DataError(
             f"messages in {where} are a {type(value).__name__}; expected a list of "
@@ -420,36 +421,12 @@ def _dedupe(examples: list, groups: list[str] | None) -> tuple[list, list[str] |
     return [examples[i] for i in keep], None if groups is None else [groups[i] for i in keep]
 
 
-def _seeded_pick(codes: np.ndarray, size: int | float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded sample of ``size`` (count or fraction).
-
-    Stratified by group when every group has at least two members, else plain random (also
-    when there are fewer picks than groups).
-    """
-    idx = np.arange(len(codes))
-    counts = np.bincount(codes)
-    if counts[counts > 0].min() >= 2:
-        try:
-            _, picked = train_test_split(idx, test_size=size, random_state=seed, stratify=codes)
-            return np.sort(picked)
-        except ValueError:
-            pass
-    _, picked = train_test_split(idx, test_size=size, random_state=seed)
-    return np.sort(picked)
-
-
-def _cap(codes: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or limit >= len(codes):
-        return np.arange(len(codes))
-    return _seeded_pick(codes, limit, seed)
-
-
 def _assemble(
     kind: str,
     examples: list,
     groups: list[str] | None,
     test_examples: list | None,
-    opts: _Options,
+    opts: Options,
     source: str,
 ) -> LMData:
     """Dedupe, encode groups, split (unless a test set was given), cap, package."""
@@ -466,15 +443,15 @@ def _assemble(
     if test_examples is None:
         if len(examples) < 2:
             raise DataError(f"{source} has {len(examples)} usable example(s); a split needs 2")
-        test_idx = _seeded_pick(codes, opts.test_size, opts.split_seed)
+        test_idx = stratified_pick(codes, opts.test_size, opts.split_seed)
         train_mask = np.ones(len(examples), dtype=bool)
         train_mask[test_idx] = False
         test_examples = [examples[i] for i in test_idx]
         examples = [examples[i] for i in np.flatnonzero(train_mask)]
         codes = codes[train_mask]
-    keep_train = _cap(codes, opts.max_train, opts.split_seed)
+    keep_train = cap(codes, opts.max_train, opts.split_seed)
     test_codes = np.zeros(len(test_examples), dtype=np.int64)
-    keep_test = _cap(test_codes, opts.max_test, opts.split_seed)
+    keep_test = cap(test_codes, opts.max_test, opts.split_seed)
     return LMData(
         kind=kind,
         train=[examples[i] for i in keep_train],
@@ -599,7 +576,7 @@ def _render(tokenizer: Any, messages: Conversation, generation_prompt: bool) -> 
         )
     except Exception as err:  # jinja errors raised by the template itself land here
         raise DataError(
-            f"the tokenizer's chat template failed on a conversation: {_one_line(err)}"
+            f"the tokenizer's chat template failed on a conversation: {one_line(err)}"
         ) from err
     if not isinstance(text, str):
         raise DataError(f"the chat template rendered a {type(text).__name__}, expected a string")

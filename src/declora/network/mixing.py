@@ -285,6 +285,7 @@ def decaf_combine(
     *,
     self_weight: float | None = None,
     method: DecafMethod = "auto",
+    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """DeCAF for one peer that holds only its own and its neighbours' values (no peer axis):
     what a peer in its own process computes after receiving. `weights[j]` is W_ij; the peer's
@@ -299,12 +300,18 @@ def decaf_combine(
     if own_w < -1e-9:
         raise ValueError(f"the peer's own weight is {own_w:.6g}; weights must be >= 0")
     w_row = [own_w] + [float(weights[j]) for j in ids]
+    # the simulator pads every peer's neighbourhood to the round's largest one (itself at
+    # weight 0); padding the same way gives the same QR and SVD shapes, hence its rounding
+    pad = max(0, (pad_to or 0) - len(w_row))
+    w_row += [0.0] * pad
     stacked = {}
     for k, v in own.items():
         for j in ids:
             if k not in neighbours[j] or neighbours[j][k].shape != v.shape:
                 raise ValueError(f"peer {j} sent no {k!r} of shape {tuple(v.shape)}")
-        stacked[k] = torch.stack([v] + [neighbours[j][k].to(v.device, v.dtype) for j in ids])
+        stacked[k] = torch.stack(
+            [v] + [neighbours[j][k].to(v.device, v.dtype) for j in ids] + [v] * pad
+        )
     modules = _lora_modules(own, None)
     product_keys = {f"{m}.lora_{f}" for m in modules for f in "AB"}
     result: dict[str, torch.Tensor] = {}

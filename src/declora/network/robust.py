@@ -246,7 +246,7 @@ class RobustGossip:
         return self.flags.metrics(range(self.n)) if self.rule is not None else {}
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from declora.engine.health import nonfinite_rows, refusal
+        from declora.network.health import nonfinite_rows, refusal
         from declora.network.mixing import mix_with_own_exact
 
         x = {k: v.detach().to(torch.float32) for k, v in values.items()}
@@ -305,51 +305,6 @@ def rule_of(cfg: object) -> RobustRule | None:
     if c.robust == "none":
         return None
     return RobustRule(c.robust, trim=c.robust_trim, radius=c.robust_radius)
-
-
-def check_settings(cfg: object) -> None:
-    """Refuse faults.* / comm.robust* settings that cannot work, one line each (ConfigError);
-    what depends on the built graph is `check_graph`."""
-    from declora.algorithms.registry import algorithm_class
-    from declora.errors import ConfigError
-
-    c, f = cfg.comm, cfg.faults  # type: ignore[attr-defined]
-    peers = cfg.topology.peers  # type: ignore[attr-defined]
-    outside = sorted({p for p in f.byzantine if not 0 <= p < peers})
-    if outside:
-        raise ConfigError(
-            f"faults.byzantine: {outside} are not peers; topology.peers={peers} accepts "
-            f"0..{peers - 1}"
-        )
-    if len(set(f.byzantine)) != len(f.byzantine):
-        raise ConfigError(f"faults.byzantine names a peer twice: {f.byzantine}")
-    if f.byzantine and f.attack is None:
-        raise ConfigError(
-            f"faults.byzantine={f.byzantine} needs faults.attack: sign-flip, scaled, gaussian, "
-            "alie or stale"
-        )
-    if f.attack is not None and not f.byzantine:
-        raise ConfigError(f"faults.attack={f.attack} needs faults.byzantine (a list of peer ids)")
-    if len(f.byzantine) >= peers:
-        raise ConfigError(
-            f"faults.byzantine: every one of the {peers} peers attacks; leave one honest"
-        )
-    if c.robust_radius is not None and c.robust != "clip":
-        raise ConfigError(
-            f"comm.robust_radius is for comm.robust=clip (got comm.robust={c.robust})"
-        )
-    if c.robust == "none" and not f.byzantine:
-        return
-    what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
-    if c.scheme != "plain":
-        raise ConfigError(f"{what} works with comm.scheme=plain only (got {c.scheme})")
-    name = cfg.algorithm.name  # type: ignore[attr-defined]
-    algo = algorithm_class(name)
-    if not algo.gossips or algo.mixing_rule != "average":
-        raise ConfigError(
-            f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, adf); "
-            f"algorithm.name={name} is not one"
-        )
 
 
 def check_graph(cfg: object, degrees: Sequence[int]) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from declora.engine.health import MessageGuard, nonfinite_rows
 from declora.model.adapters import PLAIN_LEAVES
+from declora.network.health import MessageGuard, nonfinite_rows
 from declora.network.mixing import mix_rows
 
 BYTES_PER_VALUE = 4  # fp32 on the wire

@@ -12,7 +12,7 @@ from typing import Any
 
 from declora.errors import DecloraError
 from declora.reporting import plots
-from declora.runners.rundir import STATUS_FILE, RunDir, read_metrics, read_record
+from declora.reporting.rundir import STATUS_FILE, RunDir, read_metrics, read_record
 
 
 def finished_summary(run: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from declora.algorithms.registry import label
 from declora.reporting import plots
-from declora.runners.rundir import RunDir
+from declora.reporting.rundir import RunDir
 
 if TYPE_CHECKING:
     from declora.engine.round_loop import Result

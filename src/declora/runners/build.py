@@ -29,6 +29,7 @@ from declora.data.causal_lm import (
 from declora.data.classification import TextClassificationData, load_classification_data
 from declora.data.partition import label_counts, partition
 from declora.engine.batched import BatchedEngine
+from declora.engine.checkpoint import fingerprint_of
 from declora.engine.plan import Plan
 from declora.engine.reference import ReferenceEngine
 from declora.engine.round_loop import (
@@ -51,7 +52,6 @@ from declora.network.robust import RobustGossip, check_graph, compressed_for, ru
 from declora.network.schedules import Schedule, make_schedule
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import Topology, build_topology
-from declora.runners.checkpoint import fingerprint_of
 from declora.tasks.evaluate import Evaluator, ValidationEvaluator
 from declora.tasks.lm_eval import LMEvaluator
 from declora.tasks.task import CausalLMTask, ClassificationTask, Example, Task

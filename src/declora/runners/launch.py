@@ -5,18 +5,29 @@ On one machine every socket of the run listens on the loopback interface only: t
 to anyone on the network for the whole run. Here the rendezvous goes through a file store in a
 private temporary folder, the workers' store is hosted by peer 0 on a socket bound to
 127.0.0.1 (`declora.network.distributed`), and gloo / NCCL talk over the loopback interface.
-Several machines (`--rdzv-endpoint`) need a reachable address and keep torchrun's defaults.
+Several machines (`--rdzv-endpoint`, `multi_host`): every process uses this machine's address
+towards the endpoint (`--local-addr`, found from the routing table when not given) for the
+workers' master address and gloo's interface; node 0 must own the endpoint and hosts the
+rendezvous store there (torchrun's own guess goes by the hostname, which often resolves to
+another interface); a roll call on that store stops every machine with one message when a rank
+is claimed twice or a machine does not come.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from declora.errors import DecloraError
 
@@ -32,6 +43,218 @@ def loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
+# ------------------------------------------------------------------ several machines
+
+
+@dataclass(frozen=True)
+class MultiHost:
+    """How this machine takes part in a multi-machine launch."""
+
+    host: str  # the endpoint's address (resolved)
+    port: int
+    local_addr: str  # this machine's address towards the endpoint
+    is_host: bool  # this machine hosts the rendezvous store (node 0)
+    interface: str | None  # the interface holding local_addr (gloo / NCCL talk over it)
+    timeout_s: float
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DecloraError(f"--rdzv-endpoint {endpoint!r} is not HOST:PORT (e.g. 10.0.0.1:29400)")
+    return host, int(port)
+
+
+def _resolve(host: str, port: int) -> str:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, IndexError) as exc:
+        raise DecloraError(f"--rdzv-endpoint host {host!r} does not resolve ({exc})") from None
+
+
+def address_towards(host: str, port: int) -> str:
+    """The local address the routing table uses to reach `host` (a UDP connect: no packet
+    is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError as exc:
+            raise DecloraError(
+                f"this machine has no route to the rendezvous endpoint {host} "
+                f"({exc.strerror or exc}); check the address, or give --local-addr"
+            ) from None
+        return str(s.getsockname()[0])
+
+
+def is_local_address(addr: str) -> bool:
+    """True when `addr` belongs to this machine (binding to it succeeds; nothing is sent)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError:
+            return False
+    return True
+
+
+def interface_of(addr: str) -> str | None:
+    """The name of the interface holding the IPv4 address `addr` (Linux), else None."""
+    try:
+        import fcntl
+        import struct
+
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):  # pragma: no cover
+        return None
+    if ipaddress.ip_address(addr).is_loopback:
+        return loopback_interface()
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == addr:
+                return name
+    return None
+
+
+def multi_host(
+    nnodes: str,
+    node_rank: int,
+    rdzv_endpoint: str,
+    local_addr: str | None = None,
+    timeout_s: float = 300.0,
+) -> MultiHost:
+    """Check this machine's part in a multi-machine launch before anything starts."""
+    host, port = _split_endpoint(rdzv_endpoint)
+    ip = _resolve(host, port)
+    if ":" not in nnodes:
+        n = int(nnodes)
+        if not 0 <= node_rank < n:
+            raise DecloraError(
+                f"--node-rank {node_rank} is out of range for --nnodes {n} (0 to {n - 1})"
+            )
+    if local_addr is None:
+        local_addr = address_towards(ip, port)
+    elif not is_local_address(local_addr):
+        raise DecloraError(f"--local-addr {local_addr} is not an address of this machine")
+    own = is_local_address(ip)
+    loopback = ipaddress.ip_address(ip).is_loopback
+    if node_rank == 0 and not own:
+        raise DecloraError(
+            f"--node-rank 0 hosts the rendezvous, but {host} is not an address of this machine "
+            f"(it reaches {host} from {local_addr}): start node 0 on the machine at {host}, "
+            "or give this machine another --node-rank"
+        )
+    if own and node_rank != 0 and not loopback and local_addr == ip:
+        raise DecloraError(
+            f"this machine owns the rendezvous endpoint {host}: it is node 0 (--node-rank 0), "
+            f"not {node_rank}"
+        )
+    return MultiHost(ip, port, local_addr, node_rank == 0, interface_of(local_addr), timeout_s)
+
+
+_ROLL = "declora/launch"
+
+
+def _store(plan: MultiHost) -> Any:
+    from torch.distributed import TCPStore
+
+    try:
+        # multi_tenant: torchrun's own store on this port (is_host=1) reuses this server
+        return TCPStore(
+            plan.host,
+            plan.port,
+            is_master=plan.is_host,
+            multi_tenant=True,
+            timeout=timedelta(seconds=max(1.0, plan.timeout_s)),
+        )
+    except (RuntimeError, ValueError, TimeoutError) as exc:
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else repr(exc)
+        if plan.is_host:
+            raise DecloraError(
+                f"cannot host the rendezvous at {plan.endpoint} ({reason}); is another node 0 "
+                "or another program using that port?"
+            ) from None
+        raise DecloraError(
+            f"cannot reach the rendezvous at {plan.endpoint} from {plan.local_addr} within "
+            f"{plan.timeout_s:g} s ({reason}): start node 0 on {plan.host} first, and check "
+            "that the address and port are right and open"
+        ) from None
+
+
+def roll_call(plan: MultiHost, nnodes: int, node_rank: int, peers: int) -> Any:
+    """Every machine claims its --node-rank on node 0's store and waits for the others; a rank
+    claimed twice, or a machine missing after the timeout, stops them all with one message.
+    Returns the store, which must live (on node 0) until torchrun has its own."""
+    store = _store(plan)
+    me = json.dumps({"addr": plan.local_addr, "host": socket.gethostname(), "peers": peers})
+    error = f"{_ROLL}/error"
+    try:
+        held = store.compare_set(f"{_ROLL}/node-{node_rank}", "", me).decode()
+        if held != me:
+            other = json.loads(held).get("addr", "?")
+            msg = (
+                f"two machines claim --node-rank {node_rank}: {other} and {plan.local_addr}; "
+                f"give each machine its own rank from 0 to {nnodes - 1}"
+            )
+            store.set(error, msg)
+            raise DecloraError(msg)
+        store.set(f"{_ROLL}/nnodes-{node_rank}", str(nnodes))
+        keys = [f"{_ROLL}/node-{r}" for r in range(nnodes)]
+        deadline = time.monotonic() + plan.timeout_s
+        while not store.check(keys):
+            if store.check([error]):
+                raise DecloraError(store.get(error).decode())
+            if time.monotonic() > deadline:
+                missing = [r for r in range(nnodes) if not store.check([keys[r]])]
+                raise DecloraError(
+                    f"waited {plan.timeout_s:g} s at the rendezvous {plan.endpoint} for the "
+                    f"machine(s) with --node-rank {', '.join(map(str, missing))}; start them "
+                    "with the same --nnodes and --rdzv-endpoint"
+                )
+            time.sleep(0.1)
+        if store.check([error]):
+            raise DecloraError(store.get(error).decode())
+        counts = {r: store.get(f"{_ROLL}/nnodes-{r}").decode() for r in range(nnodes)}
+        odd = {r: c for r, c in counts.items() if c != str(nnodes)}
+        if odd:
+            shown = ", ".join(f"node {r} says {c}" for r, c in odd.items())
+            raise DecloraError(f"machines disagree on --nnodes: this one says {nnodes}, {shown}")
+    except (RuntimeError, TimeoutError) as exc:  # the store went away: node 0 stopped
+        raise DecloraError(
+            f"lost the rendezvous at {plan.endpoint} ({str(exc).strip()[:160]}); did node 0 stop?"
+        ) from None
+    return store
+
+
+@contextmanager
+def multi_host_env(plan: MultiHost) -> Iterator[None]:
+    """gloo / NCCL on the interface of this machine's address (unless already chosen)."""
+    env = {}
+    if plan.interface:
+        env = {"GLOO_SOCKET_IFNAME": plan.interface, "NCCL_SOCKET_IFNAME": plan.interface}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def torchrun_args(
     peers: int,
     nnodes: str,
@@ -39,12 +262,22 @@ def torchrun_args(
     rdzv_endpoint: str | None,
     max_restarts: int,
     rdzv_dir: str | None,
+    plan: MultiHost | None = None,
 ) -> list[str]:
     """torchrun's options (before the module) for this launch; `rdzv_dir` holds the file
-    store of a single-machine rendezvous."""
+    store of a single-machine rendezvous, `plan` this machine's part in a multi-machine one."""
     args = [f"--nproc-per-node={peers}", f"--nnodes={nnodes}", f"--max-restarts={max_restarts}"]
     if rdzv_endpoint:
         remote = ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        if plan is not None:
+            secs = max(1, round(plan.timeout_s))
+            conf = f"is_host={int(plan.is_host)},join_timeout={secs},read_timeout={secs}"
+            remote = [
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={plan.endpoint}",
+                f"--rdzv-conf={conf}",
+                f"--local-addr={plan.local_addr}",
+            ]
         return [*args, *remote, f"--node-rank={node_rank}"]
     if nnodes != "1":
         raise DecloraError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
@@ -95,19 +328,42 @@ def run(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    local_addr: str | None = None,
+    rdzv_timeout_s: float = 300.0,
 ) -> None:
     """Start `python -m MODULE_ARGS...` once per peer under torchrun and wait for all of them;
-    torch's ChildFailedError propagates when a peer failed."""
+    torch's ChildFailedError propagates when a peer failed, except when every failed peer
+    stopped with a declora error (exit 2, its message already printed): DecloraError then."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
-    def go(rdzv_dir: str | None) -> None:
-        opts = torchrun_args(peers, nnodes, node_rank, rdzv_endpoint, max_restarts, rdzv_dir)
-        torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
+    def go(rdzv_dir: str | None, plan: MultiHost | None = None) -> None:
+        opts = torchrun_args(peers, nnodes, node_rank, rdzv_endpoint, max_restarts, rdzv_dir, plan)
+        try:
+            torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
+        except ChildFailedError as exc:
+            codes = {r: f.exitcode for r, f in exc.failures.items()}
+            if codes and all(c == 2 for c in codes.values()):
+                ranks = ", ".join(map(str, sorted(codes)))
+                raise DecloraError(f"peer(s) {ranks} stopped with the error above") from None
+            raise
+        except RendezvousError as exc:
+            where = f" at {plan.endpoint}" if plan else ""
+            raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
 
     if rdzv_endpoint:
-        go(None)
+        plan = multi_host(nnodes, node_rank, rdzv_endpoint, local_addr, rdzv_timeout_s)
+        store = None
+        if ":" not in nnodes:
+            store = roll_call(plan, int(nnodes), node_rank, peers)
+        with multi_host_env(plan):
+            go(None, plan)
+        del store
         return
+    if local_addr is not None:
+        raise DecloraError("--local-addr is for multi-machine launches (with --rdzv-endpoint)")
     if nnodes != "1":
         raise DecloraError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
     with single_machine() as folder:

@@ -23,16 +23,16 @@ import torch
 
 from declora.algorithms import algorithm_class
 from declora.config.schema import RunConfig
+from declora.engine import checkpoint as ckpt
 from declora.engine.round_loop import LoopHooks, Result, train
 from declora.errors import DecloraError
 from declora.model.export import save_peft_adapter
 from declora.network import distributed as dd
 from declora.network.auth import load_key
 from declora.reporting.report import summary_rows, write_report
+from declora.reporting.rundir import STATUS_FILE, RunDir, write_json
 from declora.reporting.trackers import Trackers, require
-from declora.runners import checkpoint as ckpt
 from declora.runners.build import PeerSide, build_algorithm, make_evaluator, prepare
-from declora.runners.rundir import STATUS_FILE, RunDir, write_json
 from declora.runners.simulate import write_setup
 
 

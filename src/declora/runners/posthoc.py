@@ -17,9 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from declora.config.schema import load_config
+from declora.data.tables import one_line
 from declora.errors import DecloraError
 from declora.model.export import peft_key, save_peft_adapter
-from declora.runners.rundir import RunDir
+from declora.reporting.rundir import RunDir
 
 
 def peer_adapters(
@@ -44,7 +45,7 @@ def peer_adapters(
             raw = load_file(str(f))
         except (SafetensorError, OSError) as exc:
             raise DecloraError(
-                f"{f} is not a readable safetensors file ({_one_line(exc)}); copy peer {i}'s "
+                f"{f} is not a readable safetensors file ({one_line(exc)}); copy peer {i}'s "
                 "adapter again"
             ) from None
         missing = sorted(set(names) - set(raw))
@@ -97,7 +98,3 @@ def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
         rd.write_json("summary.json", summary)
         return {"metrics": metrics, "table": table_text(summary["rows"], summary.get("columns"))}
     return {"metrics": metrics, "table": ""}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160] or type(exc).__name__

@@ -19,9 +19,9 @@ from declora.model.adapters import average
 from declora.model.export import save_peft_adapter
 from declora.reporting import plots
 from declora.reporting.report import summary_rows, write_report
+from declora.reporting.rundir import RunDir
 from declora.reporting.trackers import Trackers, require
 from declora.runners.build import Prepared, build_algorithm, make_evaluator, prepare
-from declora.runners.rundir import RunDir
 from declora.tasks.evaluate import mark_best_round
 
 

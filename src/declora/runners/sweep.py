@@ -28,7 +28,7 @@ import numpy as np
 
 from declora.config.schema import RunConfig, load_config
 from declora.errors import ConfigError, DecloraError
-from declora.runners.rundir import RunDir, busy
+from declora.reporting.rundir import RunDir, busy
 
 
 def split_values(text: str) -> list[str]:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-Example = dict[str, Any]
+from declora.data.tables import Example
+
 IGNORE = -100  # label of tokens that carry no loss (prompt, template, padding)
 
 
