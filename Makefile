@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.declora-installed
 
-.PHONY: setup demo test lint docs bench results results-quick plateau clean test-real
+.PHONY: setup demo test lint docs bench results results-quick plateau clean test-real test-slow
 
 setup: $(STAMP)
 
@@ -26,12 +26,16 @@ $(STAMP): pyproject.toml requirements/assets.txt
 demo: setup
 	$(BIN)/declora run --out runs/demo --overwrite
 
-# The real-model smoke tests (MiniLM, SmolLM2; about 6 minutes) run with `make test-real`.
+# The real-model smoke tests (MiniLM, SmolLM2) run with `make test-real`; more multi-process
+# equality runs (other PEFT methods on real peers) with `make test-slow`.
 test: setup
-	$(BIN)/python -m pytest -q -m "not real" tests
+	$(BIN)/python -m pytest -q -m "not real and not slow" tests
 
 test-real: setup
 	$(BIN)/python -m pytest -q -m real tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments

@@ -322,24 +322,7 @@ def make_evaluator(
             seed=cfg.data.split_seed,
         )
     assert isinstance(prep.data, TextClassificationData)
-    if prep.val_examples:
-        return ValidationEvaluator(
-            prep.val_examples,
-            prep.test_examples,
-            prep.data.num_classes,
-            binary_f1=prep.data.binary_f1,
-            batch_size=e.batch_size,
-            max_examples=e.max_examples,
-            final_max_examples=e.final_max_examples,
-            peer_max_examples=e.peer_max_examples,
-            seed=cfg.data.split_seed,
-            label_mix=label_mix(prep.counts, peers),
-            best_path=best_path,
-            resume=resume,
-        )
-    return Evaluator(
-        prep.test_examples,
-        prep.data.num_classes,
+    common: dict[str, Any] = dict(
         binary_f1=prep.data.binary_f1,
         batch_size=e.batch_size,
         max_examples=e.max_examples,
@@ -348,6 +331,16 @@ def make_evaluator(
         seed=cfg.data.split_seed,
         label_mix=label_mix(prep.counts, peers),
     )
+    if prep.val_examples:
+        return ValidationEvaluator(
+            prep.val_examples,
+            prep.test_examples,
+            prep.data.num_classes,
+            best_path=best_path,
+            resume=resume,
+            **common,
+        )
+    return Evaluator(prep.test_examples, prep.data.num_classes, **common)
 
 
 def label_mix(counts: np.ndarray, peers: list[int] | None) -> np.ndarray | None:

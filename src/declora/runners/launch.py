@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -345,8 +346,12 @@ def run(
             torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
         except ChildFailedError as exc:
             codes = {r: f.exitcode for r, f in exc.failures.items()}
-            if codes and all(c == 2 for c in codes.values()):
-                ranks = ", ".join(map(str, sorted(codes)))
+            # a peer the agent stopped (SIGTERM, SIGKILL) after its sibling's declora error is
+            # not a cause of the failure
+            stopped = (-signal.SIGTERM, -signal.SIGKILL)
+            causes = {r: c for r, c in codes.items() if c not in stopped}
+            if causes and all(c == 2 for c in causes.values()):
+                ranks = ", ".join(map(str, sorted(causes)))
                 raise DecloraError(f"peer(s) {ranks} stopped with the error above") from None
             raise
         except RendezvousError as exc:
