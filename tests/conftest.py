@@ -122,6 +122,30 @@ def write_tiny_job(
     return d / "model", d / "data.csv"
 
 
+def write_ring_job(d, tokenizer, *, seed: int, rounds: int = 6, **sections) -> object:
+    """`d/job.yaml`: the tiny model and CSV of `write_tiny_job` on a ring of 4 peers, `rounds`
+    rounds of 2 local steps of 4 examples, checkpoints and evaluations every 2 rounds, no
+    baselines; `sections` update the config's sections (e.g. comm={"bits": 4}). Returns d."""
+    import yaml
+
+    write_tiny_job(d, tokenizer, seed=seed)
+    cfg: dict = {
+        "model": {"name": str(d / "model")},
+        "data": {"name": "file", "path": str(d / "data.csv")},
+        "topology": {"peers": 4, "kind": "ring"},
+        "train": {"rounds": rounds, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
+        "baselines": [],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
     """`python -m declora ARGS` in a fresh process (a real crash or launch needs one)."""
     import os

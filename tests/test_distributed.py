@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-import yaml
 from safetensors.torch import load_file
 
 from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
 from declora.network.topology import build_topology
-from tests.conftest import write_tiny_job
+from tests.conftest import write_ring_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
 
@@ -91,18 +90,7 @@ def test_received_buffers_are_checked_before_use():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("distjob")
-    write_tiny_job(d, tokenizer, seed=2)
-    cfg = {
-        "model": {"name": str(d / "model")},
-        "data": {"name": "file", "path": str(d / "data.csv")},
-        "topology": {"peers": 4, "kind": "ring"},
-        "train": {"rounds": 6, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
-        "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
-        "baselines": [],
-    }
-    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
-    return d
+    return write_ring_job(tmp_path_factory.mktemp("distjob"), tokenizer, seed=2)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -133,10 +121,13 @@ def _launch(job: Path, out: Path, *sets: str, env: dict | None = None, restarts:
 
 @pytest.fixture(scope="module")
 def runs(job, tmp_path_factory):
-    """Simulation and 4-process runs of the same job, fp32 and 4-bit with error feedback."""
+    """Simulation and 4-process runs of the same job, fp32 and 4-bit with error feedback,
+    synchronous and overlapped (comm.overlap: the exchange runs in a thread during compute)."""
     base = tmp_path_factory.mktemp("distruns")
     out = {}
-    for name, sets in {"fp32": [], "q4": ["comm.bits=4", "comm.error_feedback=true"]}.items():
+    q4 = ["comm.bits=4", "comm.error_feedback=true"]
+    settings = {"fp32": [], "q4": q4, "q4-overlap": [*q4, "comm.overlap=true"]}
+    for name, sets in settings.items():
         sim = base / f"sim-{name}"
         args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(sim)]
         for s in sets:
@@ -149,7 +140,7 @@ def runs(job, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["fp32", "q4"])
+@pytest.mark.parametrize("name", ["fp32", "q4", "q4-overlap"])
 def test_four_processes_give_the_simulations_adapters(runs, name):
     sim, distributed = runs[name]
     for a, b in zip(_peer_adapters(sim), _peer_adapters(distributed), strict=True):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, write_tiny_job
+from tests.conftest import run_cli, write_ring_job
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SETTINGS = {"fp32": [], "q4": ["comm.bits=4", "comm.error_feedback=true"]}
@@ -28,18 +27,7 @@ SETTINGS = {"fp32": [], "q4": ["comm.bits=4", "comm.error_feedback=true"]}
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("multihost")
-    write_tiny_job(d, tokenizer, seed=2)
-    cfg = {
-        "model": {"name": str(d / "model")},
-        "data": {"name": "file", "path": str(d / "data.csv")},
-        "topology": {"peers": 4, "kind": "ring"},
-        "train": {"rounds": 6, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
-        "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
-        "baselines": [],
-    }
-    (d / "job.yaml").write_text(yaml.safe_dump(cfg))
-    return d
+    return write_ring_job(tmp_path_factory.mktemp("multihost"), tokenizer, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +183,111 @@ def test_the_launch_plan_takes_the_address_towards_the_endpoint():
         multi_host("2", 0, "127.0.0.1")
     with pytest.raises(DecloraError, match=r"--local-addr 198\.19\.255\.7 is not an address"):
         multi_host("2", 1, "127.0.0.1:29400", local_addr="198.19.255.7")
+
+
+# ----------------------------------------------------------------- a machine that dies
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory, tokenizer) -> Path:
+    """Long enough (30 rounds) that a host can be killed while the run is under way."""
+    d = tmp_path_factory.mktemp("multihost-long")
+    return write_ring_job(d, tokenizer, seed=4, rounds=30, eval={"monitor": False})
+
+
+def _wait_for_round(metrics: Path, at_least: int, procs, timeout: float = 120) -> None:
+    """Until a peer has recorded `at_least` rounds (the run is under way, not finished)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file():
+            rounds = [json.loads(x)["round"] for x in metrics.read_text().splitlines() if x]
+            if rounds and rounds[-1] >= at_least:
+                return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a node stopped early: {_finish(procs)}")
+        time.sleep(0.05)
+    raise AssertionError(f"no round {at_least} in {metrics} after {timeout} s")
+
+
+def test_a_dead_host_is_skipped_and_named(long_job, hosts, tmp_path):
+    out, at = tmp_path / "skip", _endpoint(hosts)
+    sets = _sets("comm.on_peer_failure=skip", "comm.timeout_s=3")
+    wait = ["--rdzv-timeout", "60", "--exit-wait", "5"]  # host 0 does not wait 300 s for host 1
+    procs = [_node(hosts, i, i, at, long_job, out, *wait, *sets) for i in (0, 1)]
+    _wait_for_round(out / "peers" / "peer-2" / "metrics.jsonl", 4, procs)
+    hosts.kill(1)  # every process of host 1: its agent and peers 2 and 3
+    began = time.monotonic()
+    (code0, err0), (code1, _) = _finish(procs)
+    assert time.monotonic() - began < 120
+    assert code1 == -9
+    assert code0 == 0, err0[-3000:]
+    # on the ring 0-1-2-3-0, peer 0 lost neighbour 3 and peer 1 lost neighbour 2
+    assert "peer 0: finished without neighbour(s) 3" in err0
+    assert "peer 1: finished without neighbour(s) 2" in err0
+    for i, lost in ((0, [3]), (1, [2])):  # each surviving peer's own record of whom it lost
+        wire = json.loads((out / "peers" / f"peer-{i}" / "wire.json").read_text())
+        assert wire["lost_neighbours"] == lost
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"]["lost_neighbours_per_peer"][0] == [3]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert "Traceback" not in err0
+    for i in (0, 1):
+        assert (out / "adapters" / f"peer-{i}" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow  # three 2-host runs, ~2 min: make test-slow
+def test_a_run_whose_host_died_resumes_on_both_hosts_bit_identically(long_job, hosts, tmp_path):
+    at, whole = _endpoint(hosts), tmp_path / "whole"
+    procs = [_node(hosts, i, i, at, long_job, whole, "--rdzv-timeout", "60") for i in (0, 1)]
+    for code, err in _finish(procs):
+        assert code == 0, err[-3000:]
+    at, out = _endpoint(hosts), tmp_path / "killed"
+    procs = [_node(hosts, i, i, at, long_job, out, "--rdzv-timeout", "60") for i in (0, 1)]
+    _wait_for_round(out / "peers" / "peer-2" / "metrics.jsonl", 6, procs)
+    hosts.kill(1)
+    (code0, err0), (code1, _) = _finish(procs)
+    assert code1 == -9 and code0 == 2, err0[-3000:]
+    assert "did not answer" in err0 and _not_complete(out)
+    # both machines started again on the run directory: the peers agree on the newest round
+    # all of them saved and continue from it
+    at = _endpoint(hosts)
+    procs = []
+    for i in (0, 1):
+        argv = [sys.executable, "-m", "declora", "launch", "--peers", "2", "--nnodes", "2"]
+        argv += ["--node-rank", str(i), "--rdzv-endpoint", at, "--rdzv-timeout", "60", "--"]
+        argv += ["--quiet", "--resume", str(out)]
+        procs.append(hosts.popen(i, argv, env=ENV, stderr=subprocess.PIPE, text=True))
+    for code, err in _finish(procs):
+        assert code == 0, err[-3000:]
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "complete" and status["resumed"] == 1
+    for i in range(4):
+        a = load_file(str(whole / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
+        b = load_file(str(out / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_link_down_longer_than_the_timeout_stops_the_run_naming_the_neighbour(
+    long_job, hosts, tmp_path
+):
+    out, at = tmp_path / "cut", _endpoint(hosts)
+    wait = ["--rdzv-timeout", "60", "--exit-wait", "5"]
+    procs = [
+        _node(hosts, i, i, at, long_job, out, *wait, *_sets("comm.timeout_s=3")) for i in (0, 1)
+    ]
+    _wait_for_round(out / "peers" / "peer-2" / "metrics.jsonl", 4, procs)
+    hosts.link(1, up=False)
+    try:
+        results = _finish(procs, timeout=180)
+    finally:
+        hosts.link(1, up=True)
+    # both sides of the cut: the peers next to it name the neighbour that went silent and the
+    # timeout; host 0's launcher ends with them, host 1's (whose agent cannot reach the store
+    # behind the cut) says so after --exit-wait + 30 s; both exit 2
+    for code, err in results:
+        assert code == 2, err[-3000:]
+        assert "did not answer" in err and "comm.timeout_s=3" in err, err[-3000:]
+        assert "Traceback" not in err
+    assert "peer(s) 0, 1 stopped with the error above" in results[0][1]
+    assert "cannot be reached to end the run" in results[1][1]
+    assert _not_complete(out)

@@ -140,6 +140,15 @@ def _run_peer(cfg, out: Path, resume: bool, overwrite: bool, quiet: bool) -> Non
 
     try:
         proc, _ = run_peer(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    except DecloraError as exc:
+        if distributed.ops_abandoned():
+            # ops still wait on a peer that went silent without closing its connection (a cut
+            # link): the process group's teardown at exit would wait for them for ever
+            typer.echo(f"error: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        raise
     finally:
         distributed.stop()
     if proc.leader:
@@ -167,6 +176,14 @@ def launch(
     rdzv_timeout: Annotated[
         float, typer.Option(min=1, help="seconds to wait for the other machines (multi-machine)")
     ] = 300.0,
+    exit_wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="seconds a machine whose peers finished waits for the others' (multi-machine; "
+            "lower it with comm.on_peer_failure=skip, where another machine may be gone)",
+        ),
+    ] = 300.0,
 ) -> None:
     """Run `declora run ARGS...` as one process per peer with torch.distributed's launcher.
 
@@ -185,6 +202,7 @@ def launch(
             max_restarts=max_restarts,
             local_addr=local_addr,
             rdzv_timeout_s=rdzv_timeout,
+            exit_wait_s=exit_wait,
         )
     except DecloraError as exc:
         _fail(exc)

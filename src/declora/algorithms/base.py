@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 import networkx as nx
 import numpy as np
 
+from declora.algorithms.registry import algorithm_class, names
 from declora.engine.plan import Plan, peer_weights
 from declora.errors import ConfigError
 from declora.network.mixing import LORA_FACTORS
@@ -56,9 +57,20 @@ class Algorithm:
     #: `stale_optimizer_state` is cleared right after the round's mixing, only for the peers
     #: it changed (instead of for every peer at the round's start).
     stale_after_mixing: ClassVar[bool] = False
+    #: Trains with per-peer DP-SGD (`privacy.mechanism=dp-sgd`): each peer's steps are
+    #: DP-SGD steps on its own data, and whatever it sends or mixes is post-processing.
+    dp_sgd: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        if self.gossips and cfg.lora.ranks is not None:
+            from declora.config.schema import hetero_rule
+
+            #: algorithm.hetero=svd: mixed ranks combine by products and truncated SVD, which
+            #: re-factors like DeCAF, so the same stale optimizer state is cleared after it
+            if hetero_rule(cfg) == "svd":
+                self.mixing_rule = "product-svd"  # type: ignore[misc]
+                self.stale_after_mixing = True  # type: ignore[misc]
 
     # ---------------------------------------------------------------- what trains, what is sent
 
@@ -69,8 +81,8 @@ class Algorithm:
     def stale_optimizer_state(self, round: int) -> frozenset[str]:
         """LoRA factors whose optimizer state (momentum, Adam moments) no longer fits them in
         `round` and is cleared (before its local steps, or after its mixing with
-        `stale_after_mixing`); none by default."""
-        return frozenset()
+        `stale_after_mixing`); none by default, both factors after a product-SVD mixing."""
+        return LORA_FACTORS if self.mixing_rule == "product-svd" else frozenset()
 
     def sent_keys(self, keys: Iterable[str]) -> set[str]:
         """The tensors a peer sends and mixes each round; the others stay as they are."""
@@ -107,6 +119,13 @@ class Algorithm:
                 f"comm.scheme={cfg.comm.scheme} is not supported with it (use comm.bits=32 and "
                 "comm.scheme=plain)"
             )
+        if cfg.privacy.on and not self.dp_sgd:
+            supported = ", ".join(n for n in names() if algorithm_class(n).dp_sgd)
+            key = "algorithm.name" if name_is_main(cfg, self.name) else "baselines"
+            raise ConfigError(
+                f"privacy.mechanism=dp-sgd is not supported with {key} {self.name} yet "
+                f"(accepted: {supported})"
+            )
         c, f = cfg.comm, cfg.faults
         if (
             (c.robust != "none" or f.byzantine)
@@ -118,6 +137,8 @@ class Algorithm:
                 f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, "
                 f"adf); algorithm.name={self.name} is not one"
             )
+        if c.overlap:
+            self._check_overlap(cfg)
         t = cfg.topology
         changing = t.dynamic != "static" or t.offline_prob > 0
         if self.gossips and cfg.comm.scheme == "choco" and changing:
@@ -125,6 +146,25 @@ class Algorithm:
                 "comm.scheme=choco needs a fixed graph with every peer online (its copies of the "
                 "neighbours' values would go stale); use comm.scheme=plain with topology.dynamic="
                 f"{t.dynamic}, topology.offline_prob={t.offline_prob}"
+            )
+
+    def _check_overlap(self, cfg: RunConfig) -> None:
+        """comm.overlap corrects a peer's value by the mix of the previous values, which
+        needs a linear combine of factors and one exchange a round."""
+        if self.gossips and self.mixing_rule != "average":
+            raise ConfigError(
+                f"comm.overlap needs a combine rule that averages factors; algorithm {self.name} "
+                f"mixes by {self.mixing_rule} (use comm.overlap=false with it)"
+            )
+        if not self.gossips and name_is_main(cfg, self.name):
+            raise ConfigError(
+                f"comm.overlap is for gossip algorithms (dec-lora, ffa, fedsa, adf); "
+                f"algorithm.name={self.name} does not gossip"
+            )
+        if self.gossips and cfg.comm.gossip_steps != 1:
+            raise ConfigError(
+                f"comm.overlap makes one exchange a round; comm.gossip_steps="
+                f"{cfg.comm.gossip_steps} is not supported with it (use 1)"
             )
 
     def gossip_steps(self) -> int:

@@ -176,6 +176,28 @@ class LoraSettings(_Section):
         "sample-vocab",
         description="prompt-tuning: start from embeddings of random vocabulary tokens, or N(0, 1)",
     )
+    ranks: list[int] | str | None = Field(
+        None,
+        description="a LoRA rank per peer: a list (one per peer) or tiers:2,4,8,16 (peer i gets "
+        "tier i mod 4, round-robin); every peer keeps the scale lora.alpha / lora.r, so its "
+        "alpha is that scale times its rank; None: every peer at lora.r",
+    )
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _ranks_form(cls, value: Any) -> Any:
+        """A list of positive ints, or `tiers:` with one; the length is checked with the peers."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            parse_tiers(value)
+            return value.replace(" ", "")
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a list of ranks (one per peer) or tiers:2,4,8,16")
+        bad = [r for r in value if isinstance(r, bool) or not isinstance(r, int) or r <= 0]
+        if bad:
+            raise ValueError(f"every rank must be an integer >= 1; {bad[0]!r} is not")
+        return value
 
     @model_validator(mode="after")
     def _method_keys(self) -> LoraSettings:
@@ -254,6 +276,13 @@ class AlgorithmConfig(_Section):
     name: AlgorithmName = "dec-lora"
     period: int = Field(6, ge=1, description="adf: rounds per phase (B trains, then A, ...)")
     adf_start: Literal["A", "B"] = Field("B", description="adf: the factor of the first phase")
+    hetero: Literal["pad-truncate", "svd"] | None = Field(
+        None,
+        description="lora.ranks: how a peer combines factors of other ranks; pad-truncate "
+        "(zero-pad or keep the leading rows, each row averaged over the peers that have it) or "
+        "svd (mix the products B_j A_j, truncated SVD to the own rank); None: svd for decaf, "
+        "pad-truncate otherwise",
+    )
 
 
 class CommConfig(_Section):
@@ -273,6 +302,12 @@ class CommConfig(_Section):
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="CHOCO consensus step size")
     gossip_steps: int = Field(
         1, ge=1, le=100, description="gossip exchanges per round (each costs its bytes)"
+    )
+    overlap: bool = Field(
+        False,
+        description="gossip overlaps compute: a peer sends the value a round starts from and "
+        "trains at once; the neighbours' mix is applied when its steps end (one round stale; "
+        "declora.network.overlap)",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="distributed runs: torch.distributed backend (auto: nccl on GPU)"
@@ -334,6 +369,55 @@ class FaultsConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy per peer: DP-SGD on the adapter (and head) each peer trains.
+
+    Each peer clips every example's gradient to `max_grad_norm`, adds Gaussian noise of std
+    noise_multiplier x max_grad_norm to the sum, and steps; batches are Poisson-sampled (each
+    example joins a step with probability train.batch_size / N_i), which is what Opacus'
+    accountants assume. Set a target `epsilon` (the noise is calibrated so that no peer spends
+    more over the whole run) or an explicit `noise_multiplier`, not both."""
+
+    mechanism: Literal["none", "dp-sgd"] = Field(
+        "none", description="dp-sgd: per-peer DP-SGD (needs the privacy extra: opacus)"
+    )
+    epsilon: float | None = Field(
+        None, gt=0.0, description="target epsilon of every peer over the whole run"
+    )
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="target delta; None: 1 / N_i for a peer with N_i examples"
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="noise std / max_grad_norm, instead of a target epsilon"
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clipping bound")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant for calibration and the spent epsilon"
+    )
+    noise: Literal["auto", "seeded", "secure"] = Field(
+        "auto",
+        description="seeded: noise from (seed, peer), reproducible, but anyone who knows the "
+        "seed (every peer of a launch does) can subtract it; secure: each peer seeds its noise "
+        "from the OS's entropy; auto: seeded in simulation, secure on real peers",
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.mechanism == "dp-sgd"
+
+
+class ExportConfig(_Section):
+    """How the averaged model is written to adapters/average (PEFT format)."""
+
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="re-factor the averaged adapter's B A to this rank by truncated SVD; None: "
+        "the mean factors as they are (the largest rank with lora.ranks)",
+    )
+
+
 TrackerName = Literal["tensorboard", "mlflow", "wandb"]
 
 
@@ -390,8 +474,10 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     baselines: list[AlgorithmName] = Field(default_factory=lambda: ["centralized", "local-only"])
     log: LogConfig = Field(default_factory=LogConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("name")
     @classmethod
@@ -439,6 +525,24 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _ranks(self) -> RunConfig:
+        """lora.ranks and algorithm.hetero against the rest of the config."""
+        try:
+            _check_ranks(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self) -> RunConfig:
+        """privacy.* against the engine, PEFT method, task and algorithms it supports."""
+        try:
+            _check_privacy(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
     def _robustness(self) -> RunConfig:
         """faults.* and comm.robust* together."""
         try:
@@ -452,6 +556,138 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+#: Algorithms that run with `lora.ranks` (gossip of factors or products, and the baselines
+#: that never mix); the others freeze or split factors in ways mixed ranks do not define.
+RANKED_ALGORITHMS = ("dec-lora", "decaf", "local-only", "centralized")
+
+
+def parse_tiers(text: str) -> list[int]:
+    """`tiers:2,4,8,16` -> [2, 4, 8, 16] (ConfigError-free: ValueError for pydantic)."""
+    kind, _, rest = text.replace(" ", "").partition(":")
+    if kind != "tiers" or not rest:
+        raise ValueError("must be a list of ranks (one per peer) or tiers:2,4,8,16")
+    try:
+        tiers = [int(x) for x in rest.split(",")]
+    except ValueError:
+        raise ValueError("tiers must be integers, e.g. tiers:2,4,8,16") from None
+    if any(t <= 0 for t in tiers):
+        raise ValueError("every rank must be an integer >= 1")
+    return tiers
+
+
+def peer_ranks(cfg: RunConfig) -> tuple[int, ...] | None:
+    """Each peer's LoRA rank from `lora.ranks` (tiers round-robin: peer i gets tier i mod k);
+    None when every peer trains at `lora.r`."""
+    ranks = cfg.lora.ranks
+    if ranks is None:
+        return None
+    if isinstance(ranks, str):
+        tiers = parse_tiers(ranks)
+        return tuple(tiers[i % len(tiers)] for i in range(cfg.topology.peers))
+    return tuple(ranks)
+
+
+def hetero_rule(cfg: RunConfig) -> str | None:
+    """The combine rule for mixed ranks (None without lora.ranks): svd for DeCAF, whose
+    combine already is product averaging, pad-truncate for the others unless set."""
+    if cfg.lora.ranks is None:
+        return None
+    if cfg.algorithm.hetero is not None:
+        return cfg.algorithm.hetero
+    return "svd" if cfg.algorithm.name == "decaf" else "pad-truncate"
+
+
+def _check_ranks(cfg: RunConfig) -> None:
+    """Refuse lora.ranks / algorithm.hetero settings that cannot work, one line each."""
+    lo, a = cfg.lora, cfg.algorithm
+    if lo.ranks is None:
+        if a.hetero is not None:
+            raise ConfigError(f"algorithm.hetero={a.hetero} needs lora.ranks (mixed ranks)")
+        return
+    ranks = peer_ranks(cfg) or ()
+    peers = cfg.topology.peers
+    if len(ranks) != peers:
+        raise ConfigError(
+            f"lora.ranks has {len(ranks)} ranks but topology.peers={peers}: give one per peer, "
+            "or tiers:2,4,8,16"
+        )
+    if max(ranks) > 1024:
+        raise ConfigError(f"lora.ranks: rank {max(ranks)} is above 1024, the largest lora.r")
+    if lo.method in ("ia3", "prompt-tuning"):
+        raise ConfigError(f"lora.ranks: lora.method={lo.method} has no rank (use lora.method=lora)")
+    if lo.method == "dora":
+        raise ConfigError(
+            "lora.ranks is not supported with lora.method=dora: its magnitude vectors are "
+            "normalised by the full update, which pad-truncate and svd would cut (use lora)"
+        )
+    if lo.method == "rslora":
+        raise ConfigError(
+            "lora.ranks keeps one scale lora.alpha / lora.r for every rank; lora.method=rslora "
+            "scales by alpha / sqrt(r) (use lora.method=lora)"
+        )
+    for name in dict.fromkeys((a.name, *cfg.baselines)):
+        if name not in RANKED_ALGORITHMS:
+            key = "algorithm.name" if name == a.name else "baselines"
+            raise ConfigError(
+                f"lora.ranks: {key} {name} is not supported with mixed ranks (accepted: "
+                f"{', '.join(RANKED_ALGORITHMS)})"
+            )
+    if a.name == "decaf" and a.hetero == "pad-truncate":
+        raise ConfigError(
+            "algorithm.hetero=pad-truncate contradicts algorithm.name=decaf, which mixes "
+            "products (use algorithm.hetero=svd)"
+        )
+    c, f = cfg.comm, cfg.faults
+    if not c.exact or c.robust != "none" or f.byzantine:
+        raise ConfigError(
+            "lora.ranks sends exact factors at each peer's rank: comm.bits=32, comm.scheme=plain, "
+            "comm.robust=none and no faults.byzantine"
+        )
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """Refuse DP-SGD where it is not implemented yet, one line each (ConfigError): per-example
+    gradients exist in the batched engine, for LoRA on classification. What an algorithm
+    refuses is its `check` (`Algorithm.dp_sgd`)."""
+    p = cfg.privacy
+    if not p.on:
+        given = [k for k in ("epsilon", "delta", "noise_multiplier") if getattr(p, k) is not None]
+        if given:
+            raise ConfigError(
+                f"privacy.{given[0]} needs privacy.mechanism=dp-sgd (accepted: none, dp-sgd)"
+            )
+        return
+    if p.epsilon is not None and p.noise_multiplier is not None:
+        raise ConfigError(
+            "privacy.noise_multiplier and privacy.epsilon exclude each other: give a target "
+            "epsilon (the noise is calibrated) or a noise multiplier, not both"
+        )
+    if p.epsilon is None and p.noise_multiplier is None:
+        raise ConfigError(
+            "privacy.mechanism=dp-sgd needs privacy.epsilon (a target > 0) or "
+            "privacy.noise_multiplier (> 0)"
+        )
+    if cfg.lora.method != "lora":
+        raise ConfigError(
+            f"privacy.mechanism=dp-sgd is not supported with lora.method={cfg.lora.method} yet "
+            "(accepted: lora)"
+        )
+    if cfg.train.engine != "batched":
+        raise ConfigError(
+            "privacy.mechanism=dp-sgd needs train.engine=batched (per-example gradients live "
+            f"in the batched engine); got train.engine={cfg.train.engine}"
+        )
+    if cfg.task != "classification":
+        raise ConfigError(
+            f"privacy.mechanism=dp-sgd is not supported with task={cfg.task} yet "
+            "(accepted: classification)"
+        )
+    if cfg.lora.ranks is not None:
+        raise ConfigError(
+            "privacy.mechanism=dp-sgd is not supported with lora.ranks yet (every peer at lora.r)"
+        )
 
 
 def _check_robustness(cfg: RunConfig) -> None:

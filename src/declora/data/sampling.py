@@ -52,3 +52,37 @@ class PeerSampler:
         self.order = state["order"].numpy().astype(np.int64)
         self.pos = int(state["pos"])
         self.epoch = int(state["epoch"])
+
+
+class PoissonSampler:
+    """Poisson sampling for DP-SGD: each of a peer's examples joins a step independently with
+    probability `sample_rate`, so batch sizes vary (and may be 0). This is the sampling that
+    Opacus' RDP and PRV accountants assume; seeded by (seed, peer) like `PeerSampler`."""
+
+    def __init__(self, indices: np.ndarray, sample_rate: float, seed: int, peer: int) -> None:
+        if len(indices) == 0:
+            raise ValueError(f"peer {peer} has no data")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.sample_rate = float(sample_rate)
+        self.rng = np.random.default_rng([seed, peer])
+
+    def next(self) -> np.ndarray:
+        return self.indices[self.rng.random(len(self.indices)) < self.sample_rate]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def make_sampler(
+    indices: np.ndarray, batch_size: int, seed: int, peer: int, *, poisson: bool = False
+) -> PeerSampler | PoissonSampler:
+    """A peer's sampler: shuffled epochs of `batch_size`, or Poisson sampling at expected
+    batch `batch_size` (DP-SGD)."""
+    if poisson:
+        return PoissonSampler(indices, min(1.0, batch_size / len(indices)), seed, peer)
+    return PeerSampler(indices, batch_size, seed, peer)

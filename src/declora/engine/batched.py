@@ -5,6 +5,10 @@ A local step concatenates the peers' batches peer-major, runs forward/backward o
 peers, clips each peer's gradient on its own, and takes one AdamW step over the stacked tensors;
 AdamW is element-wise, so that is exactly n independent optimizers.
 
+With `privacy` (a `declora.engine.privacy.DPSGD`), every step is a per-peer DP-SGD step:
+per-example gradients from one pass over the Poisson-sampled examples of all peers, each
+clipped, summed per peer, plus that peer's noise.
+
 Two switches serve the follow-up algorithms and dynamic networks: `set_trainable` freezes a LoRA
 factor (FFA-LoRA, ADF-LoRA phases), and `train_step(..., active=mask)` leaves offline peers and
 stragglers that are done for the round exactly as they were.
@@ -20,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from declora.engine.privacy import DPSGD
 from declora.engine.state import TrainingState
-from declora.model.adapters import AdapterSpec, OptimSettings, set_submodule
+from declora.model.adapters import AdapterSpec, OptimSettings, rank_mask, set_submodule
 from declora.model.stacked import StackedLinear, StackedLoraLinear
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
@@ -81,11 +86,21 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         peer_chunk: int | None = None,
         micro_batch: int | None = None,
         peer_weights: Sequence[float] | None = None,
+        ranks: Sequence[int] | None = None,
+        privacy: DPSGD | None = None,
         **optim: Any,
     ) -> None:
         """`peer_weights` scale each peer's updates (as a per-peer learning rate would);
+        `ranks` gives each peer its own LoRA rank <= spec.r (`lora.ranks`): all peers are held
+        at spec.r and a per-peer rank mask keeps the unused rows of A and columns of B at
+        exactly zero (their gradients, hence their optimizer state, are then zero too);
+        `privacy` makes every step a DP-SGD step (`declora.engine.privacy`; it replaces the
+        per-peer clipping of `max_grad_norm`);
         `optim` holds the fields of `OptimSettings` (lr, head_lr, optimizer, ...)."""
         self.model, self.spec, self.n, self.task = model, spec, n_peers, task
+        if privacy is not None and len(privacy.peers) != n_peers:
+            raise ValueError(f"DP-SGD for {len(privacy.peers)} peers on an engine of {n_peers}")
+        self.privacy = privacy
         settings = OptimSettings(**optim)
         self.max_grad_norm = settings.max_grad_norm
         self.peer_chunk = peer_chunk or n_peers
@@ -112,6 +127,7 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
             self.params[f"{name}.weight"] = layer.weight
             if layer.bias is not None:
                 self.params[f"{name}.bias"] = layer.bias
+        self.masks = self._rank_masks(ranks)
         self.load_stacked({k: v.unsqueeze(0).expand(n_peers, *v.shape) for k, v in init.items()})
         self.trainable: frozenset[str] = LORA_FACTORS
         head = set(self.head_param_names)
@@ -119,6 +135,23 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
             [p for k, p in self.params.items() if k not in head],
             [self.params[k] for k in self.head_param_names],
         )
+
+    def _rank_masks(self, ranks: Sequence[int] | None) -> dict[str, torch.Tensor]:
+        """Per factor, the mask that zeroes each peer's rank slots beyond its own rank (none
+        when every peer is at spec.r)."""
+        if ranks is None or all(r == self.spec.r for r in ranks):
+            return {}
+        if len(ranks) != self.n or not all(1 <= r <= self.spec.r for r in ranks):
+            raise ValueError(f"expected {self.n} ranks in 1..{self.spec.r}, got {list(ranks)}")
+        mask = rank_mask(tuple(ranks), self.spec.r)
+        dev = next(iter(self.params.values())).device
+        out = {}
+        for k, p in self.params.items():
+            f = factor_of(k)
+            if f is not None:
+                m = mask.unsqueeze(-1) if f == "lora_A" else mask.unsqueeze(1)
+                out[k] = m.to(device=dev, dtype=p.dtype)
+        return out
 
     @property
     def head_param_names(self) -> list[str]:
@@ -175,6 +208,8 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         peers = list(range(self.n)) if mask is None else np.flatnonzero(mask).tolist()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.privacy is not None:
+            return self._private_step(peer_examples, peers, mask)
         done: list[tuple[list[int], torch.Tensor]] = []
         device = next(iter(self.params.values())).device
         try:
@@ -207,6 +242,94 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         for group, loss in done:
             losses[group] = loss
         return losses
+
+    def _private_step(
+        self, peer_examples: Sequence[Sequence[Example]], peers: list[int], mask: np.ndarray | None
+    ) -> torch.Tensor:
+        """One DP-SGD step of the `peers` (the active ones): per-example gradients, each
+        clipped, summed per peer, plus the peer's noise, over the expected batch size.
+
+        Per-example gradients come from autograd itself: in a pass every example runs on its
+        own copy of its peer's adapter and head (`rows` of the stacked layers), so the gradient
+        of each copy is that example's gradient. Examples of any peers, in any number (Poisson
+        batches vary), share a pass of at most `micro_batch` rows."""
+        dp = self.privacy
+        assert dp is not None
+        device = next(iter(self.params.values())).device
+        names = [k for k, p in self.params.items() if p.requires_grad]
+        sums = {k: torch.zeros_like(self.params[k]) for k in names}
+        rows = [(i, ex) for i in peers for ex in peer_examples[i]]
+        loss_sum = torch.zeros(self.n, dtype=torch.float32)
+        count = torch.zeros(self.n, dtype=torch.float32)
+        size = self.micro_batch or max(1, len(rows))
+        for s in range(0, len(rows), size):
+            part = rows[s : s + size]
+            idx = torch.tensor([i for i, _ in part], dtype=torch.long, device=device)
+            grads, losses = self.example_grads(part)
+            sq = torch.zeros(len(part), dtype=torch.float32, device=device)
+            for g in grads.values():
+                sq += g.reshape(len(part), -1).float().pow(2).sum(dim=1)
+            coef = dp.clip_factors(sq.sqrt())
+            for k, g in grads.items():
+                sums[k].index_add_(0, idx, g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+            loss_sum.index_add_(0, idx.cpu(), losses.float().cpu())
+            count.index_add_(0, idx.cpu(), torch.ones(len(part)))
+        with torch.no_grad():
+            for i in peers:
+                for k in names:
+                    sums[k][i] += dp.noise(i, sums[k][i].shape, sums[k])
+            for k in names:
+                self.params[k].grad = sums[k] / dp.expected_batch
+        if mask is None:
+            self._weighted_step()
+        else:
+            self._step_keeping(np.flatnonzero(~mask).tolist())
+        self.scheduler.step()
+        losses = loss_sum / count  # NaN: inactive, or an empty Poisson batch
+        return losses
+
+    def example_grads(
+        self, rows: Sequence[tuple[int, Example]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-example gradients of the trainable tensors ([len(rows), ...] each) and losses
+        of (peer, example) rows in one forward/backward pass: each example runs on its own
+        copy of its peer's tensors, so the gradient of that copy is its own gradient."""
+        device = next(iter(self.params.values())).device
+        idx = torch.tensor([i for i, _ in rows], dtype=torch.long, device=device)
+        copies = {
+            k: p.detach()[idx].requires_grad_(p.requires_grad) for k, p in self.params.items()
+        }
+        self._set_rows(copies)
+        try:
+            batch = self.task.collate([ex for _, ex in rows])
+            losses = self.task.peer_losses(self.model, batch, len(rows))  # one per example
+            if losses.requires_grad:
+                losses.sum().backward()
+        finally:
+            self._set_rows(None)
+        grads = {k: c.grad for k, c in copies.items() if c.grad is not None}
+        return grads, losses.detach()
+
+    def _set_rows(self, copies: dict[str, torch.Tensor] | None) -> None:
+        """Per-example copies for the stacked layers to compute with (None: back to stacks)."""
+        c = copies or {}
+        for name in self.spec.lora_modules:
+            pair = (c[f"{name}.lora_A"], c[f"{name}.lora_B"]) if copies else None
+            self.model.get_submodule(name).rows = pair
+        for name in self.spec.head_modules:
+            pair = (c[f"{name}.weight"], c.get(f"{name}.bias")) if copies else None
+            self.model.get_submodule(name).rows = pair
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.privacy is not None:  # the noise generators continue where they were
+            state["privacy"] = self.privacy.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     @torch.no_grad()
     def _step_keeping(self, frozen: list[int]) -> None:
@@ -290,6 +413,8 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
     def load_stacked(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
             self.params[k].copy_(v)
+            if k in self.masks:  # a peer holds nothing beyond its own rank
+                self.params[k].mul_(self.masks[k])
 
     @contextmanager
     def use_single(self, values: dict[str, torch.Tensor]) -> Iterator[nn.Module]:

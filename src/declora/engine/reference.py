@@ -24,12 +24,24 @@ from torch import nn
 
 from declora.engine.batched import as_active_mask
 from declora.engine.state import TrainingState
-from declora.model.adapters import LORA_METHODS, AdapterSpec, OptimSettings, set_submodule
+from declora.model.adapters import (
+    LORA_METHODS,
+    AdapterSpec,
+    OptimSettings,
+    at_rank,
+    padded,
+    ranked_spec,
+    set_submodule,
+)
 from declora.model.peft_methods import adapter_config, peft_param_name
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
 __all__ = ["ReferenceEngine", "lora_config", "peer_name", "peft_param_name"]
+
+
+#: The extra adapter that scores the averaged model when peers differ in rank.
+SINGLE = "single"
 
 
 def peer_name(i: int) -> str:
@@ -62,17 +74,27 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
         task: Task,
         *,
         peer_weights: Sequence[float] | None = None,
+        ranks: Sequence[int] | None = None,
         **optim: Any,
     ) -> None:
-        """`peer_weights` scale each peer's updates (its learning rate); `optim` holds the
-        fields of `OptimSettings`."""
+        """`peer_weights` scale each peer's updates (its learning rate); `ranks` gives each
+        peer a PEFT adapter of its own true rank (same scale alpha / r), whose factors the
+        stacked view zero-pads to spec.r; `optim` holds the fields of `OptimSettings`."""
         self.spec, self.n, self.task = spec, n_peers, task
         settings = OptimSettings(**optim)
         self.max_grad_norm = settings.max_grad_norm
-        cfg = adapter_config(spec)
-        self.model: PeftModel = get_peft_model(model, cfg, adapter_name=peer_name(0))
+        self.ranks = None if ranks is None or all(r == spec.r for r in ranks) else list(ranks)
+        if self.ranks is not None and len(self.ranks) != n_peers:
+            raise ValueError(f"expected {n_peers} ranks, got {len(self.ranks)}")
+        configs = [
+            adapter_config(spec if self.ranks is None else ranked_spec(spec, r))
+            for r in (self.ranks or [spec.r] * n_peers)
+        ]
+        self.model: PeftModel = get_peft_model(model, configs[0], adapter_name=peer_name(0))
         for i in range(1, n_peers):
-            self.model.add_adapter(peer_name(i), cfg)
+            self.model.add_adapter(peer_name(i), configs[i])
+        if self.ranks is not None:  # the averaged model, at the largest rank, is scored here
+            self.model.add_adapter(SINGLE, adapter_config(spec))
         named = dict(self.model.named_parameters())
         self.names = list(init)
         absent = [k for k in self.names if peft_param_name(spec, k, peer_name(0)) not in named]
@@ -83,6 +105,11 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
             {k: named[peft_param_name(spec, k, peer_name(i))] for k in self.names}
             for i in range(n_peers)
         ]
+        self.single_params = (
+            None
+            if self.ranks is None
+            else {k: named[peft_param_name(spec, k, SINGLE)] for k in self.names}
+        )
         self.untracked: list[list[nn.Parameter]] = []  # kept frozen
         for i, params in enumerate(self.peer_params):
             tracked = {id(p) for p in params.values()}
@@ -191,18 +218,33 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
         return list(self.optimizers), list(self.schedulers)
 
     def stacked(self) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([p[k].detach() for p in self.peer_params]) for k in self.names}
+        if self.ranks is None:
+            return {k: torch.stack([p[k].detach() for p in self.peer_params]) for k in self.names}
+        r = self.spec.r
+        rows = [padded({k: p[k].detach() for k in self.names}, r) for p in self.peer_params]
+        return {k: torch.stack([row[k] for row in rows]) for k in self.names}
 
     @torch.no_grad()
     def load_stacked(self, values: dict[str, torch.Tensor]) -> None:
         for i, params in enumerate(self.peer_params):
-            for k, v in values.items():
-                params[k].copy_(v[i])
+            row = {k: v[i] for k, v in values.items()}
+            if self.ranks is not None:  # the peer's own rank: leading rows / columns
+                row = at_rank(row, self.ranks[i])
+            for k, v in row.items():
+                params[k].copy_(v)
 
     @contextmanager
     def use_single(self, values: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
         """The PEFT model running one adapter given by `values` (loaded into peer 0's slot,
-        restored afterwards)."""
+        restored afterwards; with mixed ranks, into an adapter of the largest rank)."""
+        if self.single_params is not None:
+            self.model.eval()
+            self.model.set_adapter(SINGLE)
+            with torch.no_grad():
+                for k, v in values.items():
+                    self.single_params[k].copy_(v)
+            yield self.model
+            return
         saved = {k: p.detach().clone() for k, p in self.peer_params[0].items()}
         self.model.eval()
         self.model.set_adapter(peer_name(0))

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from declora.data.sampling import PeerSampler
+from declora.data.sampling import PeerSampler, PoissonSampler, make_sampler
 from declora.engine import checkpoint as ckpt
 from declora.engine import faults
 from declora.engine.plan import Plan
+from declora.engine.privacy import PrivacyLedger
 from declora.network.health import check_losses, check_peers
+from declora.network.hetero import values_per_peer as count_ranked
 from declora.network.mixing import LORA_FACTORS
+from declora.network.overlap import OverlappedGossip
 from declora.network.simulated import BYTES_PER_VALUE, SimulatedGossip, consensus_distance
 from declora.network.simulated import values_per_peer as count_values
 from declora.tasks.evaluate import summarize_peers
@@ -92,6 +95,8 @@ class LoopSettings:
     lora_modules: tuple[str, ...] = ()  # for the consensus distance
     gossip_steps: int = 1  # exchanges per round
     lora_scale: float = 1.0  # s in s B A, for the consensus distance
+    poisson: bool = False  # Poisson sampling of each step's batch (DP-SGD)
+    ranks: tuple[int, ...] | None = None  # lora.ranks of this process's peers (bytes per peer)
 
     @classmethod
     def of(
@@ -113,6 +118,7 @@ class LoopSettings:
             lora_modules=lora_modules,
             gossip_steps=gossip_steps,
             lora_scale=lora_scale,
+            poisson=cfg.privacy.on,
         )
 
 
@@ -211,12 +217,13 @@ class LoopParts:
     checkpoints: Checkpointing | None = None
     peers: Sequence[int] | None = None  # held in this process; None: all of them
     network: NetworkView | None = None  # None: every peer is here
+    privacy: PrivacyLedger | None = None  # DP-SGD: every peer's spent epsilon
 
 
 def _loop_state(
     t: int,
     engine: Engine,
-    samplers: list[PeerSampler],
+    samplers: list[PeerSampler | PoissonSampler],
     gossip: Communicator,
     result: Result,
     bytes_sent: np.ndarray,
@@ -262,11 +269,15 @@ def train(
     mix_keys, checkpoints, peers = parts.mix_keys, parts.checkpoints, parts.peers
     on_record, on_restore = hooks.on_record, hooks.on_restore
     local = list(range(plan.n)) if peers is None else list(peers)
-    samplers = [PeerSampler(plan.parts[i], plan.batch_size, seed, i) for i in local]
+    samplers = [
+        make_sampler(plan.parts[i], plan.batch_size, seed, i, poisson=settings.poisson)
+        for i in local
+    ]
     gossip = parts.communicator or SimulatedGossip(plan.mixing)
+    overlapped = isinstance(gossip, OverlappedGossip)  # comm.overlap: round t sends x^{t-1}
     network = parts.network or LocalNetwork()
     result = Result(plan.algorithm)
-    values_sent: int | None = None  # numbers in one copy of what a peer sends
+    values_sent: int | np.ndarray | None = None  # numbers in one copy of what a peer sends
     bytes_sent = np.zeros(len(local))
     steps_done = np.zeros(len(local), dtype=np.int64)
     losses: list[torch.Tensor] = []
@@ -284,6 +295,9 @@ def train(
             raise ckpt.unusable(saved.path, e) from None
         if on_restore:
             on_restore(result.records)
+        if parts.privacy is not None:  # the steps each peer took are the plan's
+            for r in range(1, first):
+                parts.privacy.add(plan.local_steps(r, local_steps))
     elif checkpoints is not None and checkpoints.resume and on_restore:
         on_restore([])  # nothing saved yet: start over, without the last attempt's metrics
     start = time.perf_counter() - elapsed
@@ -302,9 +316,17 @@ def train(
         stale = plan.policy.stale_optimizer_state(t)  # ADF: the factor that resumes training
         if stale and not plan.policy.stale_after_mixing:
             engine.reset_optimizer_state(stale, plan.stale_peers(t)[local])
+        if overlapped:  # send what this round starts from, then train while it travels
+            if plan.schedule is not None:
+                gossip.set_mixing(plan.mixing_at(t))
+            gossip.start(_sent(engine.stacked(), mix_keys))
         # offline peers take 0 steps, stragglers fewer than K; a peer's data order only
         # advances for the steps it takes. The LR schedule counts every step of the round.
-        steps = plan.local_steps(t, local_steps)[local]
+        every_peer = plan.local_steps(t, local_steps)
+        steps = every_peer[local]
+        if parts.privacy is not None:  # stop before any peer would exceed its target epsilon
+            parts.privacy.check(t, every_peer)
+            parts.privacy.add(every_peer)
         steps_done += steps
         for k in range(local_steps):
             active = steps > k
@@ -313,14 +335,16 @@ def train(
                 for s, on in zip(samplers, active, strict=True)
             ]
             losses.append(engine.train_step(batches, active=None if active.all() else active))
-            check_losses(t, losses[-1], local, active)
+            fed = active & np.array([len(b) > 0 for b in batches])  # a Poisson batch may be empty
+            check_losses(t, losses[-1], local, fed)
         faults.maybe_kill(t, local)
         values = engine.stacked()
         check_peers(t, values, local, "after its local steps")  # before anything is sent
-        shared = {k: v for k, v in values.items() if mix_keys is None or k in mix_keys}
-        if values_sent is None:
-            values_sent = count_values(shared)
-        if plan.schedule is not None:  # this round's graph among this round's online peers
+        shared = _sent(values, mix_keys)
+        if values_sent is None:  # with lora.ranks, each peer sends its own rank's factors
+            ranks = settings.ranks
+            values_sent = count_values(shared) if ranks is None else count_ranked(shared, ranks)
+        if plan.schedule is not None and not overlapped:  # this round's graph, online peers
             gossip.set_mixing(plan.mixing_at(t))
         sent_per_round = plan.messages_at(t)[local] * values_sent * BYTES_PER_VALUE
         for _ in range(settings.gossip_steps):
@@ -339,7 +363,11 @@ def train(
                 "round": t,
                 "examples_per_peer": _examples(steps_done, plan.batch_size),
                 # the mean over every step any peer took, however the peers are spread
-                "train_loss": network.mean(float(stacked[taken].sum()), int(taken.sum())),
+                "train_loss": (
+                    network.mean(float(stacked[taken].sum()), int(taken.sum()))
+                    if parts.privacy is None  # with DP a peer's training loss stays with it
+                    else local_loss
+                ),
             }
             rec.update(evaluator.average(engine, final=t == rounds))
             if eval_peers == "every" or (eval_peers == "final" and t == rounds):
@@ -350,14 +378,20 @@ def train(
                 engine.stacked(), settings.lora_modules, settings.lora_scale
             )
             rec["bytes_sent"], rec["bytes_sent_total"] = network.bytes_sent(bytes_sent)
+            if settings.ranks is not None and parts.network is None:  # peers differ: each one
+                rec["bytes_sent_per_peer"] = bytes_sent.tolist()
             rec["wall_seconds"] = round(time.perf_counter() - start, 3)
             rec.update(getattr(gossip, "round_metrics", dict)())  # robust rules' flags
+            if parts.privacy is not None:
+                rec.update(parts.privacy.metrics())  # epsilon spent so far, every peer's
             network.annotate(rec, local_loss, bytes_sent)
             result.records.append(rec)
             key = evaluator.primary
             shown = {"loss": f"{rec['train_loss']:.3f}"}
             if key in rec:
                 shown[key[:4]] = f"{rec[key]:.3f}"
+            if "epsilon" in rec:
+                shown["eps"] = f"{rec['epsilon']:.2f}"
             bar.set_postfix(shown)
             if on_record:
                 on_record(rec)
@@ -387,6 +421,11 @@ def train(
     return result
 
 
+def _sent(values: dict[str, torch.Tensor], keys: set[str] | None) -> dict[str, torch.Tensor]:
+    """The tensors a peer sends (`LoopParts.mix_keys`; None: all of them)."""
+    return {k: v for k, v in values.items() if keys is None or k in keys}
+
+
 def _examples(steps_done: np.ndarray, batch_size: int) -> int | float:
     """Training examples per peer so far (mean over this process's peers): an integer when
     every peer took every step, as without stragglers and offline peers."""
@@ -397,7 +436,7 @@ def _examples(steps_done: np.ndarray, batch_size: int) -> int | float:
 def _restore(
     state: dict[str, Any],
     engine: Engine,
-    samplers: list[PeerSampler],
+    samplers: list[PeerSampler | PoissonSampler],
     gossip: Communicator,
     result: Result,
 ) -> int:

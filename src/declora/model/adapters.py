@@ -14,7 +14,7 @@ alpha / sqrt(r).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -57,6 +57,40 @@ class AdapterSpec:
     def scaling(self) -> float:
         """Factor on B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.method == "rslora" else self.r)
+
+
+def ranked_spec(spec: AdapterSpec, r: int) -> AdapterSpec:
+    """The same adapter at rank r with the same scale (alpha / r): one peer's true-rank adapter
+    when peers differ in rank (`lora.ranks`), for PEFT's config and the exported adapter."""
+    return spec if r == spec.r else replace(spec, r=r, alpha=spec.scaling * r)
+
+
+def rank_mask(ranks: tuple[int, ...] | list[int], r: int) -> torch.Tensor:
+    """[n, r] float mask: 1 in each peer's first r_i rank slots, 0 in the unused ones."""
+    return (torch.arange(r).unsqueeze(0) < torch.tensor(list(ranks)).unsqueeze(1)).float()
+
+
+def at_rank(values: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """One peer's values (no peer axis) cut to rank r: A's leading r rows, B's leading r
+    columns; other tensors as they are."""
+    out = {}
+    for k, v in values.items():
+        leaf = k.rpartition(".")[2]
+        out[k] = v[:r] if leaf == "lora_A" else v[:, :r] if leaf == "lora_B" else v
+    return out
+
+
+def padded(values: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """The inverse of `at_rank`: factors zero-padded to rank r (rows of A, columns of B)."""
+    out = {}
+    for k, v in values.items():
+        leaf = k.rpartition(".")[2]
+        if leaf == "lora_A" and v.shape[-2] < r:
+            v = torch.cat([v, v.new_zeros(*v.shape[:-2], r - v.shape[-2], v.shape[-1])], dim=-2)
+        elif leaf == "lora_B" and v.shape[-1] < r:
+            v = torch.cat([v, v.new_zeros(*v.shape[:-1], r - v.shape[-1])], dim=-1)
+        out[k] = v
+    return out
 
 
 def find_head(model: nn.Module) -> str | None:
@@ -268,5 +302,11 @@ class OptimSettings:
 
 
 def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The paper's evaluated model: each factor (and head) averaged over peers."""
+    """The paper's evaluated model: each factor (and head) averaged over peers.
+
+    With peers of different ranks (`lora.ranks`) the factors are held zero-padded to the
+    largest rank, so a rank slot that k of n peers hold enters with weight k/n in each factor
+    (its update with (k/n)^2). Averaging each slot over its holders only was measured worse on
+    the demo job (docs/guides/mixed-ranks.md): slots held by peers that never mix with each
+    other would add their cross terms at full weight."""
     return {k: v.mean(dim=0) for k, v in values.items()}

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from declora.model.adapters import AdapterSpec
+from declora.model.adapters import AdapterSpec, at_rank, ranked_spec
 from declora.model.peft_methods import adapter_config, peft_key
 
-__all__ = ["peft_key", "save_peft_adapter"]
+__all__ = ["peft_key", "save_at_rank", "save_peft_adapter"]
 
 
 def save_peft_adapter(
@@ -34,3 +34,18 @@ def save_peft_adapter(
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     return out
+
+
+def save_at_rank(
+    out_dir: str | Path,
+    spec: AdapterSpec,
+    values: dict[str, torch.Tensor],
+    rank: int,
+    base_model: str,
+    task_type: str = "SEQ_CLS",
+) -> Path:
+    """One adapter held at spec.r (zero beyond `rank`) written at its true rank `rank`, with
+    the same scale (alpha = scale x rank): a peer of `lora.ranks`, loadable on its own."""
+    if rank != spec.r:
+        spec, values = ranked_spec(spec, rank), at_rank(values, rank)
+    return save_peft_adapter(out_dir, spec, values, base_model, task_type)

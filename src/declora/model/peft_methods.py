@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from peft import IA3Config, LoraConfig, PeftConfig, PromptTuningConfig
 from torch import nn
 
+from declora.config.schema import peer_ranks
 from declora.errors import ConfigError
 from declora.model.adapters import (
     IA3_VECTOR,
@@ -127,11 +128,15 @@ def method_spec(model: nn.Module, cfg: RunConfig) -> AdapterSpec:
                 f"lora.virtual_tokens={lo.virtual_tokens} plus data.max_length="
                 f"{cfg.data.max_length} exceed the model's {limit} positions; lower one of them"
             )
-    return build_spec(
+    ranks = peer_ranks(cfg)
+    r, alpha = lo.r, lo.alpha
+    if ranks is not None:  # held at the largest rank, with the scale alpha / r of lora.r
+        r, alpha = max(ranks), lo.alpha / lo.r * max(ranks)
+    spec = build_spec(
         model,
         lo.targets,
-        lo.r,
-        lo.alpha,
+        r,
+        alpha,
         lo.dropout,
         lo.train_head,
         method=lo.method,
@@ -139,3 +144,13 @@ def method_spec(model: nn.Module, cfg: RunConfig) -> AdapterSpec:
         virtual_tokens=lo.virtual_tokens,
         prompt_init=lo.prompt_init,
     )
+    if ranks is not None:
+        for name in spec.lora_modules:
+            lin = model.get_submodule(name)
+            width = min(lin.in_features, lin.out_features)
+            if r > width:
+                raise ConfigError(
+                    f"lora.ranks: rank {r} is above the width of layer {name} ({width}); "
+                    f"ranks must be 1..{width}"
+                )
+    return spec

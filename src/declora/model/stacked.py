@@ -41,6 +41,9 @@ class StackedLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.peers: slice = slice(None)
         self.single: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: DP-SGD: one (A, B) per example ([rows, r, in], [rows, out, r]), each a copy of its
+        #: peer's factors, so autograd gives every example its own gradient.
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -48,6 +51,11 @@ class StackedLoraLinear(nn.Module):
         if self.single is not None:
             a, b = self.single
             return out + self.scaling * ((h @ a.T) @ b.T)
+        if self.rows is not None:
+            a, b = self.rows
+            hv = _peer_view(h, a.shape[0])
+            delta = torch.bmm(torch.bmm(hv, a.transpose(1, 2)), b.transpose(1, 2))
+            return out + self.scaling * delta.reshape(out.shape)
         a, b = self.lora_A[self.peers], self.lora_B[self.peers]
         hv = _peer_view(h, a.shape[0])
         delta = torch.bmm(torch.bmm(hv, a.transpose(1, 2)), b.transpose(1, 2))
@@ -69,10 +77,18 @@ class StackedLinear(nn.Module):
             self.bias = None
         self.peers: slice = slice(None)
         self.single: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        #: DP-SGD: one (weight, bias) per example, copies of its peer's (see StackedLoraLinear).
+        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single is not None:
             return nn.functional.linear(x, *self.single)
+        if self.rows is not None:
+            w, bias = self.rows
+            xv = _peer_view(x, w.shape[0])
+            y = torch.bmm(xv, w.transpose(1, 2))
+            y = y if bias is None else y + bias.unsqueeze(1)
+            return y.reshape(*x.shape[:-1], w.shape[1])
         w = self.weight[self.peers]
         xv = _peer_view(x, w.shape[0])
         if self.bias is not None:

@@ -39,11 +39,16 @@ import torch
 import torch.distributed as dist
 
 from declora.errors import ConfigError, DecloraError
-from declora.model.adapters import PLAIN_LEAVES
+from declora.model.adapters import PLAIN_LEAVES, at_rank, padded
 from declora.network.attacks import Attack
 from declora.network.compress import Compressor, Packet
 from declora.network.compressed import peer_generator
-from declora.network.mixing import choco_step, decaf_combine, mix_with_own_exact
+from declora.network.mixing import (
+    choco_step,
+    decaf_combine,
+    hetero_combine,
+    mix_with_own_exact,
+)
 from declora.network.robust import FlagCounts, RobustRule, robust_combine
 
 log = logging.getLogger("declora.network.distributed")
@@ -199,6 +204,12 @@ def _loopback_listener(host: str, port: int) -> socket.socket | None:
     return sock
 
 
+def ops_abandoned() -> bool:
+    """Whether some operation was given up on (a silent peer): the process cannot tear its
+    group down cleanly and should exit without waiting for it."""
+    return bool(_ABANDONED)
+
+
 def stop() -> None:
     """Leave the group; with ops still pending on a silent peer, just let the process end
     (tearing the group down would wait for them)."""
@@ -321,6 +332,13 @@ def handshake(fingerprint: dict[str, Any] | None, proc: PeerProcess, error: str 
         raise SetupMismatch("peers disagree on their setup: " + "; ".join(problems))
 
 
+def agree_to_resume(mine: bool, proc: PeerProcess) -> bool:
+    """The group resumes when any peer does. A machine started again by hand after it died
+    runs a fresh agent (restart count 0) that joins a group whose other agents restarted
+    their workers: its peers must resume with them, from the newest common checkpoint."""
+    return any(bool(x) for x in gather_json(bool(mine), proc))
+
+
 def agree_on_resume(available: list[int], proc: PeerProcess) -> int:
     """The newest round every peer has a complete checkpoint of (0: start from scratch)."""
     everyone = gather_json(sorted(available), proc)
@@ -426,7 +444,12 @@ class PeerGossip:
         device: torch.device | None = None,
         rule: str = "average",
         rank_r: int | None = None,
+        ranks: tuple[int, ...] | None = None,
+        hetero: str | None = None,
     ) -> None:
+        """`ranks` (every peer's `lora.ranks`) and `hetero` (its combine rule): this peer
+        sends its factors at its own rank, reads each neighbour's at that neighbour's rank,
+        zero-pads them and combines with `hetero_combine`, the simulator's function."""
         if on_failure not in ("error", "skip"):
             raise ConfigError(
                 f"comm.on_peer_failure={on_failure!r} is unknown; choose error or skip"
@@ -439,6 +462,9 @@ class PeerGossip:
             raise ConfigError("the product-svd rule (DeCAF) mixes exact factors only")
         self.rank, self.n = rank, np.asarray(mixing).shape[0]
         self.rule, self.rank_r = rule, rank_r
+        if ranks is not None and (hetero is None or scheme != "plain" or error_feedback):
+            raise ConfigError("mixed ranks (lora.ranks) mix exact factors with a hetero rule only")
+        self.ranks, self.hetero = ranks, hetero
         self.set_mixing(mixing)
         self.compressor, self.scheme = compressor, scheme
         self.error_feedback, self.gamma = error_feedback, float(gamma)
@@ -514,13 +540,18 @@ class PeerGossip:
         log.warning("%s; continuing without it (comm.on_peer_failure=skip)", msg)
         self.failed.add(peer)
 
-    def _exchange(self, buf: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Send `buf` to every live target, receive one buffer of the same size per live
-        source. Waits with the timeout; returns what arrived."""
+    def _exchange(
+        self, buf: torch.Tensor, sizes: dict[int, int] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Send `buf` to every live target, receive one buffer per live source (of the same
+        size, or of `sizes[j]` bytes when peers send different sizes). Waits with the timeout;
+        returns what arrived."""
         tag = self.exchanges % (1 << 20)
         targets = [j for j in self.targets if j not in self.failed]
         sources = [j for j in self.sources if j not in self.failed]
-        inbox = {j: torch.empty_like(buf) for j in sources}
+        inbox = {
+            j: torch.empty_like(buf) if sizes is None else buf.new_empty(sizes[j]) for j in sources
+        }
         ops = [dist.P2POp(dist.irecv, inbox[j], j, tag=tag) for j in sources]
         ops += [dist.P2POp(dist.isend, buf, j, tag=tag) for j in targets]
         peers = sources + targets
@@ -596,9 +627,34 @@ class PeerGossip:
             {k: self.compressor.encode(torch.zeros_like(v), scratch) for k, v in x.items()}
         )
 
+    def _mix_ranked(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mixed ranks: send the own rank's factors, read each neighbour's at its rank (its
+        own layout and size), zero-pad them to the held rank, combine like the simulator."""
+        assert self.ranks is not None and self.hetero is not None
+        mine = self.ranks[self.rank]
+        held = max(self.ranks)
+        packets = self._encode(at_rank(x, mine))
+        buf = self._to_device(pack_wire(packets))
+        layouts = {j: self._layout_of(at_rank(x, self.ranks[j])) for j in self.sources}
+        arrived = self._exchange(buf, {j: _wire_size(lay) for j, lay in layouts.items()})
+        decoded = {
+            j: padded(d, held)
+            for j, b in arrived.items()
+            if (d := self.decode_message(j, b, layouts[j]))
+        }
+        own, others = self._weights(decoded)
+        if not others:
+            return dict(x)
+        ranks = {j: self.ranks[j] for j in others}
+        return hetero_combine(
+            x, decoded, others, ranks, mine, self.hetero, self_weight=own, pad_to=self.widest
+        )
+
     def _mix_plain(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encode (only when someone receives it, as in the simulation), exchange, check,
         decode, and combine with the algorithm's rule."""
+        if self.ranks is not None:
+            return self._mix_ranked(x)
         sending = any(j not in self.failed for j in self.targets)
         if sending:
             messages = dict(x)

@@ -187,10 +187,12 @@ def _decaf_rows(
     w: torch.Tensor,
     rank: int,
     method: DecafMethod,
+    fill: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeCAF for m peers from the stacked factors A [p, r, in], B [p, out, r]: peer row t
     combines the peers idx[t] ([m, k]) with weights w[t] ([m, k]). Peers are processed in
-    chunks so the gathered neighbourhoods stay within a memory budget.
+    chunks so the gathered neighbourhoods stay within a memory budget. `fill` ([m, rank, in])
+    gives the A rows of dead directions (default: the factor-averaged A when rank is r).
     Returns B [m, out, rank], A [m, rank, in] in the factors' dtype."""
     if method not in ("auto", "dense", "lowrank"):
         raise ValueError(f"unknown DeCAF method {method!r}; use auto, dense or lowrank")
@@ -206,10 +208,13 @@ def _decaf_rows(
     for lo in range(0, m, chunk):
         sel, wc = idx[lo : lo + chunk], w[lo : lo + chunk].to(ct)
         As, Bs = A[sel].to(ct), B[sel].to(ct)
-        fill = torch.einsum("mk,mkri->mri", wc, As)
-        if r != rank:  # another output rank: no factor-averaged rows to reuse
-            fill = fill.new_zeros(fill.shape[0], rank, inp)
-        b, a = solve(Bs, As, wc, rank, fill)
+        if fill is not None:
+            fill_c = fill[lo : lo + chunk].to(ct)
+        else:
+            fill_c = torch.einsum("mk,mkri->mri", wc, As)
+            if r != rank:  # another output rank: no factor-averaged rows to reuse
+                fill_c = fill_c.new_zeros(fill_c.shape[0], rank, inp)
+        b, a = solve(Bs, As, wc, rank, fill_c)
         Bo.append(b)
         Ao.append(a)
     return torch.cat(Bo).to(dtype), torch.cat(Ao).to(dtype)
@@ -328,27 +333,15 @@ def decaf_combine(
     return {k: result[k] for k in own}
 
 
-class DecafGossip:
-    """A communicator (the round loop's `mix(values) -> values`) that runs DeCAF in simulation;
-    bytes on the wire are the same as Dec-LoRA's (both factors). `set_mixing` swaps in the
-    matrix of the next round (dynamic networks).
+class RuleGossip:
+    """A stateless simulated communicator (the round loop's `mix(values) -> values`) for a
+    combine rule of exact messages over the stacked tensors; subclasses give the rule
+    (`combine`) and how their state is called in errors. `set_mixing` swaps in the matrix of
+    the next round (dynamic networks). A peer that receives nothing in a round (W_ii = 1:
+    offline, or left out of the pairing) keeps its values exactly."""
 
-    A peer that receives nothing in a round (W_ii = 1: offline, or left out of the pairing)
-    keeps its factors exactly: re-factoring its own product would change them for nothing."""
-
-    def __init__(
-        self,
-        mixing: np.ndarray,
-        lora_modules: Iterable[str] | None = None,
-        rank: int | None = None,
-        *,
-        method: DecafMethod = "auto",
-    ) -> None:
-        self.lora_modules = None if lora_modules is None else tuple(lora_modules)
-        self.rank, self.method = rank, method
-        self.last_bytes: np.ndarray | None = None  # exact factors: counted from the plan
-        self.n = np.asarray(mixing).shape[0]
-        self.set_mixing(mixing)
+    what = "gossip"
+    last_bytes: np.ndarray | None = None  # exact messages: counted by the loop from the plan
 
     def set_mixing(self, mixing: np.ndarray) -> None:
         W = np.asarray(mixing, dtype=np.float64)
@@ -363,14 +356,193 @@ class DecafGossip:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            raise ValueError(f"unexpected keys {sorted(state)[:3]} in a DeCAF gossip state")
+            raise ValueError(f"unexpected keys {sorted(state)[:3]} in a {self.what} state")
+
+    def combine(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(self.alone) == self.n:
             return dict(values)
-        out = decaf_mix(values, self.mixing, self.lora_modules, self.rank, method=self.method)
+        out = self.combine(values)
         if len(self.alone):
             for k, v in values.items():
                 idx = torch.as_tensor(self.alone, device=v.device)
                 out[k][idx] = v[idx]
         return out
+
+
+class DecafGossip(RuleGossip):
+    """DeCAF in simulation; bytes on the wire are the same as Dec-LoRA's (both factors). A
+    peer that receives nothing keeps its factors exactly: re-factoring its own product would
+    change them for nothing."""
+
+    what = "DeCAF gossip"
+
+    def __init__(
+        self,
+        mixing: np.ndarray,
+        lora_modules: Iterable[str] | None = None,
+        rank: int | None = None,
+        *,
+        method: DecafMethod = "auto",
+    ) -> None:
+        self.lora_modules = None if lora_modules is None else tuple(lora_modules)
+        self.rank, self.method = rank, method
+        self.n = np.asarray(mixing).shape[0]
+        self.set_mixing(mixing)
+
+    def combine(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return decaf_mix(values, self.mixing, self.lora_modules, self.rank, method=self.method)
+
+
+# --------------------------------------------------------------------------- mixed ranks
+#
+# With `lora.ranks`, peer i trains at its own rank r_i. Every block below holds the factors at
+# the largest rank R, zero beyond each sender's rank (A's rows >= r_j, B's columns >= r_j);
+# a peer sends only its r_j leading rows / columns and the receiver zero-pads them.
+
+HeteroRule = Literal["pad-truncate", "svd"]
+
+
+def _have(ranks: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """[p, r]: 1 where a peer holds that rank slot (slot < its rank)."""
+    return (torch.arange(r, device=ranks.device).unsqueeze(0) < ranks.unsqueeze(1)).to(dtype)
+
+
+def _gathered(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t, k] x[idx[t, k]] for every output row t: [m, ...]."""
+    flat = x.reshape(x.shape[0], -1)
+    out = torch.einsum("mk,mkd->md", w.to(flat.dtype), flat[idx])
+    return out.reshape(idx.shape[0], *x.shape[1:])
+
+
+def pad_truncate_block(
+    x: torch.Tensor,
+    leaf: str,
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    in_ranks: torch.Tensor,
+    out_ranks: torch.Tensor,
+) -> torch.Tensor:
+    """HetLoRA-style combine of one factor (`leaf` lora_A or lora_B) over a block [p, ...]:
+    every received factor is zero-padded to the own rank or cut to its leading r_i rows of A /
+    columns of B, and each rank slot is averaged over the peers that hold it, with their
+    weights renormalised: X_i[s] = sum_{j: r_j > s} W_ij X_j[s] / sum_{j: r_j > s} W_ij.
+    Plain W would pull the slots that few neighbours have toward zero every round (a rank-16
+    peer among rank-2 neighbours would lose its extra directions); with equal ranks this is
+    exactly sum_j W_ij X_j. Output row t combines block rows idx[t] with weights w[t]."""
+    r = x.shape[-2] if leaf == "lora_A" else x.shape[-1]
+    have = _have(in_ranks, r, x.dtype)  # [p, r]
+    num = _gathered(x, idx, w)
+    den = torch.einsum("mk,mkr->mr", w.to(x.dtype), have[idx])  # [m, r]
+    own = x[idx[:, 0]]
+    keep = _have(out_ranks, r, x.dtype).bool() & (den > 0)
+    if leaf == "lora_A":
+        mixed = num / den.clamp(min=1e-30).unsqueeze(-1)
+        keep_x = keep.unsqueeze(-1)
+    else:
+        mixed = num / den.clamp(min=1e-30).unsqueeze(-2)
+        keep_x = keep.unsqueeze(-2)
+    out = torch.where(keep_x, mixed, own)  # a slot nobody weighted keeps the own value
+    return _masked(out, leaf, out_ranks)
+
+
+def _masked(x: torch.Tensor, leaf: str, ranks: torch.Tensor) -> torch.Tensor:
+    """Zero each row's rank slots beyond its rank."""
+    r = x.shape[-2] if leaf == "lora_A" else x.shape[-1]
+    m = _have(ranks, r, x.dtype)
+    return x * (m.unsqueeze(-1) if leaf == "lora_A" else m.unsqueeze(-2))
+
+
+def hetero_block(
+    block: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    w: torch.Tensor,
+    in_ranks: torch.Tensor,
+    out_ranks: torch.Tensor,
+    rule: HeteroRule,
+) -> dict[str, torch.Tensor]:
+    """The combine for mixed ranks over a block of rows (all peers in simulation, the own and
+    the neighbours' values in a peer process): output row t combines block rows idx[t] (its own
+    first) with weights w[t]. Tensors other than LoRA factors are averaged with W.
+
+    * pad-truncate: `pad_truncate_block` on A and on B.
+    * svd: DeCAF's product mixing at each peer's own rank, sum_j W_ij B_j A_j re-factored by a
+      truncated SVD through the low-rank core (QR of the stacked factors, never an out x in
+      matrix) into B = U S, A = V^T (`_decaf_rows`); a dead direction's A row comes from the
+      pad-truncate A. The optimizer state of re-factored peers is then stale (the algorithm
+      clears it, as for DeCAF)."""
+    if rule not in ("pad-truncate", "svd"):
+        raise ValueError(f"unknown mixed-rank rule {rule!r}; use pad-truncate or svd")
+    out: dict[str, torch.Tensor] = {}
+    modules = _lora_modules(block, None)
+    for k, v in block.items():
+        leaf = factor_of(k)
+        if leaf is None:
+            out[k] = _gathered(v, idx, w)
+        elif rule == "pad-truncate" or k.rpartition(".")[0] not in modules:
+            out[k] = pad_truncate_block(v, leaf, idx, w, in_ranks, out_ranks)
+    if rule == "svd":
+        for name in modules:
+            A, B = block[f"{name}.lora_A"], block[f"{name}.lora_B"]
+            fill = pad_truncate_block(A, "lora_A", idx, w, in_ranks, out_ranks)
+            newA, newB = torch.zeros_like(fill), B.new_zeros(idx.shape[0], *B.shape[1:])
+            for g in sorted(set(out_ranks.tolist())):
+                rows = torch.nonzero(out_ranks == g).flatten()
+                b, a = _decaf_rows(A, B, idx[rows], w[rows].double(), g, "lowrank", fill[rows, :g])
+                newA[rows, :g], newB[rows, :, :g] = a, b
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = newA, newB
+    return {k: out[k] for k in block}
+
+
+def hetero_mix(
+    values: Mapping[str, torch.Tensor],
+    W: np.ndarray,
+    ranks: Iterable[int],
+    rule: HeteroRule,
+) -> dict[str, torch.Tensor]:
+    """`hetero_block` for every peer of a simulation: the block is the stacked tensors, peer
+    i's row combines itself and the peers it receives from (W's nonzeros, padded as DeCAF's)."""
+    W_np = np.asarray(W, dtype=np.float64)
+    first = next(iter(values.values()))
+    idx_np, wts_np = _support(W_np)
+    idx = torch.as_tensor(idx_np, device=first.device)
+    w = torch.as_tensor(wts_np, device=first.device)
+    r = torch.as_tensor(list(ranks), device=first.device)
+    return hetero_block(values, idx, w, r, r, rule)
+
+
+def hetero_combine(
+    own: Mapping[str, torch.Tensor],
+    neighbours: Mapping[int, Mapping[str, torch.Tensor]],
+    weights: Mapping[int, float],
+    ranks: Mapping[int, int],
+    own_rank: int,
+    rule: HeteroRule,
+    *,
+    self_weight: float,
+    pad_to: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """`hetero_block` for one peer that holds its own values (at the largest rank, zero beyond
+    `own_rank`) and its neighbours' (already zero-padded to the same shapes): what a peer in its
+    own process computes after receiving. Padded like the simulator's neighbourhoods (itself at
+    weight 0 up to `pad_to`), so both give the same arithmetic."""
+    ids = sorted(neighbours)
+    w_row = [float(self_weight)] + [float(weights[j]) for j in ids]
+    pad = max(0, (pad_to or 0) - len(w_row))
+    w_row += [0.0] * pad
+    block = {}
+    for k, v in own.items():
+        for j in ids:
+            if k not in neighbours[j] or neighbours[j][k].shape != v.shape:
+                raise ValueError(f"peer {j} sent no {k!r} of shape {tuple(v.shape)}")
+        block[k] = torch.stack(
+            [v] + [neighbours[j][k].to(v.device, v.dtype) for j in ids] + [v] * pad
+        )
+    dev = next(iter(own.values())).device
+    in_ranks = torch.tensor([own_rank] + [ranks[j] for j in ids] + [own_rank] * pad, device=dev)
+    idx = torch.arange(len(w_row), device=dev).unsqueeze(0)
+    w = torch.tensor([w_row], dtype=torch.float64, device=dev)
+    out = hetero_block(block, idx, w, in_ranks, torch.tensor([own_rank], device=dev), rule)
+    return {k: v[0] for k, v in out.items()}

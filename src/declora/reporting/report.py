@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from declora.algorithms.registry import label
+from declora.config.schema import RunConfig, peer_ranks
 from declora.reporting import plots
 from declora.reporting.rundir import RunDir
 
@@ -21,6 +22,14 @@ LABELS = {
     "answer_f1": "answer F1",
 }
 CLASSIFICATION_COLUMNS = ("accuracy", "macro_f1")
+
+
+def rank_text(cfg: RunConfig) -> str:
+    """`r=8`, or each peer's rank with `lora.ranks` (issue 17)."""
+    ranks = peer_ranks(cfg)
+    if ranks is None:
+        return f"r={cfg.lora.r}"
+    return f"per-peer ranks {list(ranks)} (scale {cfg.lora.alpha / cfg.lora.r:g})"
 
 
 def summary_rows(
@@ -164,6 +173,33 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
     return out
 
 
+def _privacy_markdown(cfg: Any, results: dict[str, Result]) -> str:
+    """DP-SGD per peer: the target, and the epsilon each algorithm's peers spent."""
+    p = cfg.privacy
+    if not p.on:
+        return ""
+    delta = f"delta={p.delta:g}" if p.delta is not None else "delta=1/N_i (N_i: a peer's examples)"
+    if p.epsilon is not None:
+        how = f"target epsilon {p.epsilon:g}"
+    else:
+        how = f"noise multiplier {p.noise_multiplier:g}"
+    out = (
+        "\n## Privacy\n\n"
+        f"DP-SGD per peer ({how}, {delta}, per-example clipping at {p.max_grad_norm:g}, "
+        f"Poisson sampling, Opacus `{p.accountant}` accountant). Each peer's guarantee covers "
+        "its own records against everything it sends; gossip, averaging and evaluation are "
+        "post-processing (docs/privacy.md). Spent epsilon at the last evaluated round:\n\n"
+        "| algorithm | max over peers | per peer |\n|---|---|---|\n"
+    )
+    for name, res in results.items():
+        eps, per = res.last("epsilon"), res.last("epsilon_peers")
+        if eps is None:
+            continue
+        shown = ", ".join(f"{e:.2f}" for e in per) if isinstance(per, list) else ""
+        out += f"| {label(name)} | {eps:.3f} | {shown} |\n"
+    return out
+
+
 def write_report(
     rundir: RunDir, prep: Prepared, results: dict[str, Result], rows: list[dict[str, Any]]
 ) -> None:
@@ -200,11 +236,12 @@ def write_report(
     unit = "held-out conversations (loss on answer tokens only)" if causal else "held-out examples"
     best = "lowest perplexity" if causal else "best averaged-model accuracy"
     skew = f" (alpha={cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""
+    privacy_md = _privacy_markdown(cfg, results)
     text = f"""# declora run: {cfg.name}
 
 {label(cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
 ({topo.rule} mixing, spectral gap {topo.spectral_gap:.4f}); model `{cfg.model.name}` with LoRA
-r={cfg.lora.r} on {", ".join(cfg.lora.targets)}; data `{cfg.data.name}` ({summary["train_size"]}
+{rank_text(cfg)} on {", ".join(cfg.lora.targets)}; data `{cfg.data.name}` ({summary["train_size"]}
 train / {summary["test_size"]} test, {what}) split with `{cfg.data.partition}`{skew};
 {cfg.train.rounds} rounds x {cfg.train.local_steps} local steps x batch
 {cfg.train.batch_size} per peer; seed {cfg.seed}.
@@ -218,7 +255,7 @@ Final round: the averaged model on {final_n} {unit}, each peer's own model on {p
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
 evaluation); "mean of peers" averages each peer's own model's metric.
-{_samples_markdown(results, cfg.algorithm.name)}{_robust_markdown(cfg, main)}
+{_samples_markdown(results, cfg.algorithm.name)}{_robust_markdown(cfg, main)}{privacy_md}
 ![{primary}]({primary}.png)
 ![consensus](consensus.png)
 ![train loss](train_loss.png)

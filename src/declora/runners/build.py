@@ -10,7 +10,7 @@ or this process's place in the group.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from declora.algorithms import Algorithm, make_algorithm
-from declora.config.schema import RunConfig
+from declora.config.schema import RunConfig, hetero_rule, peer_ranks
 from declora.data.causal_lm import (
     LMData,
     generation_prompts,
@@ -31,6 +31,7 @@ from declora.data.partition import label_counts, partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.checkpoint import fingerprint_of
 from declora.engine.plan import Plan
+from declora.engine.privacy import DPSGD, Calibration, PrivacyLedger, calibrate, require_opacus
 from declora.engine.reference import ReferenceEngine
 from declora.engine.round_loop import (
     Checkpointing,
@@ -41,13 +42,15 @@ from declora.engine.round_loop import (
     LoopSettings,
 )
 from declora.errors import ConfigError, DataError
-from declora.model.adapters import AdapterSpec, OptimSettings, initial_state
+from declora.model.adapters import AdapterSpec, OptimSettings, initial_state, ranked_spec
 from declora.model.dropout import set_dropout
 from declora.model.peft_methods import method_spec
 from declora.network.attacks import Attack
 from declora.network.compress import Compressor, make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
-from declora.network.mixing import DecafGossip
+from declora.network.hetero import HeteroGossip
+from declora.network.mixing import DecafGossip, decaf_mix
+from declora.network.overlap import OverlappedGossip
 from declora.network.robust import RobustGossip, check_graph, compressed_for, rule_of
 from declora.network.schedules import Schedule, make_schedule
 from declora.network.simulated import SimulatedGossip
@@ -178,6 +181,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load and check data, graph, partition and model. Raises DecloraError on bad input."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.privacy.on:
+        require_opacus()  # a missing extra stops the run before any work
     if cfg.task == "causal-lm":
         return prepare_causal(cfg)
     from declora.model.classifier import load_classifier
@@ -353,10 +358,43 @@ def label_mix(counts: np.ndarray, peers: list[int] | None) -> np.ndarray | None:
     return rows / np.maximum(totals, 1)
 
 
-def make_engine(prep: Prepared, plan: Plan) -> Engine:
+def averaged_export(
+    cfg: RunConfig, spec: AdapterSpec, values: dict[str, torch.Tensor]
+) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """The averaged adapter as written to adapters/average: the mean factors (at the largest
+    rank), or with `export.rank` k the truncated SVD of each layer's B A at rank k (computed
+    through the low-rank core, split B = U S, A = V^T; same scale alpha / r)."""
+    k = cfg.export.rank
+    if k is None or not spec.lora_modules:
+        return spec, values
+    one = {name: v.unsqueeze(0) for name, v in values.items()}
+    mixed = decaf_mix(one, np.ones((1, 1)), spec.lora_modules, k, method="lowrank")
+    return ranked_spec(spec, k), {name: v[0] for name, v in mixed.items()}
+
+
+def plan_ranks(cfg: RunConfig, n: int, rank: int | None = None) -> tuple[int, ...] | None:
+    """The LoRA ranks of a plan's peers (`lora.ranks`): every peer's, peer `rank`'s alone in
+    its own process, or the largest for a one-model plan (centralized); None: all at lora.r."""
+    ranks = peer_ranks(cfg)
+    if ranks is None:
+        return None
+    if rank is not None:
+        return (ranks[rank],)
+    return ranks if n == len(ranks) else (max(ranks),) * n
+
+
+def make_engine(
+    prep: Prepared,
+    plan: Plan,
+    ranks: tuple[int, ...] | None = None,
+    privacy: DPSGD | None = None,
+) -> Engine:
+    """The engine of a plan's peers; `privacy` makes its steps DP-SGD steps (batched only)."""
     t = prep.cfg.train
     n_peers, batch_size = plan.n, plan.batch_size
     kwargs: dict[str, Any] = dict(peer_weights=plan.weights.tolist(), **asdict(OptimSettings.of(t)))
+    if ranks is not None:
+        kwargs["ranks"] = list(ranks)
     if t.engine == "reference" or prep.spec.method != "lora":  # other PEFT methods: PEFT's own
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
     chunk = t.peer_chunk or max(1, t.max_pass_examples // batch_size)
@@ -368,8 +406,19 @@ def make_engine(prep: Prepared, plan: Plan) -> Engine:
         prep.task,
         peer_chunk=chunk,
         micro_batch=t.max_pass_examples,
+        privacy=privacy,
         **kwargs,
     )
+
+
+def calibration_of(cfg: RunConfig, plan: Plan) -> Calibration | None:
+    """The DP-SGD noise of every peer of `plan` (privacy.*), None without DP: each peer's own
+    data size N_i gives its sample rate batch_size / N_i and default delta 1 / N_i."""
+    if not cfg.privacy.on:
+        return None
+    steps = cfg.train.rounds * cfg.train.local_steps
+    sizes = [len(p) for p in plan.parts]
+    return calibrate(cfg.privacy, sizes, plan.batch_size, steps, cfg.seed)
 
 
 def compressor_of(cfg: RunConfig) -> Compressor:
@@ -383,22 +432,36 @@ def simulated_communicator(cfg: RunConfig, algorithm: Algorithm, plan: Plan) -> 
     rule and `comm.*`. Only gossip is compressed; FedAvg's server averaging, local-only and
     centralized training stay exact (they send nothing or are not the object of study)."""
     c = cfg.comm
+    rule = hetero_rule(cfg)
+    if rule is not None and algorithm.gossips:  # lora.ranks: each peer at its own rank
+        return HeteroGossip(plan.mixing, plan_ranks(cfg, plan.n) or (), rule)  # type: ignore[arg-type]
     if algorithm.mixing_rule == "product-svd":
         return DecafGossip(plan.mixing, rank=cfg.lora.r)
-    attack, rule = attack_of(cfg, algorithm), rule_of(cfg) if algorithm.gossips else None
-    if attack is not None or rule is not None:  # faults / robust rules: per-peer combine
+    attack, robust = attack_of(cfg, algorithm), rule_of(cfg) if algorithm.gossips else None
+    if attack is not None or robust is not None:  # faults / robust rules: per-peer combine
         comp = None
         if not c.exact:
             comp = compressed_for(
                 compressor_of(cfg), plan.mixing, error_feedback=c.error_feedback, seed=cfg.seed
             )
-        return RobustGossip(plan.mixing, rule, attack, compressed=comp)
+        return RobustGossip(plan.mixing, robust, attack, compressed=comp)
     if c.exact or not algorithm.gossips:
         return SimulatedGossip(plan.mixing)
     comp = compressor_of(cfg)
     if c.scheme == "choco":
         return ChocoGossip(plan.mixing, comp, gamma=c.gamma, seed=cfg.seed)
     return CompressedGossip(plan.mixing, comp, error_feedback=c.error_feedback, seed=cfg.seed)
+
+
+def overlapped(
+    cfg: RunConfig, algorithm: Algorithm, communicator: Communicator, background: bool
+) -> Communicator:
+    """With `comm.overlap`, a gossip algorithm's exchange runs during the local steps (one
+    round stale, `declora.network.overlap`): in a background thread on real peers, deferred to
+    the same arithmetic in simulation. Other algorithms stay synchronous."""
+    if not cfg.comm.overlap or not algorithm.gossips:
+        return communicator
+    return OverlappedGossip(communicator, background=background)
 
 
 def attack_of(cfg: RunConfig, algorithm: Algorithm) -> Attack | None:
@@ -488,20 +551,29 @@ def build_algorithm(
         gossip_steps=algorithm.gossip_steps(),
         lora_scale=prep.spec.scaling if prep.spec.lora_modules else 1.0,
     )
+    ranks = plan_ranks(cfg, plan.n, None if side is None else side.rank)
+    settings = replace(settings, ranks=ranks)
+    cal = calibration_of(cfg, plan)
+    ledger = None if cal is None else PrivacyLedger(cal)
     if side is None:
+        secure = cfg.privacy.noise == "secure"  # auto: seeded in simulation
+        dp = None if cal is None else DPSGD(cal, range(plan.n), secure=secure)
         parts = LoopParts(
-            make_engine(prep, plan),
+            make_engine(prep, plan, ranks, dp),
             plan,
             make_evaluator(prep, best_path=checkpoint_root / "best_val.safetensors", resume=resume),
-            simulated_communicator(cfg, algorithm, plan),
+            overlapped(cfg, algorithm, simulated_communicator(cfg, algorithm, plan), False),
             mix_keys,
             checkpointing(cfg, checkpoint_root, resume=resume, extra=name),
+            privacy=ledger,
         )
         return AlgorithmRun(algorithm, parts, settings)
     from declora.network import distributed as dd
 
     rank = side.rank
-    engine = dd.TimedEngine(make_engine(prep, plan.one_peer(rank)))
+    secure = cfg.privacy.noise != "seeded"  # auto: secure on real peers
+    dp = None if cal is None else DPSGD(cal, [rank], secure=secure)
+    engine = dd.TimedEngine(make_engine(prep, plan.one_peer(rank), ranks, dp))
     evaluator = dd.MonitoredEvaluator(make_evaluator(prep, [rank]), side.network)
     c = cfg.comm
     communicator: Communicator
@@ -523,11 +595,22 @@ def build_algorithm(
             device=side.proc.device,
             rule=algorithm.mixing_rule,
             rank_r=cfg.lora.r,
+            ranks=peer_ranks(cfg),
+            hetero=hetero_rule(cfg),
         )
         communicator.attack = attack_of(cfg, algorithm)
         communicator.robust = rule_of(cfg)
+    communicator = overlapped(cfg, algorithm, communicator, True)
     checkpoints = checkpointing(cfg, checkpoint_root, resume=resume, extra=[name, rank])
     parts = LoopParts(
-        engine, plan, evaluator, communicator, mix_keys, checkpoints, [rank], side.network
+        engine,
+        plan,
+        evaluator,
+        communicator,
+        mix_keys,
+        checkpoints,
+        [rank],
+        side.network,
+        privacy=ledger,
     )
     return AlgorithmRun(algorithm, parts, settings)

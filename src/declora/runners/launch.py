@@ -15,13 +15,17 @@ is claimed twice or a machine does not come.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -321,6 +325,99 @@ def single_machine() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class _Missed(logging.Filter):
+    """Drops torch's "Error waiting on exit barrier" record (with its traceback), noting it."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Error waiting on exit barrier"):
+            self.seen = True
+            return False
+        return True
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@contextmanager
+def machine_agent(exit_wait_s: float, endpoint: str) -> Iterator[None]:
+    """torch's agent for one machine of a multi-machine launch, with two limits torchrun has
+    no option for (set on the agent class the launcher builds, for this launch only):
+
+    - its "exit barrier", the wait once its own peers finished for the other machines'
+      agents (300 s in torch): `exit_wait_s`, so a machine that survived a dead one
+      (comm.on_peer_failure=skip) does not sit out the whole wait; a timeout is one line,
+      not torch's traceback;
+    - a watchdog: when every local peer has stopped and the agent is still stuck `exit_wait_s`
+      + 30 s later (a store call to an endpoint behind a cut link blocks for as long as TCP
+      retries, many minutes), the launcher says so and exits 2."""
+    from torch.distributed.launcher import api
+
+    base = api.LocalElasticAgent
+    grace = exit_wait_s + 30.0
+
+    class Agent(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._exit_barrier_timeout = float(exit_wait_s)
+            self._finished = threading.Event()
+
+        def run(self, *args: Any, **kwargs: Any) -> Any:
+            threading.Thread(target=self._watch, daemon=True, name="declora-watchdog").start()
+            try:
+                return super().run(*args, **kwargs)
+            finally:
+                self._finished.set()
+
+        def _watch(self) -> None:
+            stopped_at = None
+            while not self._finished.wait(1.0):
+                pids = [w.id for w in self._worker_group.workers if isinstance(w.id, int)]
+                if not pids or any(_running(p) for p in pids):
+                    stopped_at = None
+                    continue
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > grace:
+                    print(
+                        f"error: this machine's peers stopped {grace:g} s ago (see their "
+                        f"messages above), but the rendezvous at {endpoint} cannot be reached "
+                        "to end the run: is the link to it down, or node 0 gone?",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(2)
+
+        def _exit_barrier(self) -> None:
+            """torch's wait, with its traceback on a timeout replaced by one line."""
+            missed = _Missed()
+            log = logging.getLogger("torch.distributed.elastic.agent.server.api")
+            log.addFilter(missed)
+            try:
+                super()._exit_barrier()
+            finally:
+                log.removeFilter(missed)
+            if missed.seen:
+                print(
+                    f"declora launch: this machine's peers finished; the other machines did not "
+                    f"finish within --exit-wait {exit_wait_s:g} s (one may be gone)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    api.LocalElasticAgent = Agent
+    try:
+        yield
+    finally:
+        api.LocalElasticAgent = base
+
+
 def run(
     module_args: list[str],
     *,
@@ -331,6 +428,7 @@ def run(
     max_restarts: int = 0,
     local_addr: str | None = None,
     rdzv_timeout_s: float = 300.0,
+    exit_wait_s: float = 300.0,
 ) -> None:
     """Start `python -m MODULE_ARGS...` once per peer under torchrun and wait for all of them;
     torch's ChildFailedError propagates when a peer failed, except when every failed peer
@@ -342,8 +440,10 @@ def run(
 
     def go(rdzv_dir: str | None, plan: MultiHost | None = None) -> None:
         opts = torchrun_args(peers, nnodes, node_rank, rdzv_endpoint, max_restarts, rdzv_dir, plan)
+        agent = machine_agent(exit_wait_s, plan.endpoint) if plan else contextlib.nullcontext()
         try:
-            torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
+            with agent:
+                torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
         except ChildFailedError as exc:
             codes = {r: f.exitcode for r, f in exc.failures.items()}
             # a peer the agent stopped (SIGTERM, SIGKILL) after its sibling's declora error is

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,20 @@ from declora.config.schema import RunConfig
 from declora.engine import checkpoint as ckpt
 from declora.engine.round_loop import LoopHooks, Result, train
 from declora.errors import DecloraError
-from declora.model.export import save_peft_adapter
+from declora.model.export import save_at_rank, save_peft_adapter
 from declora.network import distributed as dd
 from declora.network.auth import load_key
 from declora.reporting.report import summary_rows, write_report
 from declora.reporting.rundir import STATUS_FILE, RunDir, write_json
 from declora.reporting.trackers import Trackers, require
-from declora.runners.build import PeerSide, build_algorithm, make_evaluator, prepare
+from declora.runners.build import (
+    PeerSide,
+    averaged_export,
+    build_algorithm,
+    make_evaluator,
+    plan_ranks,
+    prepare,
+)
 from declora.runners.simulate import write_setup
 
 
@@ -144,6 +152,7 @@ def run_peer(
         except DecloraError as exc:
             error = str(exc)
     dd.prove_membership(key, proc, failed=bool(error))  # before the run directory exists
+    resume = dd.agree_to_resume(resume, proc)
     if not error:
         error = _open_rundir(out, proc, resume, overwrite)
     dd.handshake(None if error else fingerprint(cfg, prep), proc, error=error)
@@ -172,6 +181,8 @@ def run_peer(
         "compute": lambda: engine.seconds,
         "comm": lambda: gossip.seconds,
         "comm_wait": lambda: gossip.wait_seconds,
+        # what the round loop waited for: all of it, unless comm.overlap hid it behind compute
+        "comm_blocked": lambda: getattr(gossip, "blocked_seconds", gossip.seconds),
     }
     if checkpoints is not None:
         checkpoints.keep = max(2, checkpoints.keep)  # peers must share a round to resume from
@@ -204,12 +215,25 @@ def run_peer(
         raise
     kind = prep.peft_task_type
     own = {k: v[0] for k, v in result.final.items()}
-    save_peft_adapter(out / "adapters" / f"peer-{rank}", prep.spec, own, prep.model_path, kind)
-    write_json(peer_dir.path / "wire.json", {"bytes_on_wire": gossip.bytes_on_wire})
+    mine = (plan_ranks(cfg, 1, rank) or (prep.spec.r,))[0]  # lora.ranks: its true rank
+    save_at_rank(out / "adapters" / f"peer-{rank}", prep.spec, own, mine, prep.model_path, kind)
+    lost = sorted(getattr(gossip, "failed", ()))  # comm.on_peer_failure=skip: who went silent
+    if lost:
+        print(
+            f"peer {rank}: finished without neighbour(s) {', '.join(map(str, lost))}, which "
+            "stopped answering (comm.on_peer_failure=skip)",
+            file=sys.stderr,
+            flush=True,
+        )
+    write_json(
+        peer_dir.path / "wire.json",
+        {"bytes_on_wire": gossip.bytes_on_wire, "lost_neighbours": lost},
+    )
     if network.monitor:
         avg = network.average(own)
         if proc.leader:
-            save_peft_adapter(out / "adapters" / "average", prep.spec, avg, prep.model_path, kind)
+            avg_spec, avg = averaged_export(cfg, prep.spec, avg)
+            save_peft_adapter(out / "adapters" / "average", avg_spec, avg, prep.model_path, kind)
     if not network.local:
         dd.barrier("waiting for every peer to save its adapter", slack)
     if proc.leader:
@@ -230,6 +254,7 @@ _PEER_KEYS = (
     "peer_compute_seconds",
     "peer_comm_seconds",
     "peer_comm_wait_seconds",
+    "peer_comm_blocked_seconds",
     "robust_flagged_share",  # whom this peer's robust rule flagged (comm.robust)
     "robust_flags",
 )
@@ -251,10 +276,12 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
     rundir.write_json("peer_metrics.json", result.peer_metrics)
     if result.extras:
         rundir.write_json("samples.json", result.extras)
-    wire = []
+    wire, lost = [], []  # what each peer wrote (with comm.on_peer_failure=skip: if it has)
     for i in range(proc.world):
         f = rundir.path / "peers" / f"peer-{i}" / "wire.json"
-        wire.append(json.loads(f.read_text())["bytes_on_wire"] if f.is_file() else None)
+        written = json.loads(f.read_text()) if f.is_file() else {}
+        wire.append(written.get("bytes_on_wire"))
+        lost.append(written.get("lost_neighbours"))
     ev = make_evaluator(prep)
     name = cfg.algorithm.name
     rows = summary_rows(
@@ -272,7 +299,11 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
             "task": cfg.task,
             "columns": list(ev.columns),
             "rows": rows,
-            "distributed": {"processes": proc.world, "bytes_on_wire_per_peer": wire},
+            "distributed": {
+                "processes": proc.world,
+                "bytes_on_wire_per_peer": wire,
+                "lost_neighbours_per_peer": lost,
+            },
         },
     )
     write_report(rundir, prep, {name: result}, rows)

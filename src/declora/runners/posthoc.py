@@ -16,9 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from declora.config.schema import load_config
+from declora.config.schema import load_config, peer_ranks
 from declora.data.tables import one_line
 from declora.errors import DecloraError
+from declora.model.adapters import at_rank, average, padded
 from declora.model.export import peft_key, save_peft_adapter
 from declora.reporting.rundir import RunDir
 
@@ -29,12 +30,17 @@ def peer_adapters(
     spec: Any,
     n: int,
     like: dict[str, torch.Tensor] | None = None,
+    ranks: tuple[int, ...] | None = None,
 ) -> list[dict]:
     """Every peer's adapter under canonical names; an error names what is missing, unreadable
-    or of another shape than `like` (this run's adapter: another rank, another model)."""
+    or of another shape than `like` (this run's adapter: another rank, another model). With
+    `ranks` (`lora.ranks`), peer i's adapter has rank ranks[i] and is zero-padded to spec.r."""
     names = {peft_key(spec, k): k for k in canonical}
     out = []
+    full = like
     for i in range(n):
+        if ranks is not None and full is not None:
+            like = at_rank(full, ranks[i])
         f = run / "adapters" / f"peer-{i}" / "adapter_model.safetensors"
         if not f.is_file():
             raise DecloraError(
@@ -60,7 +66,8 @@ def peer_adapters(
                 )
             if not bool(torch.isfinite(raw[key].float()).all()):
                 raise DecloraError(f"{f}: tensor {key!r} holds non-finite values (NaN or inf)")
-        out.append({names[k]: raw[k] for k in names})
+        got = {names[k]: raw[k] for k in names}
+        out.append(got if ranks is None else padded(got, spec.r))
     return out
 
 
@@ -75,8 +82,9 @@ def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
     cfg = load_config(run / "config.yaml", [])
     prep = prepare(cfg)
     n = cfg.topology.peers
-    adapters = peer_adapters(run, list(prep.init), prep.spec, n, like=prep.init)
-    avg = {k: torch.stack([a[k].float() for a in adapters]).mean(dim=0) for k in prep.init}
+    ranks = peer_ranks(cfg)  # lora.ranks: each adapter at its true rank, padded to the largest
+    adapters = peer_adapters(run, list(prep.init), prep.spec, n, like=prep.init, ranks=ranks)
+    avg = average({k: torch.stack([a[k].float() for a in adapters]) for k in prep.init})
     # one model (the average) evaluated: centralized's plan over a single one-example share
     plan = make_algorithm("centralized", cfg).plan(prep.topology, [np.arange(1)], 1)
     engine = make_engine(prep, plan)

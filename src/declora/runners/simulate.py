@@ -16,12 +16,19 @@ from declora.config.schema import RunConfig
 from declora.data.partition import skew_summary
 from declora.engine.round_loop import LoopHooks, Result, train
 from declora.model.adapters import average
-from declora.model.export import save_peft_adapter
+from declora.model.export import save_at_rank, save_peft_adapter
 from declora.reporting import plots
 from declora.reporting.report import summary_rows, write_report
 from declora.reporting.rundir import RunDir
 from declora.reporting.trackers import Trackers, require
-from declora.runners.build import Prepared, build_algorithm, make_evaluator, prepare
+from declora.runners.build import (
+    Prepared,
+    averaged_export,
+    build_algorithm,
+    make_evaluator,
+    plan_ranks,
+    prepare,
+)
 from declora.tasks.evaluate import mark_best_round
 
 
@@ -56,19 +63,18 @@ def run_algorithm(
     if mark_best_round(result.records):  # data.val_size: the round the best adapters are from
         out.rewrite_metrics(result.records)
     kind = prep.peft_task_type
-    save_peft_adapter(
-        out.path / "adapters" / "average", prep.spec, average(result.final), prep.model_path, kind
-    )
+    avg_spec, avg = averaged_export(cfg, prep.spec, average(result.final))
+    save_peft_adapter(out.path / "adapters" / "average", avg_spec, avg, prep.model_path, kind)
     best = getattr(run.evaluator, "best_values", None)
     if best is not None:
         where = out.path / "adapters" / "best-val"
         save_peft_adapter(where, prep.spec, best, prep.model_path, kind)
     if export_peers and plan.n > 1:
+        ranks = plan_ranks(cfg, plan.n) or (prep.spec.r,) * plan.n  # each at its true rank
         for i in range(plan.n):
             values = {k: v[i] for k, v in result.final.items()}
-            save_peft_adapter(
-                out.path / "adapters" / f"peer-{i}", prep.spec, values, prep.model_path, kind
-            )
+            where = out.path / "adapters" / f"peer-{i}"
+            save_at_rank(where, prep.spec, values, ranks[i], prep.model_path, kind)
     out.write_json("peer_metrics.json", result.peer_metrics)
     if trackers:
         trackers.peer_table(algorithm, result.peer_metrics)
