@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,12 @@ def oversized_announcement(rank: int, world: int, store: str, out: str) -> None:
         head = torch.tensor([1 << 40, 1 << 41], dtype=torch.int64)
         heads = [torch.zeros_like(head) for _ in range(world)]
         dist.all_gather(heads, head)
-        return
+        # stay until peer 0 has its answer, then leave without tearing down the group: gloo's
+        # teardown against a peer that is itself leaving can abort the process (a race)
+        deadline = time.monotonic() + 60
+        while not Path(out, "peer-0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os._exit(0)
     try:
         gather_json({"fingerprint": {"x": 1}}, proc, seconds=30)
         result = {"error": None}

@@ -150,6 +150,7 @@ def test_real_peers_end_equal_to_the_simulation(job, runs, tmp_path_factory, nam
     assert json.loads((dist / "run.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # ~45 s; test_distributed holds a restarted group bit-identical in make test
 def test_a_killed_peer_of_a_dynamic_adf_q4ef_run_restarts_bit_identical(
     job, runs, tmp_path_factory, tmp_path
 ):

@@ -209,6 +209,7 @@ def _wait_for_round(metrics: Path, at_least: int, procs, timeout: float = 120) -
     raise AssertionError(f"no round {at_least} in {metrics} after {timeout} s")
 
 
+@pytest.mark.slow  # a 2-host run with a host killed, ~35 s: make test-slow
 def test_a_dead_host_is_skipped_and_named(long_job, hosts, tmp_path):
     out, at = tmp_path / "skip", _endpoint(hosts)
     sets = _sets("comm.on_peer_failure=skip", "comm.timeout_s=3")
@@ -267,6 +268,7 @@ def test_a_run_whose_host_died_resumes_on_both_hosts_bit_identically(long_job, h
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a 2-host run cut mid-way, ~60 s: make test-slow
 def test_a_link_down_longer_than_the_timeout_stops_the_run_naming_the_neighbour(
     long_job, hosts, tmp_path
 ):

@@ -375,6 +375,7 @@ def test_secure_noise_cannot_be_recomputed_from_the_config():
     assert not torch.equal(a, b) and not torch.equal(a, draw(DPSGD(cal, [0, 1])))
 
 
+@pytest.mark.slow  # two CLI runs, ~35 s: make test-slow
 def test_a_killed_dp_run_resumes_to_the_same_adapters_and_epsilon(tmp_path, tokenizer):
     """A DP run killed after round 3 (SIGKILL) and resumed ends bit-identical to one that was
     never stopped: Poisson samplers, noise generators and the spent epsilon all continue."""

@@ -254,7 +254,15 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# the other rule on real peers runs with make test-slow (the transport applies the same per-peer
+# function as the simulator; the clipped, compressed case holds it equal in make test)
+SLOW_CASES = {"gaussian+trimmed-mean"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in sorted(CASES)],
+)
 def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, tmp_path, name):
     from tests.test_distributed_algorithms import assert_same_adapters
 
