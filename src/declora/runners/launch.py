@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -242,14 +242,9 @@ def roll_call(plan: MultiHost, nnodes: int, node_rank: int, peers: int) -> Any:
 
 
 @contextmanager
-def multi_host_env(plan: MultiHost) -> Iterator[None]:
-    """gloo / NCCL on the interface of this machine's address (unless already chosen)."""
-    env = {}
-    if plan.interface:
-        env = {"GLOO_SOCKET_IFNAME": plan.interface, "NCCL_SOCKET_IFNAME": plan.interface}
-    saved = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
+def _restored_env(keys: Iterable[str]) -> Iterator[None]:
+    """Put these environment variables back as they were (set or unset) on leaving."""
+    saved = {k: os.environ.get(k) for k in keys}
     try:
         yield
     finally:
@@ -258,6 +253,18 @@ def multi_host_env(plan: MultiHost) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def multi_host_env(plan: MultiHost) -> Iterator[None]:
+    """gloo / NCCL on the interface of this machine's address (unless already chosen)."""
+    env = {}
+    if plan.interface:
+        env = {"GLOO_SOCKET_IFNAME": plan.interface, "NCCL_SOCKET_IFNAME": plan.interface}
+    with _restored_env(env):
+        for k, v in env.items():
+            os.environ.setdefault(k, v)
+        yield
 
 
 def torchrun_args(
@@ -312,16 +319,11 @@ def single_machine() -> Iterator[str]:
     """A private folder for the rendezvous file store, and the loopback environment, for the
     duration of a launch (both undone afterwards)."""
     folder = tempfile.mkdtemp(prefix="declora-rdzv-")
-    saved = {k: os.environ.get(k) for k in loopback_env()}
-    os.environ.update(loopback_env())
     try:
-        yield folder
+        with _restored_env(loopback_env()):
+            os.environ.update(loopback_env())
+            yield folder
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(folder, ignore_errors=True)
 
 
