@@ -236,12 +236,49 @@ def test_a_dead_host_is_skipped_and_named(long_job, hosts, tmp_path):
         assert (out / "adapters" / f"peer-{i}" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow  # three 2-host runs, ~2 min: make test-slow
-def test_a_run_whose_host_died_resumes_on_both_hosts_bit_identically(long_job, hosts, tmp_path):
-    at, whole = _endpoint(hosts), tmp_path / "whole"
-    procs = [_node(hosts, i, i, at, long_job, whole, "--rdzv-timeout", "60") for i in (0, 1)]
+@pytest.fixture(scope="module")
+def whole(long_job, hosts, tmp_path_factory) -> Path:
+    """The long job on 2 hosts, uninterrupted: what a killed-and-resumed run must equal."""
+    at, out = _endpoint(hosts), tmp_path_factory.mktemp("multihost-whole") / "run"
+    procs = [_node(hosts, i, i, at, long_job, out, "--rdzv-timeout", "60") for i in (0, 1)]
     for code, err in _finish(procs):
         assert code == 0, err[-3000:]
+    return out
+
+
+def _same_adapters(a_run: Path, b_run: Path) -> None:
+    for i in range(4):
+        a = load_file(str(a_run / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
+        b = load_file(str(b_run / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two 2-host runs, ~2 min: make test-slow
+def test_a_machine_started_again_rejoins_under_max_restarts_bit_identically(
+    long_job, hosts, whole, tmp_path
+):
+    """Host 1 dies whole (agent included) and is started again with the same command: host 0's
+    agent restarts its peers (--max-restarts 1), both meet in a new rendezvous, the peers agree
+    on the newest common checkpoint and the run ends equal to the uninterrupted one."""
+    at, out = _endpoint(hosts), tmp_path / "restarted"
+    extra = ("--rdzv-timeout", "60", "--max-restarts", "1")
+    procs = [_node(hosts, i, i, at, long_job, out, *extra) for i in (0, 1)]
+    _wait_for_round(out / "peers" / "peer-2" / "metrics.jsonl", 6, procs)
+    hosts.kill(1)
+    assert procs[1].wait(timeout=30) == -9
+    procs[1] = _node(hosts, 1, 1, at, long_job, out, *extra)
+    for code, err in _finish(procs):
+        assert code == 0, err[-3000:]
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "complete" and status["resumed"] == 1
+    assert "did not answer" in status["previous_error"]
+    _same_adapters(whole, out)
+
+
+@pytest.mark.slow  # two 2-host runs, ~2 min: make test-slow
+def test_a_run_whose_host_died_resumes_on_both_hosts_bit_identically(
+    long_job, hosts, whole, tmp_path
+):
     at, out = _endpoint(hosts), tmp_path / "killed"
     procs = [_node(hosts, i, i, at, long_job, out, "--rdzv-timeout", "60") for i in (0, 1)]
     _wait_for_round(out / "peers" / "peer-2" / "metrics.jsonl", 6, procs)
@@ -262,10 +299,7 @@ def test_a_run_whose_host_died_resumes_on_both_hosts_bit_identically(long_job, h
         assert code == 0, err[-3000:]
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "complete" and status["resumed"] == 1
-    for i in range(4):
-        a = load_file(str(whole / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
-        b = load_file(str(out / "adapters" / f"peer-{i}" / "adapter_model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _same_adapters(whole, out)
 
 
 @pytest.mark.slow  # a 2-host run cut mid-way, ~60 s: make test-slow

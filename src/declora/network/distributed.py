@@ -156,10 +156,12 @@ def start(backend: str = "auto", timeout_s: float = 60.0) -> PeerProcess:
 
 
 def _store() -> dist.Store:
-    """The rendezvous store, under a prefix per torchrun attempt: after a restart the group
-    must not read the previous attempt's addresses (with torch 2.13 and gloo it otherwise tries
-    to reach the dead processes and fails). Under torchrun the agent hosts the store; started
-    by hand, rank 0 does."""
+    """The group's store. `declora launch` has rank 0 host a new one on each attempt; a store
+    shared from torchrun's agent outlives attempts, so there the keys go under a prefix per
+    attempt: after a restart the group must not read the previous attempt's addresses (with
+    torch 2.13 and gloo it otherwise tries to reach the dead processes and fails). The attempt
+    number is each agent's own count, so a machine started again (whose count begins at 0)
+    only meets the others in a store of its attempt's own: hence no prefix there."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -175,6 +177,8 @@ def _store() -> dist.Store:
     )
     if listener is not None:
         _LISTENERS.append(listener)  # the store serves on it for the life of the process
+    if not agent:
+        return dist.PrefixStore("declora", store)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"declora/attempt-{attempt}", store)
 

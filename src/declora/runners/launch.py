@@ -257,10 +257,14 @@ def _restored_env(keys: Iterable[str]) -> Iterator[None]:
 
 @contextmanager
 def multi_host_env(plan: MultiHost) -> Iterator[None]:
-    """gloo / NCCL on the interface of this machine's address (unless already chosen)."""
-    env = {}
+    """gloo / NCCL on the interface of this machine's address (unless already chosen), and
+    the peers' own store rather than one shared from the launcher: torch's agent keeps the
+    shared store's address from its first rendezvous and does not publish it again, so a
+    machine started again after a crash (`--max-restarts`) waited for it until the rendezvous
+    timed out (DistStoreError)."""
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     if plan.interface:
-        env = {"GLOO_SOCKET_IFNAME": plan.interface, "NCCL_SOCKET_IFNAME": plan.interface}
+        env.update(GLOO_SOCKET_IFNAME=plan.interface, NCCL_SOCKET_IFNAME=plan.interface)
     with _restored_env(env):
         for k, v in env.items():
             os.environ.setdefault(k, v)
