@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from declora.reporting.paired import paired_gap
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "results" / "data" / "hetero_ranks.jsonl"
 TIERS = (2, 4, 8, 16)
@@ -138,8 +140,40 @@ def summary(path: Path) -> str:
                 f"| {cell} | {len(got)} | {acc} | {own_s} | {' / '.join(tier_m)} "
                 f"| {' / '.join(tier_b)} |"
             )
-        lines.append("")
+        lines += ["", *_gap_lines(job, mine, key), ""]
     return "\n".join(lines)
+
+
+def _gap_lines(job: str, rows: list[dict], key: str) -> list[str]:
+    """Each mixed cell against each uniform one, paired by seed, with the issue's target:
+    beat all-rank-2 and come within 1 point of all-rank-8. Accuracy gaps are in points;
+    perplexity gaps in percent of the uniform cell's perplexity, signed so that above 0 is
+    the mixed network doing better."""
+    by = {(r["cell"], int(r["seed"])): r[key] for r in rows}
+    unit = "points" if key == "accuracy" else "% perplexity"
+    out = [
+        f"| {job}: paired gap, mixed minus uniform ({unit}; > 0: mixed better) | mean "
+        "[95% t-interval] | verdict (margin 1) | target |",
+        "|---|---|---|---|",
+    ]
+    for mixed in ("mixed-pad", "mixed-svd"):
+        for uniform in ("all-2", "all-8", "all-16"):
+            seeds = sorted(k for (c, k) in by if c == mixed and (uniform, k) in by)
+            if not seeds:
+                continue
+            if key == "accuracy":
+                gap = paired_gap([by[mixed, k] for k in seeds], [by[uniform, k] for k in seeds], 1)
+            else:  # 1 - ppl_mixed / ppl_uniform, in percent
+                ratio = [1 - by[mixed, k] / by[uniform, k] for k in seeds]
+                gap = paired_gap(ratio, [0.0] * len(seeds), 1)
+            target = {
+                "all-2": ("shown" if gap.low > 0 else "not shown") + ": beat all-2",
+                "all-8": ("shown" if gap.low > -1 else "not shown") + ": within 1 of all-8",
+            }.get(uniform, "")
+            if gap.n < 2:
+                target = target and "open (1 seed)"
+            out.append(f"| {mixed} - {uniform} | {gap.shown()} | {gap.verdict} | {target} |")
+    return out
 
 
 def plot(path: Path, out: Path, job: str = "demo") -> None:

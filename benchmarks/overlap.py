@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from declora.reporting.paired import paired_gap
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, list[str]] = {
@@ -76,12 +77,11 @@ def report(rows: list[dict]) -> None:
         seeds = sorted(k for (name, k) in by if name == over and (sync, k) in by)
         if not seeds:
             continue
-        gaps = np.array([by[(over, k)]["accuracy"] - by[(sync, k)]["accuracy"] for k in seeds])
-        line = f"{over} - {sync}: " + ", ".join(f"{100 * g:+.2f}" for g in gaps) + " points"
-        if len(gaps) > 1:
-            half = stats.t.ppf(0.975, len(gaps) - 1) * gaps.std(ddof=1) / np.sqrt(len(gaps))
-            line += f"; mean {100 * gaps.mean():+.2f}, 95% CI +-{100 * half:.2f}"
-        print(line)
+        a = [by[(over, k)]["accuracy"] for k in seeds]
+        b = [by[(sync, k)]["accuracy"] for k in seeds]
+        gap = paired_gap(a, b, margin=1.0)
+        each = ", ".join(f"{100 * (x - y):+.2f}" for x, y in zip(a, b, strict=True))
+        print(f"{over} - {sync}: {each} points; {gap.shown()}, {gap.verdict} (margin 1 point)")
 
 
 def main() -> None:

@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+from declora.reporting.paired import Gap
+from declora.reporting.paired import paired_gap as _paired_gap
+from declora.reporting.paired import verdict as _verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "plateau" / "runs.jsonl"
@@ -196,43 +199,13 @@ def pick_lr(scores: dict[str, float]) -> str:
 # ---------------------------------------------------------------- statistics
 
 
-@dataclass(frozen=True)
-class Gap:
-    """A paired gap (points) with its 95% t-interval and the verdict it implies."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-    verdict: str
-
-
 def paired_gap(a: Sequence[float], b: Sequence[float], margin: float = MARGIN_POINTS) -> Gap:
-    """Gap a - b in points (inputs are accuracies in [0, 1], paired by position = seed).
-
-    Verdicts, in this order: "equivalent" when the 95% interval lies inside +-margin; "better"
-    or "worse" when it excludes 0; otherwise (or with fewer than 2 pairs) "inconclusive"."""
-    if len(a) != len(b):
-        raise ValueError(f"paired gap needs as many values on each side ({len(a)} vs {len(b)})")
-    d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) * 100
-    n = len(d)
-    if n == 0:
-        return Gap(float("nan"), float("nan"), float("nan"), 0, "inconclusive")
-    mean = float(d.mean())
-    if n < 2:
-        return Gap(mean, float("-inf"), float("inf"), n, "inconclusive")
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    return Gap(mean, mean - half, mean + half, n, verdict(mean - half, mean + half, margin))
+    """Gap a - b in points, with the study's declared margin (`declora.reporting.paired`)."""
+    return _paired_gap(a, b, margin)
 
 
 def verdict(low: float, high: float, margin: float = MARGIN_POINTS) -> str:
-    if -margin < low and high < margin:
-        return "equivalent"
-    if low > 0:
-        return "better"
-    if high < 0:
-        return "worse"
-    return "inconclusive"
+    return _verdict(low, high, margin)
 
 
 # ---------------------------------------------------------------- rows
