@@ -10,7 +10,7 @@ from declora.reporting.paired import paired_gap
 
 def test_the_interval_is_the_t_interval_of_the_differences():
     a, b = [0.62, 0.60, 0.65], [0.60, 0.61, 0.62]
-    d = [100 * (x - y) for x, y in zip(a, b)]
+    d = [100 * (x - y) for x, y in zip(a, b, strict=True)]
     mean = sum(d) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)

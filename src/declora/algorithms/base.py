@@ -139,6 +139,12 @@ class Algorithm:
             )
         if c.overlap:
             self._check_overlap(cfg)
+        if c.mix_momentum and self.gossips and self.mixing_rule != "average":
+            raise ConfigError(
+                f"comm.mix_momentum needs a combine rule that averages factors; algorithm "
+                f"{self.name} mixes by {self.mixing_rule} and clears the momentum after it "
+                "(use comm.mix_momentum=false with it)"
+            )
         t = cfg.topology
         changing = t.dynamic != "static" or t.offline_prob > 0
         if self.gossips and cfg.comm.scheme == "choco" and changing:

@@ -309,6 +309,12 @@ class CommConfig(_Section):
         "trains at once; the neighbours' mix is applied when its steps end (one round stale; "
         "declora.network.overlap)",
     )
+    mix_momentum: bool = Field(
+        False,
+        description="gossip each peer's SGD momentum buffers with the tensors they belong to "
+        "(same matrix and compression, bytes counted): an unmixed buffer keeps pushing a peer "
+        "towards its own data after every mix",
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="distributed runs: torch.distributed backend (auto: nccl on GPU)"
     )
@@ -543,6 +549,15 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _momentum_mixing(self) -> RunConfig:
+        """comm.mix_momentum needs buffers to mix and a combine rule that averages."""
+        try:
+            _check_momentum_mixing(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
     def _robustness(self) -> RunConfig:
         """faults.* and comm.robust* together."""
         try:
@@ -687,6 +702,33 @@ def _check_privacy(cfg: RunConfig) -> None:
     if cfg.lora.ranks is not None:
         raise ConfigError(
             "privacy.mechanism=dp-sgd is not supported with lora.ranks yet (every peer at lora.r)"
+        )
+
+
+def _check_momentum_mixing(cfg: RunConfig) -> None:
+    """Refuse comm.mix_momentum where there is no momentum buffer, or where the buffers could
+    not be combined like the factors (one line each, ConfigError). DeCAF and algorithm.hetero=
+    svd clear the momentum after their re-factorization instead (`Algorithm.check`)."""
+    if not cfg.comm.mix_momentum:
+        return
+    t = cfg.train
+    if t.optimizer != "sgd" or t.momentum == 0:
+        got = f"train.optimizer={t.optimizer}" + (
+            f", train.momentum={t.momentum:g}" if t.optimizer == "sgd" else ""
+        )
+        raise ConfigError(
+            f"comm.mix_momentum mixes SGD's momentum buffers; {got} has none (use "
+            "train.optimizer=sgd with train.momentum > 0)"
+        )
+    if cfg.comm.overlap:
+        raise ConfigError(
+            "comm.mix_momentum is not supported with comm.overlap (the overlapped exchange "
+            "starts before the round's momentum exists); use one of them"
+        )
+    if cfg.lora.ranks is not None:
+        raise ConfigError(
+            "comm.mix_momentum is not supported with lora.ranks (buffers of different ranks); "
+            "leave lora.ranks unset or comm.mix_momentum=false"
         )
 
 

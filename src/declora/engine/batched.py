@@ -406,6 +406,29 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
     def _optimizers(self) -> tuple[list, list]:
         return [self.optimizer], [self.scheduler]
 
+    def momentum(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """SGD's momentum buffer of each of these tensors, stacked over peers like the tensor
+        (zeros where no step has made one yet)."""
+        out = {}
+        for k in keys:
+            p = self.params[k]
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            out[k] = torch.zeros_like(p) if buf is None else buf.detach()
+        return out
+
+    @torch.no_grad()
+    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Replace these tensors' momentum buffers (a zero buffer is what SGD's first step
+        would start from, so creating one where none was is exact)."""
+        for k, v in buffers.items():
+            p = self.params[k]
+            state = self.optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"].copy_(v)
+            if k in self.masks:
+                state["momentum_buffer"].mul_(self.masks[k])
+
     def stacked(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}
 

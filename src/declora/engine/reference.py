@@ -217,6 +217,26 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
     def _optimizers(self) -> tuple[list, list]:
         return list(self.optimizers), list(self.schedulers)
 
+    def momentum(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Each peer's SGD momentum buffer of these tensors, stacked (zeros before a step)."""
+        out = {}
+        for k in keys:
+            rows = []
+            for opt, params in zip(self.optimizers, self.peer_params, strict=True):
+                buf = opt.state.get(params[k], {}).get("momentum_buffer")
+                rows.append(torch.zeros_like(params[k]) if buf is None else buf.detach())
+            out[k] = torch.stack(rows)
+        return out
+
+    @torch.no_grad()
+    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> None:
+        for i, (opt, params) in enumerate(zip(self.optimizers, self.peer_params, strict=True)):
+            for k, v in buffers.items():
+                state = opt.state[params[k]]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(params[k])
+                state["momentum_buffer"].copy_(v[i])
+
     def stacked(self) -> dict[str, torch.Tensor]:
         if self.ranks is None:
             return {k: torch.stack([p[k].detach() for p in self.peer_params]) for k in self.names}

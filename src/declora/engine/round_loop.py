@@ -10,7 +10,7 @@ peers are online and how many local steps each one takes (dynamic networks).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,8 @@ class Engine(Protocol):
     def use_single(self, values: dict[str, torch.Tensor]) -> AbstractContextManager: ...
     def state_dict(self) -> dict[str, Any]: ...  # adapters, optimizers, schedulers
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def momentum(self, keys: Iterable[str]) -> dict[str, torch.Tensor]: ...
+    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> None: ...
     def reset_optimizer_state(
         self, factors: frozenset[str], peers: np.ndarray | None = None
     ) -> None: ...
@@ -97,6 +99,7 @@ class LoopSettings:
     lora_scale: float = 1.0  # s in s B A, for the consensus distance
     poisson: bool = False  # Poisson sampling of each step's batch (DP-SGD)
     ranks: tuple[int, ...] | None = None  # lora.ranks of this process's peers (bytes per peer)
+    mix_momentum: bool = False  # comm.mix_momentum: SGD momentum buffers travel with the values
 
     @classmethod
     def of(
@@ -119,6 +122,7 @@ class LoopSettings:
             gossip_steps=gossip_steps,
             lora_scale=lora_scale,
             poisson=cfg.privacy.on,
+            mix_momentum=cfg.comm.mix_momentum,
         )
 
 
@@ -341,6 +345,9 @@ def train(
         values = engine.stacked()
         check_peers(t, values, local, "after its local steps")  # before anything is sent
         shared = _sent(values, mix_keys)
+        if settings.mix_momentum:  # each sent tensor's momentum buffer goes with it
+            buffers = engine.momentum(list(shared))
+            shared.update({k + MOMENTUM: v for k, v in buffers.items()})
         if values_sent is None:  # with lora.ranks, each peer sends its own rank's factors
             ranks = settings.ranks
             values_sent = count_values(shared) if ranks is None else count_ranked(shared, ranks)
@@ -352,6 +359,9 @@ def train(
             measured = gossip.last_bytes
             bytes_sent += sent_per_round if measured is None else measured
         check_peers(t, shared, local, "after gossip")
+        if settings.mix_momentum:
+            moved = [k for k in shared if k.endswith(MOMENTUM)]
+            engine.load_momentum({k.removesuffix(MOMENTUM): shared.pop(k) for k in moved})
         engine.load_stacked(shared)
         if stale and plan.policy.stale_after_mixing:  # DeCAF: the mixing changed the basis
             engine.reset_optimizer_state(stale, plan.stale_peers(t)[local])
@@ -419,6 +429,11 @@ def train(
     result.final = {k: v.clone() for k, v in engine.stacked().items()}
     result.wall_seconds = time.perf_counter() - start
     return result
+
+
+#: suffix of a momentum buffer's key in what is sent (`comm.mix_momentum`): not a LoRA factor's
+#: name, so every combine rule treats it as one more tensor to average
+MOMENTUM = ".momentum"
 
 
 def _sent(values: dict[str, torch.Tensor], keys: set[str] | None) -> dict[str, torch.Tensor]:
