@@ -161,6 +161,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300):
     )
 
 
+def run_job(job, out, *sets: str, env: dict | None = None):
+    """`declora run` of `job/job.yaml` into `out` with `--set` overrides, in a fresh process."""
+    args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    return run_cli(*args, env=env)
+
+
+def run_metrics(run) -> list[dict]:
+    """A run's metrics.jsonl records without their wall-clock seconds (what two runs that
+    should be identical must agree on)."""
+    import json
+
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
+
+
 def run_adapters(run) -> dict:
     """Every adapter tensor of a run directory (baselines included), by file and key."""
     from safetensors.torch import load_file

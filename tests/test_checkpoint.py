@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from declora.cli import app
 from declora.data.sampling import PeerSampler
 from declora.engine import checkpoint as ckpt
-from tests.conftest import run_adapters, run_cli, write_tiny_job
+from tests.conftest import run_adapters, run_cli, run_metrics, write_tiny_job
 
 runner = CliRunner()
 
@@ -126,11 +126,6 @@ def job(tmp_path_factory, tokenizer):
     return d
 
 
-def _metrics(run: Path) -> list[dict]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(job, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "whole"
@@ -158,7 +153,7 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     a, b = run_adapters(uninterrupted), run_adapters(out)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, baseline included
-    assert _metrics(out) == _metrics(uninterrupted)
+    assert run_metrics(out) == run_metrics(uninterrupted)
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "complete" and status["resumed"] == 1
 

@@ -5,9 +5,6 @@ refused; real peers equal to the simulation are in test_distributed (the "q4-mom
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -22,7 +19,15 @@ from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
-from tests.conftest import run_adapters, run_cli, synthetic_examples, tiny_bert, write_ring_job
+from tests.conftest import (
+    run_adapters,
+    run_cli,
+    run_job,
+    run_metrics,
+    synthetic_examples,
+    tiny_bert,
+    write_ring_job,
+)
 
 runner = CliRunner()
 
@@ -89,34 +94,22 @@ def job(tmp_path_factory, tokenizer):
     return write_ring_job(tmp_path_factory.mktemp("momentumjob"), tokenizer, seed=5)
 
 
-def _run(job: Path, out: Path, *sets: str, env: dict | None = None):
-    args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    return run_cli(*args, env=env)
-
-
-def _metrics(run: Path) -> list[dict]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
-
-
 def test_the_buffers_cost_their_bytes_and_a_killed_run_resumes_exactly(job, tmp_path):
     plain, mixed, killed = tmp_path / "plain", tmp_path / "mixed", tmp_path / "killed"
     for out, sets in ((plain, ()), (mixed, ("comm.mix_momentum=true",))):
-        res = _run(job, out, *sets)
+        res = run_job(job, out, *sets)
         assert res.returncode == 0, res.stderr[-3000:]
     # every sent tensor has a buffer of its size: twice the bytes, every evaluation
-    assert [2 * r["bytes_sent"] for r in _metrics(plain)] == [
-        r["bytes_sent"] for r in _metrics(mixed)
+    assert [2 * r["bytes_sent"] for r in run_metrics(plain)] == [
+        r["bytes_sent"] for r in run_metrics(mixed)
     ]
-    res = _run(job, killed, "comm.mix_momentum=true", env={"DECLORA_KILL_AT": "3"})
+    res = run_job(job, killed, "comm.mix_momentum=true", env={"DECLORA_KILL_AT": "3"})
     assert res.returncode == -9
     res = run_cli("run", "--quiet", "--resume", str(killed))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = run_adapters(mixed), run_adapters(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(killed) == _metrics(mixed)
+    assert run_metrics(killed) == run_metrics(mixed)
 
 
 @pytest.mark.parametrize(

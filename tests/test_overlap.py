@@ -7,9 +7,6 @@ with the simulation is in test_distributed (the "overlap" run).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +20,7 @@ from declora.network.distributed import PeerFailure
 from declora.network.overlap import OverlappedGossip
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
-from tests.conftest import run_adapters, run_cli, write_ring_job
+from tests.conftest import run_adapters, run_cli, run_job, run_metrics, write_ring_job
 
 runner = CliRunner()
 
@@ -123,29 +120,17 @@ def job(tmp_path_factory, tokenizer):
     return write_ring_job(d, tokenizer, seed=3, comm={"bits": 4, "error_feedback": True})
 
 
-def _run(job: Path, out: Path, *sets: str, env: dict | None = None):
-    args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    return run_cli(*args, env=env)
-
-
-def _metrics(run: Path) -> list[dict]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in recs]
-
-
 @pytest.fixture(scope="module")
 def runs(job, tmp_path_factory):
     base = tmp_path_factory.mktemp("overlapruns")
     for name, sets in {"sync": (), "overlap": ("comm.overlap=true",)}.items():
-        res = _run(job, base / name, *sets)
+        res = run_job(job, base / name, *sets)
         assert res.returncode == 0, res.stderr[-3000:]
     return base
 
 
 def test_an_overlapped_run_sends_the_same_bytes_and_ends_elsewhere(runs):
-    sync, over = _metrics(runs / "sync"), _metrics(runs / "overlap")
+    sync, over = run_metrics(runs / "sync"), run_metrics(runs / "overlap")
     assert [r["bytes_sent"] for r in over] == [r["bytes_sent"] for r in sync]
     assert over[-1]["bytes_sent"] > 0
     a, b = run_adapters(runs / "sync"), run_adapters(runs / "overlap")
@@ -158,13 +143,13 @@ def test_an_overlapped_run_sends_the_same_bytes_and_ends_elsewhere(runs):
 
 def test_a_killed_overlapped_run_resumes_exactly(job, runs, tmp_path):
     out = tmp_path / "killed"
-    res = _run(job, out, "comm.overlap=true", env={"DECLORA_KILL_AT": "3"})
+    res = run_job(job, out, "comm.overlap=true", env={"DECLORA_KILL_AT": "3"})
     assert res.returncode == -9
     res = run_cli("run", "--quiet", "--resume", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = run_adapters(runs / "overlap"), run_adapters(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(out) == _metrics(runs / "overlap")
+    assert run_metrics(out) == run_metrics(runs / "overlap")
 
 
 @pytest.mark.parametrize(
