@@ -185,3 +185,31 @@ def test_resume_from_a_damaged_checkpoint_says_which_and_why(job, tmp_path):
     assert res.exit_code == 2
     assert "round-000004" in res.output and "truncated" in res.output
     assert "Traceback" not in res.output
+
+
+def test_checkpoints_of_older_versions_resume_and_other_configs_do_not(tmp_path):
+    """The fingerprint covers the keys set to other than their defaults, so a key added later
+    with a default that changes nothing keeps a run resumable; checkpoints written before the
+    change (the whole config, before comm.mix_momentum existed) are still accepted; a real
+    difference in the config is refused by both."""
+    from declora.config.schema import load_config
+    from declora.engine.checkpoint import fingerprint_of
+    from declora.runners.build import checkpointing
+
+    cfg = load_config(None, ["train.lr=0.1"])
+    mine = checkpointing(cfg, tmp_path, resume=True, extra="dec-lora")
+    whole = cfg.model_dump(mode="json")
+    whole["train"].pop("threads")
+    assert mine.fingerprint == fingerprint_of([{"train": {"lr": 0.1}}, "dec-lora"])
+    del whole["comm"]["mix_momentum"]  # what a checkpoint of 2026-12-01 carries
+    legacy = fingerprint_of([whole, "dec-lora"])
+    assert mine.also_accepted == (legacy,)
+    ckpt.save(tmp_path, 2, {"round": 2}, fingerprint=legacy, keep=1)
+    assert mine.saved() is not None and mine.saved().round == 2
+    other = checkpointing(load_config(None, ["train.lr=0.2"]), tmp_path, resume=True,
+                          extra="dec-lora")  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="another configuration"):
+        other.saved()
+    threads = checkpointing(load_config(None, ["train.lr=0.1", "train.threads=2"]), tmp_path,
+                            resume=True, extra="dec-lora")  # fmt: skip
+    assert threads.fingerprint == mine.fingerprint  # the thread count may change on resume

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,8 +207,10 @@ def _check_files(path: Path) -> None:
             )
 
 
-def load(path: Path, *, fingerprint: str | None = None) -> Checkpoint:
-    """Read one checkpoint folder, checking it is whole, well formed and belongs to this run."""
+def load(path: Path, *, fingerprint: str | None = None, also: Collection[str] = ()) -> Checkpoint:
+    """Read one checkpoint folder, checking it is whole, well formed and belongs to this run
+    (its fingerprint is `fingerprint`, or one of `also`: the same run as older declora
+    versions fingerprinted it)."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if (path / META_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
@@ -232,7 +234,7 @@ def load(path: Path, *, fingerprint: str | None = None) -> Checkpoint:
         raise _refuse(path, f"malformed: {META_FILE} lacks its round, fingerprint or state")
     if m and int(m.group(1)) != meta["round"]:
         raise _refuse(path, f"inconsistent: it holds round {meta['round']}, not {m.group(1)}")
-    if fingerprint is not None and meta["fingerprint"] != fingerprint:
+    if fingerprint is not None and meta["fingerprint"] not in (fingerprint, *also):
         raise CheckpointError(
             f"checkpoint {str(path)!r} was written by a run with another configuration or "
             "setup; resume with the configuration it was written with"
@@ -256,10 +258,12 @@ def unusable(path: Path, exc: BaseException) -> CheckpointError:
     return _refuse(path, f"not what this run can continue from ({type(exc).__name__}: {exc})")
 
 
-def latest(root: Path, *, fingerprint: str | None = None) -> Checkpoint | None:
+def latest(
+    root: Path, *, fingerprint: str | None = None, also: Collection[str] = ()
+) -> Checkpoint | None:
     """The newest complete checkpoint under `root`, or None when there is none."""
     found = rounds(root)
-    return load(round_dir(root, found[-1]), fingerprint=fingerprint) if found else None
+    return load(round_dir(root, found[-1]), fingerprint=fingerprint, also=also) if found else None
 
 
 def fingerprint_of(parts: Iterable[object]) -> str:

@@ -170,13 +170,15 @@ class Checkpointing:
     keep: int = 1
     resume: bool = False
     at: int | None = None  # resume from this round (0: from scratch); None: the newest save
+    also_accepted: tuple[str, ...] = ()  # the same run as older versions fingerprinted it
 
     def saved(self) -> ckpt.Checkpoint | None:
         if not self.resume or self.at == 0:
             return None
+        fp, also = self.fingerprint, self.also_accepted
         if self.at is None:
-            return ckpt.latest(self.root, fingerprint=self.fingerprint)
-        return ckpt.load(ckpt.round_dir(self.root, self.at), fingerprint=self.fingerprint)
+            return ckpt.latest(self.root, fingerprint=fp, also=also)
+        return ckpt.load(ckpt.round_dir(self.root, self.at), fingerprint=fp, also=also)
 
 
 class NetworkView(Protocol):

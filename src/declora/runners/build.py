@@ -477,20 +477,36 @@ def checkpointing(
     cfg: RunConfig, root: Path, *, resume: bool, extra: object = None
 ) -> Checkpointing | None:
     """Checkpoint settings of a run (None when `train.checkpoint_every` is 0). The fingerprint
-    ties a checkpoint to the configuration (all but the thread count) that wrote it."""
+    ties a checkpoint to the configuration (all but the thread count) that wrote it: the keys
+    set to other than their defaults, so a key that a later declora adds, with a default that
+    changes nothing, leaves the run's checkpoints resumable."""
     every = cfg.train.checkpoint_every
     every = cfg.eval.every if every is None else every
     if every == 0:
         return None
-    resolved = cfg.model_dump(mode="json")
-    resolved["train"].pop("threads", None)
     return Checkpointing(
         root,
         every,
-        fingerprint_of([resolved, extra]),
+        fingerprint_of([_fingerprinted(cfg.model_dump(mode="json", exclude_defaults=True)), extra]),
         keep=cfg.train.keep_checkpoints,
         resume=resume,
+        also_accepted=(fingerprint_of([_legacy_fingerprinted(cfg), extra]),),
     )
+
+
+def _fingerprinted(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without what may change between a run and its resume (the threads)."""
+    dumped.get("train", {}).pop("threads", None)
+    return dumped
+
+
+def _legacy_fingerprinted(cfg: RunConfig) -> dict[str, Any]:
+    """The whole configuration as declora fingerprinted it up to 2026-12-02, before
+    comm.mix_momentum existed: checkpoints written then still resume."""
+    dumped = _fingerprinted(cfg.model_dump(mode="json"))
+    if not cfg.comm.mix_momentum:
+        dumped["comm"].pop("mix_momentum", None)
+    return dumped
 
 
 @dataclass
