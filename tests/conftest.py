@@ -169,6 +169,23 @@ def run_job(job, out, *sets: str, env: dict | None = None):
     return run_cli(*args, env=env)
 
 
+def assert_refused(job, tmp_path, sets, *phrases: str) -> None:
+    """`declora run` of `job` with these `--set`s is refused in process: exit 2, an error
+    holding every phrase, and no run directory."""
+    from typer.testing import CliRunner
+
+    from declora.cli import app
+
+    out = tmp_path / "refused"
+    args = ["run", "--config", str(job / "job.yaml"), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert all(p in res.output for p in phrases), res.output
+    assert not out.exists()
+
+
 def run_metrics(run) -> list[dict]:
     """A run's metrics.jsonl records without their wall-clock seconds (what two runs that
     should be identical must agree on)."""

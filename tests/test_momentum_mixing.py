@@ -8,10 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from declora.algorithms import make_plan
-from declora.cli import app
 from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
@@ -20,6 +18,7 @@ from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
 from tests.conftest import (
+    assert_refused,
     run_adapters,
     run_cli,
     run_job,
@@ -28,8 +27,6 @@ from tests.conftest import (
     tiny_bert,
     write_ring_job,
 )
-
-runner = CliRunner()
 
 
 def _train(engine_cls, tokenizer, task, *, mix: bool, rounds: int):
@@ -125,11 +122,4 @@ def test_the_buffers_cost_their_bytes_and_a_killed_run_resumes_exactly(job, tmp_
 def test_what_momentum_mixing_cannot_do_is_refused_before_any_run_directory(
     job, tmp_path, sets, message
 ):
-    out = tmp_path / "refused"
-    args = ["run", "--config", str(job / "job.yaml"), "--out", str(out)]
-    for s in [*sets, "comm.mix_momentum=true"]:
-        args += ["--set", s]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert "comm.mix_momentum" in res.output and message in res.output, res.output
-    assert not out.exists()
+    assert_refused(job, tmp_path, [*sets, "comm.mix_momentum=true"], "comm.mix_momentum", message)

@@ -11,18 +11,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from declora.cli import app
 from declora.network.compress import make_compressor
 from declora.network.compressed import CompressedGossip
 from declora.network.distributed import PeerFailure
 from declora.network.overlap import OverlappedGossip
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
-from tests.conftest import run_adapters, run_cli, run_job, run_metrics, write_ring_job
-
-runner = CliRunner()
+from tests.conftest import (
+    assert_refused,
+    run_adapters,
+    run_cli,
+    run_job,
+    run_metrics,
+    write_ring_job,
+)
 
 
 def _ring(n: int = 5) -> np.ndarray:
@@ -161,11 +164,4 @@ def test_a_killed_overlapped_run_resumes_exactly(job, runs, tmp_path):
     ],
 )
 def test_what_overlap_cannot_do_is_refused_before_any_run_directory(job, tmp_path, sets, message):
-    out = tmp_path / "refused"
-    args = ["run", "--config", str(job / "job.yaml"), "--out", str(out)]
-    for s in [*sets, "comm.overlap=true"]:
-        args += ["--set", s]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    assert "comm.overlap" in res.output and message in res.output
-    assert not out.exists()
+    assert_refused(job, tmp_path, [*sets, "comm.overlap=true"], "comm.overlap", message)
