@@ -174,7 +174,7 @@ def write_docs(table: str) -> None:
         "one thread); `python experiments/privacy.py` runs the missing cells and "
         "`--report-only --write-docs` rebuilds this table and the plot."
     )
-    note += " Macro-F1 0.188 is a constant prediction (one class)."
+    note += " A macro-F1 near 0.19 is a constant prediction (one class)."
     write_between(DOCS, "privacy-table", f"{table}\n\n{note}")
 
 
