@@ -84,6 +84,9 @@ def test_both_engines_mix_the_buffers_alike_and_it_changes_the_run(tokenizer, ta
         torch.testing.assert_close(batched.final[k], reference.final[k], atol=1e-5, rtol=1e-4)
     moved = [float((batched.final[k] - plain.final[k]).abs().max()) for k in batched.final]
     assert max(moved) > 1e-4  # from round 2 on, the mixed momentum steps elsewhere
+    # every sent tensor has a buffer of its size: twice the bytes
+    sent = batched.records[-1]["bytes_sent"]
+    assert sent > 0 and sent == 2 * plain.records[-1]["bytes_sent"]
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +94,11 @@ def job(tmp_path_factory, tokenizer):
     return write_ring_job(tmp_path_factory.mktemp("momentumjob"), tokenizer, seed=5)
 
 
-def test_the_buffers_cost_their_bytes_and_a_killed_run_resumes_exactly(job, tmp_path):
-    plain, mixed, killed = tmp_path / "plain", tmp_path / "mixed", tmp_path / "killed"
-    for out, sets in ((plain, ()), (mixed, ("comm.mix_momentum=true",))):
-        res = run_job(job, out, *sets)
-        assert res.returncode == 0, res.stderr[-3000:]
-    # every sent tensor has a buffer of its size: twice the bytes, every evaluation
-    assert [2 * r["bytes_sent"] for r in run_metrics(plain)] == [
-        r["bytes_sent"] for r in run_metrics(mixed)
-    ]
+@pytest.mark.slow  # three CLI runs, ~45 s: make test-slow
+def test_a_killed_run_resumes_exactly(job, tmp_path):
+    mixed, killed = tmp_path / "mixed", tmp_path / "killed"
+    res = run_job(job, mixed, "comm.mix_momentum=true")
+    assert res.returncode == 0, res.stderr[-3000:]
     res = run_job(job, killed, "comm.mix_momentum=true", env={"DECLORA_KILL_AT": "3"})
     assert res.returncode == -9
     res = run_cli("run", "--quiet", "--resume", str(killed))
