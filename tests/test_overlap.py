@@ -144,6 +144,7 @@ def test_an_overlapped_run_sends_the_same_bytes_and_ends_elsewhere(runs):
     assert saved["comm"]["overlap"] is True
 
 
+@pytest.mark.slow  # two more CLI runs, ~20 s: make test-slow
 def test_a_killed_overlapped_run_resumes_exactly(job, runs, tmp_path):
     out = tmp_path / "killed"
     res = run_job(job, out, "comm.overlap=true", env={"DECLORA_KILL_AT": "3"})
