@@ -29,7 +29,7 @@ demo: setup
 # The real-model smoke tests (MiniLM, SmolLM2) run with `make test-real`; more multi-process
 # equality runs (other PEFT methods on real peers) with `make test-slow`.
 test: setup
-	$(BIN)/python -m pytest -q -m "not real and not slow" tests
+	$(BIN)/python -m pytest -q -m "not real and not slow" --durations=15 tests
 
 test-real: setup
 	$(BIN)/python -m pytest -q -m real tests

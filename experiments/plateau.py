@@ -44,7 +44,11 @@ OUT = ROOT / "runs" / "plateau"
 MARGIN_POINTS = 1.0  # declared before any run: "equivalent" means the 95% CI is inside +-1 point
 PLATEAU_GAIN_POINTS = 0.5  # the budget: the point after which centralized gains less than this
 SMOOTH = 3  # validation points averaged when finding the plateau (one point's noise is ~1 pt)
-LR_GRID = ("0.05", "0.1", "0.2", "0.4")  # SGD momentum 0.9, constant LR
+# SGD momentum 0.9, constant LR. The curve runs every LR of CURVE_LRS (0.025 was added when
+# 0.05, the best of the first four, sat at the grid's lower edge); each arm is then tuned on
+# TUNE_WIDTH LRs around the curve's best (the best and its neighbours in CURVE_LRS).
+CURVE_LRS = ("0.025", "0.05", "0.1", "0.2", "0.4")
+TUNE_WIDTH = 3
 SEEDS = (0, 1, 2, 3, 4)
 PEERS, BATCH = 10, 4  # 10 peers x 4 examples per step; centralized takes one step of 40
 EVALS_PER_EPOCH = 10
@@ -141,7 +145,17 @@ def curve_cells(task: str, train_size: int) -> list[PlannedCell]:
     """Centralized LoRA for CURVE_EPOCHS epochs at every LR of the grid, seed 0."""
     every = eval_every(train_size)
     rounds = every * EVALS_PER_EPOCH * CURVE_EPOCHS
-    return [PlannedCell("curve", task, "centralized", None, lr, rounds, every, 0) for lr in LR_GRID]
+    return [
+        PlannedCell("curve", task, "centralized", None, lr, rounds, every, 0) for lr in CURVE_LRS
+    ]
+
+
+def tune_grid(best: str, width: int = TUNE_WIDTH) -> tuple[str, ...]:
+    """The `width` LRs of CURVE_LRS nearest the curve's best (by position; at an edge, the
+    nearest on the one side), in grid order."""
+    i = CURVE_LRS.index(best)
+    lo = min(max(0, i - width // 2), max(0, len(CURVE_LRS) - width))
+    return CURVE_LRS[lo : lo + width]
 
 
 def arm_settings() -> list[tuple[str, str | None]]:
@@ -151,12 +165,12 @@ def arm_settings() -> list[tuple[str, str | None]]:
     return out
 
 
-def tune_cells(task: str, budget_rounds: int, every: int) -> list[PlannedCell]:
-    """Every arm at every LR of the grid for the budget, seed 0 (validation picks the LR)."""
+def tune_cells(task: str, budget_rounds: int, every: int, grid: Sequence[str]) -> list[PlannedCell]:
+    """Every arm at every LR of `grid` for the budget, seed 0 (validation picks the LR)."""
     return [
         PlannedCell("tune", task, arm, part, lr, budget_rounds, every, 0)
         for arm, part in arm_settings()
-        for lr in LR_GRID
+        for lr in grid
     ]
 
 
@@ -252,6 +266,43 @@ def cell_row(pc: PlannedCell, folder: Path) -> dict[str, Any]:
     }
 
 
+def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A centralized budget run at seed 0 is the first `pc.rounds` rounds of its longer curve
+    run: the LR is constant and nothing else depends on the number of rounds (pinned by
+    tests/test_plateau_study.py). When the curve run's best validation round falls within
+    the budget, its best-round scores are this run's, and the run is not repeated. The final
+    round's test score is not known at the budget, so it is left empty."""
+    if pc.arm != "centralized" or pc.stage == "curve":
+        return None
+    curve = next(
+        (
+            r
+            for r in rows
+            if (r["task"], r["stage"], r["lr"], r["seed"]) == (pc.task, "curve", pc.lr, pc.seed)
+        ),
+        None,
+    )
+    if curve is None or curve["rounds"] < pc.rounds or curve["val_best_round"] > pc.rounds:
+        return None
+    if not curve["curve"] or curve["curve"][0][0] != pc.eval_every:
+        return None  # evaluated at other rounds: the best round would not be the same
+    row = dict(curve)
+    row.update(
+        stage=pc.stage,
+        cell=pc.cell().name,
+        rounds=pc.rounds,
+        curve=[p for p in curve["curve"] if p[0] <= pc.rounds],
+        derived_from=curve["cell"],
+        command=command(pc),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    row.update(test_accuracy=None, test_macro_f1=None, peers_test_accuracy=None)
+    row.update(wall_seconds=None)
+    row["val_accuracy"] = row["curve"][-1][2]
+    row["examples_per_peer"] = row["curve"][-1][1]
+    return row
+
+
 def command(pc: PlannedCell) -> str:
     sets = [*base_sets(pc.task), *pc.sets, f"seed={pc.seed}", "train.threads=1"]
     return "OMP_NUM_THREADS=1 declora run " + " ".join(f"--set '{s}'" for s in sets)
@@ -278,13 +329,22 @@ def run_stage(cells: Iterable[PlannedCell], out: Path, rows_path: Path) -> list[
     failed cells."""
     from declora.runners.sweep import cell_status, run_cell
 
-    done = {row_key(r) for r in read_rows(rows_path)}
+    rows = read_rows(rows_path)
+    done = {row_key(r) for r in rows}
     failed = []
     for pc in cells:
         c = pc.cell()
         job_out = out / pc.task
         folder = job_out / "cells" / c.name
         if (pc.task, c.name) in done:
+            continue
+        derived = truncated_curve_row(pc, rows)
+        if derived is not None:  # the curve run already holds this run's whole result
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(rows_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(derived) + "\n")
+            done.add((pc.task, c.name))
+            _echo(f"{c.name}: taken from {derived['derived_from']}")
             continue
         if cell_status(folder) != "complete":  # run_cell resumes an interrupted cell
             _echo(f"{pc.stage} {pc.arm} {pc.partition or ''} lr={pc.lr} seed={pc.seed}: start")
@@ -317,8 +377,9 @@ def train_size(task: str) -> int:
 def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str, Any]] | None:
     """(budget rounds, LR of the curve, its row) once every curve cell of `task` has its row."""
     curves = [r for r in rows if r["task"] == task and r["stage"] == "curve"]
-    if {r["lr"] for r in curves} != set(LR_GRID):
+    if not set(CURVE_LRS) <= {r["lr"] for r in curves}:
         return None
+    curves = [r for r in curves if r["lr"] in CURVE_LRS]
     best = {r["lr"]: max(p[2] for p in r["curve"]) for r in curves}
     lr = pick_lr(best)
     row = next(r for r in curves if r["lr"] == lr)
@@ -328,13 +389,18 @@ def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str
 
 def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str] | None:
     """Each arm's LR: the best validation accuracy (best round) of its seed-0 budget runs."""
-    tune = [r for r in rows if r["task"] == task and r["stage"] == "tune"]
+    found = budget_of(rows, task)
+    if found is None:
+        return None
+    budget, grid = found[0], tune_grid(found[1])
+    tune = [r for r in rows if r["task"] == task and r["stage"] == "tune" and r["rounds"] == budget]
     out = {}
     for arm, part in arm_settings():
         key = TUNE_KEY.get(arm, "val_best_accuracy")
         mine = {r["lr"]: r[key] for r in tune if (r["arm"], r["partition"]) == (arm, part)}
-        if set(mine) != set(LR_GRID):
+        if not set(grid) <= set(mine):
             return None
+        mine = {lr: v for lr, v in mine.items() if lr in grid}
         out[(arm, part)] = pick_lr(mine)
     return out
 
@@ -431,10 +497,10 @@ def plan_text(task: str, size: int, ex_per_s: float | None, peer_ex_per_s: float
     examples per second, one thread; evaluation not counted)."""
     every, rpe = eval_every(size), rounds_per_epoch(size)
     budget = every * EVALS_PER_EPOCH
-    lrs = {k: LR_GRID[0] for k in arm_settings()}
+    lrs = {k: CURVE_LRS[0] for k in arm_settings()}
     stages = {
         "curve": curve_cells(task, size),
-        "tune": tune_cells(task, budget, every),
+        "tune": tune_cells(task, budget, every, tune_grid(CURVE_LRS[1])),
         "main": [c for c in main_cells(task, budget, every, lrs) if c.seed != 0],
     }
     lines = [f"task {task}: {size} training examples, {rpe} rounds of {PEERS * BATCH} an epoch"]
@@ -493,7 +559,7 @@ def _run(task: str, stage: str, out: Path, rows_path: Path) -> list[str]:
     if found is None:
         return [*failed, "(tune: the learning curve is incomplete)"]
     every = eval_every(size)
-    failed += run_stage(tune_cells(task, found[0], every), out, rows_path)
+    failed += run_stage(tune_cells(task, found[0], every, tune_grid(found[1])), out, rows_path)
     if stage == "tune":
         return failed
     lrs = tuned_lrs(read_rows(rows_path), task)

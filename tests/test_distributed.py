@@ -218,8 +218,9 @@ def test_a_setup_mismatch_stops_every_peer_naming_the_difference(job, tmp_path):
 
 def test_distributed_runs_need_one_process_per_peer(job, tmp_path):
     res = _launch(job, tmp_path / "x", "topology.peers=3")
-    assert res.returncode != 0
+    assert res.returncode == 2  # refused by the launcher, before any peer process starts
     assert "topology.peers=3 but 4 processes were started" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_report_computes_the_averaged_model_from_the_peers_adapters(runs, tmp_path):
@@ -254,7 +255,7 @@ def test_report_computes_the_averaged_model_from_the_peers_adapters(runs, tmp_pa
 )
 def test_only_baselines_without_a_network_are_simulation_only(sets, what):
     from declora.config.schema import RunConfig
-    from declora.runners.peer import simulation_only
+    from declora.runners.placement import simulation_only
 
     assert simulation_only(RunConfig()) == ""
     assert simulation_only(RunConfig(**sets)).startswith(what)

@@ -188,6 +188,7 @@ def test_baselines_that_need_no_network_are_refused_with_the_reason(job, tmp_pat
         *_args(job, tmp_path / "x", [f"algorithm.name={name}"]),
         env={"OMP_NUM_THREADS": "1"},
     )
-    assert res.returncode != 0
+    assert res.returncode == 2  # refused by the launcher, before any peer process starts
     assert f"algorithm.name={name} needs no network" in res.stderr
+    assert not (tmp_path / "x").exists()
     assert "declora run" in res.stderr

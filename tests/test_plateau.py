@@ -1,5 +1,5 @@
-"""experiments/plateau.py: the verdict logic, the budget and LR rules, and the plan of cells
-(no training)."""
+"""experiments/plateau.py: the verdict logic, the budget and LR rules, the plan of cells, and
+(one tiny run pair) that a shorter constant-LR run is the start of a longer one."""
 
 from __future__ import annotations
 
@@ -87,12 +87,13 @@ def test_the_plan_of_cells(pl):
     rpe, every = pl.rounds_per_epoch(size), pl.eval_every(size)
     assert rpe == 360 and every == 36
     curve = pl.curve_cells("binary", size)
-    assert [c.lr for c in curve] == list(pl.LR_GRID)
+    assert [c.lr for c in curve] == list(pl.CURVE_LRS)
     assert all(c.arm == "centralized" and c.seed == 0 for c in curve)
     assert all(c.rounds * pl.PEERS * pl.BATCH >= size for c in curve)  # at least one epoch
-    tune = pl.tune_cells("binary", 360, every)
-    # centralized once, 3 arms x 2 partitions, each at every LR of the grid
-    assert len(tune) == 7 * len(pl.LR_GRID)
+    tune = pl.tune_cells("binary", 360, every, pl.tune_grid("0.05"))
+    # centralized once, 3 arms x 2 partitions, each at the 3 LRs around the curve's best
+    assert len(tune) == 7 * 3
+    assert {c.lr for c in tune} == {"0.025", "0.05", "0.1"}
     assert len({c.cell().name for c in tune}) == len(tune)
     lrs = {k: "0.1" for k in pl.arm_settings()}
     main = pl.main_cells("binary", 360, every, lrs)
@@ -103,11 +104,73 @@ def test_the_plan_of_cells(pl):
     assert not {c.cell().name for c in main if c.seed != 0} & tune_names
 
 
+def test_the_tuning_grid_is_the_curves_best_and_its_neighbours(pl):
+    assert pl.CURVE_LRS == ("0.025", "0.05", "0.1", "0.2", "0.4")
+    assert pl.tune_grid("0.1") == ("0.05", "0.1", "0.2")
+    assert pl.tune_grid("0.025") == ("0.025", "0.05", "0.1")  # at an edge: the nearest 3
+    assert pl.tune_grid("0.4") == ("0.1", "0.2", "0.4")
+    assert pl.tune_grid("0.2", width=1) == ("0.2",)
+
+
+def _curve_row(lr: str, best_round: int) -> dict:
+    points = [[36 * (i + 1), 1440 * (i + 1), 0.8 + 0.001 * i, 10.0 * i] for i in range(20)]
+    return dict(
+        task="binary", stage="curve", arm="centralized", partition=None, lr=lr, seed=0,
+        rounds=720, cell=f"curve-{lr}", curve=points, val_best_round=best_round,
+        val_best_accuracy=0.9, val_best_test_accuracy=0.89, test_accuracy=0.85,
+    )  # fmt: skip
+
+
+def test_a_budget_run_is_taken_from_its_curve_run_only_when_that_is_exact(pl):
+    tune = pl.tune_cells("binary", 612, 36, ("0.05",))
+    central = next(c for c in tune if c.arm == "centralized")
+    row = pl.truncated_curve_row(central, [_curve_row("0.05", 612)])
+    assert row["cell"] == central.cell().name and row["stage"] == "tune"
+    assert row["rounds"] == 612 and row["curve"][-1][0] == 612 and len(row["curve"]) == 17
+    assert row["val_best_test_accuracy"] == 0.89 and row["val_accuracy"] == row["curve"][-1][2]
+    assert row["test_accuracy"] is None  # the final round's test score is not known at 612
+    assert row["derived_from"] == "curve-0.05"
+    # its best round lies after the budget, another LR, or another arm: the run is needed
+    assert pl.truncated_curve_row(central, [_curve_row("0.05", 648)]) is None
+    assert pl.truncated_curve_row(central, [_curve_row("0.1", 36)]) is None
+    other = next(c for c in tune if c.arm == "dec-lora-ring")
+    assert pl.truncated_curve_row(other, [_curve_row("0.05", 36)]) is None
+
+
+def test_a_shorter_constant_lr_run_is_the_start_of_the_longer_one(tokenizer, tmp_path):
+    """What lets a centralized budget run be read off its longer curve run."""
+    from typer.testing import CliRunner
+
+    from declora.cli import app
+    from tests.conftest import run_metrics, write_ring_job
+
+    job = write_ring_job(
+        tmp_path,
+        tokenizer,
+        seed=1,
+        rounds=6,
+        algorithm={"name": "centralized"},
+        train={"schedule": "constant", "checkpoint_every": 0},
+        data={"val_size": 0.1},
+    )
+    runs = {}
+    for rounds in (4, 6):
+        out = tmp_path / f"r{rounds}"
+        args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out)]
+        res = CliRunner().invoke(app, [*args, "--set", f"train.rounds={rounds}"])
+        assert res.exit_code == 0, res.output
+        runs[rounds] = run_metrics(out)
+    keys = ("round", "examples_per_peer", "train_loss", "accuracy", "macro_f1")
+    short = [{k: r.get(k) for k in keys} for r in runs[4]]
+    long = [{k: r.get(k) for k in keys} for r in runs[6] if r["round"] <= 4]
+    assert [r["round"] for r in short] == [2, 4] and short == long
+
+
 def test_every_planned_cell_is_a_valid_config(pl):
     lrs = {k: "0.2" for k in pl.arm_settings()}
     cells = [
         *pl.curve_cells("binary", 14_372),
-        *pl.tune_cells("3class", 300, 30),
+        *pl.tune_cells("3class", 300, 30, pl.CURVE_LRS),
         *pl.main_cells("binary", 360, 36, lrs),
     ]
     for c in cells:
@@ -120,12 +183,12 @@ def test_every_planned_cell_is_a_valid_config(pl):
 def test_main_table_from_rows(pl):
     rows = []
     curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.005 * min(i, 4), 1.0] for i in range(20)]
-    for lr in pl.LR_GRID:
+    for lr in pl.CURVE_LRS:
         rows.append(dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve))
     budget = pl.budget_of(rows, "binary")[0]
     assert budget == 36 * 6  # +0.5 a point to 82, then flat; the 3-point mean lags by one
     for arm, part in pl.arm_settings():
-        for lr in pl.LR_GRID:
+        for lr in pl.CURVE_LRS:
             for seed in pl.SEEDS:
                 score = 0.85 + 0.001 * seed + (0.0 if arm == "centralized" else -0.03)
                 rows.append(
@@ -143,11 +206,13 @@ def test_main_table_from_rows(pl):
                         peers_test_accuracy=score,
                     )
                 )
-    rows = [r for r in rows if r["stage"] == "curve" or r["seed"] == 0 or r["lr"] == "0.4"]
+    # equal curves: the smallest LR wins, so arms are tuned on 0.025, 0.05 and 0.1; the
+    # largest of those validates best (val_best_accuracy = lr) and gets the seeds
+    rows = [r for r in rows if r["stage"] == "curve" or r["seed"] == 0 or r["lr"] == "0.1"]
     for r in rows:
         if r["stage"] == "main" and r["seed"] == 0:
             r["stage"] = "tune"
-    assert set(pl.tuned_lrs(rows, "binary").values()) == {"0.4"}
+    assert set(pl.tuned_lrs(rows, "binary").values()) == {"0.1"}
     table = pl.main_table(rows, "binary")
     by = {(t["partition"], t["arm"], t["reference"]): t["gap"] for t in table}
     assert by[("iid", "dec-lora-ring", "centralized")].verdict == "worse"
@@ -158,10 +223,10 @@ def test_main_table_from_rows(pl):
 
 def test_plan_text_counts_runs_and_hours(pl):
     text = pl.plan_text("binary", 14_400, 20.0, 10.0)
-    # 4 curve runs of 2 epochs; 7 settings x 4 LRs of 1 epoch; 7 settings x 4 more seeds
-    assert "curve: 4 runs, 8 epochs, 1.6 h" in text
-    assert "tune: 28 runs, 28 epochs" in text and "main: 28 runs, 28 epochs" in text
-    # tune: 4 centralized epochs at 20 ex/s + 24 peer epochs at 10 ex/s
-    hours = (4 * 14_400 / 20 + 24 * 14_400 / 10) / 3600
-    assert f"tune: 28 runs, 28 epochs, {hours:.1f} h" in text
-    assert "total: 60 runs, 64 epochs" in text
+    # 5 curve runs of 2 epochs; 7 settings x 3 LRs of 1 epoch; 7 settings x 4 more seeds
+    assert "curve: 5 runs, 10 epochs, 2.0 h" in text
+    assert "tune: 21 runs, 21 epochs" in text and "main: 28 runs, 28 epochs" in text
+    # tune: 3 centralized epochs at 20 ex/s + 18 peer epochs at 10 ex/s
+    hours = (3 * 14_400 / 20 + 18 * 14_400 / 10) / 3600
+    assert f"tune: 21 runs, 21 epochs, {hours:.1f} h" in text
+    assert "total: 54 runs, 59 epochs" in text

@@ -193,6 +193,7 @@ def launch(
 
     extra = [a for a in ctx.args if a != "--"]
     try:
+        _launch_preflight(extra, peers, nnodes)
         launcher.run(
             ["declora", "run", *extra],
             peers=peers,
@@ -209,6 +210,30 @@ def launch(
     except Exception as exc:  # torch's ChildFailedError: the peers already printed why
         typer.echo(f"error: the distributed run failed ({type(exc).__name__})", err=True)
         raise typer.Exit(1) from None
+
+
+def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
+    """Refuse in the launcher what every peer would refuse (a config error, a wrong process
+    count, a baseline that needs no network), before any process starts."""
+    import click
+
+    from declora.config.schema import load_config
+    from declora.runners.placement import refusal
+
+    command = typer.main.get_command(app)
+    try:
+        params = command.commands["run"].make_context("run", list(extra)).params  # type: ignore[attr-defined]
+    except (click.exceptions.ClickException, click.exceptions.Exit):
+        return  # each peer's own parser says what is wrong
+    config, sets = params.get("config"), params.get("set_") or []
+    if params.get("resume") is not None:
+        config, sets = params["resume"] / "config.yaml", []
+        if not config.is_file():
+            return  # the peers say why (same message as `declora run --resume`)
+    cfg = load_config(config, sets)
+    why = refusal(cfg, peers if nnodes == "1" else None)  # machines may start other counts
+    if why:
+        raise DecloraError(why)
 
 
 @app.command()

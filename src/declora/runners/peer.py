@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from declora.algorithms import algorithm_class
 from declora.config.schema import RunConfig
 from declora.engine import checkpoint as ckpt
 from declora.engine.round_loop import LoopHooks, Result, train
@@ -41,6 +40,7 @@ from declora.runners.build import (
     plan_ranks,
     prepare,
 )
+from declora.runners.placement import refusal
 from declora.runners.simulate import write_setup
 
 
@@ -94,19 +94,6 @@ def fingerprint(cfg: RunConfig, prep: Any) -> dict[str, Any]:
     }
 
 
-def simulation_only(cfg: RunConfig) -> str:
-    """Why this config cannot run as one process per peer, or ''. Only the baselines that
-    need no network (centralized training, local-only peers) are refused: they would only
-    waste processes; run them with `declora run`."""
-    algorithm = algorithm_class(cfg.algorithm.name)
-    if algorithm.single_process:
-        return (
-            f"algorithm.name={cfg.algorithm.name} needs no network (one model, or peers that "
-            "never talk)"
-        )
-    return ""
-
-
 def _open_rundir(out: Path, proc: dd.PeerProcess, resume: bool, overwrite: bool) -> str:
     """Rank 0 creates (or reopens) the run directory; returns an error message or ''."""
     if not proc.leader:
@@ -134,14 +121,7 @@ def run_peer(
     """Run this process's peer; every peer returns when the whole run is written."""
     proc = dd.start(cfg.comm.backend, cfg.comm.timeout_s)
     resume = resume or restarted()
-    error = ""
-    if cfg.topology.peers != proc.world:
-        error = (
-            f"topology.peers={cfg.topology.peers} but {proc.world} processes were started; "
-            "start one process per peer (torchrun --nproc-per-node / --nnodes)"
-        )
-    elif simulation_only(cfg):
-        error = f"{simulation_only(cfg)}: run it with `declora run` (no torchrun)"
+    error = refusal(cfg, proc.world)
     prep, key = None, None
     if not error:
         try:
