@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from declora.reporting.paired import paired_gap
+from declora.reporting.paired import gap_from_summary, paired_gap
 
 
 def test_the_interval_is_the_t_interval_of_the_differences():
@@ -29,3 +29,18 @@ def test_scale_and_margin_decide_the_verdict():
     assert clear.verdict == "better" and clear.low > 0
     one = paired_gap([0.7], [0.6], margin=1.0)
     assert one.verdict == "inconclusive" and one.shown() == "+10.00 (n=1)"
+
+
+def test_a_summary_gives_the_same_gap_as_its_pairs():
+    a, b = [0.62, 0.60, 0.65], [0.60, 0.61, 0.62]
+    d = [100 * (x - y) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    got, want = gap_from_summary(mean, sd, 3, margin=1.0), paired_gap(a, b, margin=1.0)
+    assert (got.mean, got.low, got.high) == pytest.approx((want.mean, want.low, want.high))
+    assert (got.n, got.verdict) == (want.n, want.verdict)
+    # the iid row of the short-budget table: -0.7 +- 3.4 over 3 seeds spans +-8.4 points
+    iid = gap_from_summary(-0.7, 3.4, 3, margin=1.0)
+    assert iid.verdict == "inconclusive" and iid.high - iid.low == pytest.approx(16.9, abs=0.1)
+    assert gap_from_summary(-16.0, 2.6, 3, margin=1.0).verdict == "worse"
+    assert gap_from_summary(0.1, 0.2, 1, margin=1.0).verdict == "inconclusive"

@@ -48,6 +48,15 @@ def paired_gap(a: Sequence[float], b: Sequence[float], margin: float, scale: flo
     return Gap(mean, mean - half, mean + half, n, verdict(mean - half, mean + half, margin))
 
 
+def gap_from_summary(mean: float, sd: float, n: int, margin: float) -> Gap:
+    """The same interval and verdict from a gap's mean and sample standard deviation over n
+    pairs (for tables that kept only those)."""
+    if n < 2:
+        return Gap(mean, float("-inf"), float("inf"), n, "inconclusive")
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    return Gap(mean, mean - half, mean + half, n, verdict(mean - half, mean + half, margin))
+
+
 def verdict(low: float, high: float, margin: float) -> str:
     if -margin < low and high < margin:
         return "equivalent"
