@@ -72,6 +72,7 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
 
     from declora.algorithms import make_algorithm
     from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
+    from declora.network.health import Diverged
     from declora.runners.build import make_engine, make_evaluator, simulated_communicator
 
     cfg = with_graph(base, graph)
@@ -107,6 +108,13 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
     loop_evaluator = make_evaluator(prep)
     prep.cfg = cfg
     start = time.perf_counter()
+    common = {
+        "graph": graph,
+        "attackers": attackers,
+        "attack": attack if attackers else "none",
+        "rule": rule,
+        "seed": cfg.seed,
+    }
     try:
         res = train(
             LoopParts(engine, plan, loop_evaluator, communicator=gossip),
@@ -128,15 +136,19 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
             {k: v[honest].mean(0, keepdim=True).expand_as(v).clone() for k, v in final.items()}
         )
         scored = make_evaluator(prep).average(engine, final=True)
+    except Diverged as exc:  # the attack drove an honest peer to a non-finite loss
+        return {
+            **common,
+            "honest_accuracy": None,
+            "diverged": str(exc).split(";")[0],
+            "gossip_seconds": round(timed["seconds"], 3),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
     finally:
         prep.model = engine.remove()
     last = res.records[-1]
     return {
-        "graph": graph,
-        "attackers": attackers,
-        "attack": attack if attackers else "none",
-        "rule": rule,
-        "seed": cfg.seed,
+        **common,
         "honest_accuracy": scored["accuracy"],
         "all_accuracy": last["accuracy"],  # on eval.max_examples (300) only
         "flagged_share": last.get("robust_flagged_share", 0.0),
@@ -155,9 +167,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         cells.setdefault(key_of(r)[:4], []).append(r)
     out = []
     for (graph, n_att, attack, rule), rs in sorted(cells.items()):
-        acc = np.array([r["honest_accuracy"] for r in rs])
-        clean = {r["seed"]: r for r in cells.get((graph, 0, "none", rule), [])}
-        gaps = [r["honest_accuracy"] - clean[r["seed"]]["honest_accuracy"] for r in rs
+        ok = [r for r in rs if r["honest_accuracy"] is not None]
+        acc = np.array([r["honest_accuracy"] for r in ok])
+        clean = {r["seed"]: r for r in cells.get((graph, 0, "none", rule), [])
+                 if r["honest_accuracy"] is not None}  # fmt: skip
+        gaps = [r["honest_accuracy"] - clean[r["seed"]]["honest_accuracy"] for r in ok
                 if r["seed"] in clean]  # fmt: skip
         out.append(
             {
@@ -166,8 +180,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "attack": attack,
                 "rule": rule,
                 "seeds": len(rs),
-                "honest_accuracy": float(acc.mean()),
-                "std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+                "diverged": len(rs) - len(ok),
+                "honest_accuracy": float(acc.mean()) if len(ok) else None,
+                "std": float(acc.std(ddof=1)) if len(ok) > 1 else 0.0,
                 "gap_to_no_attack_points": 100 * float(np.mean(gaps)) if gaps else None,
                 "gossip_seconds": float(np.mean([r["gossip_seconds"] for r in rs])),
             }
@@ -196,12 +211,19 @@ def target_lines(rows: list[dict]) -> list[str]:
     honest accuracy against plain gossip without any attacker, paired by seed (points)."""
     clean = {r["seed"]: r["honest_accuracy"] for r in rows
              if (r["graph"], r["attackers"], r["rule"]) == ("regular4", 0, "none")}  # fmt: skip
-    cells: dict[tuple[str, str], dict[int, float]] = {}
+    cells: dict[tuple[str, str], dict[int, float | None]] = {}
     for r in rows:
         if r["graph"] == "regular4" and r["attackers"] == 1 and r["seed"] in clean:
             cells.setdefault((r["attack"], r["rule"]), {})[r["seed"]] = r["honest_accuracy"]
     out = []
     for (attack, rule), by_seed in sorted(cells.items()):
+        lost = sum(v is None for v in by_seed.values())
+        if lost:
+            out.append(
+                f"regular4, 1 attacker, {attack:10s} {rule:13s} diverged (non-finite loss of "
+                f"an honest peer) in {lost} of {len(by_seed)} seeds"
+            )
+            continue
         seeds = sorted(by_seed)
         gap = paired_gap([by_seed[k] for k in seeds], [clean[k] for k in seeds], margin=2.0)
         within = gap.n > 1 and gap.low > -2.0
@@ -235,11 +257,7 @@ def tables(rows: list[dict]) -> str:
                 cells = []
                 for rule in RULES:
                     s = summary.get((graph, 0 if attack == "none" else n_att, attack, rule))
-                    cells.append(
-                        "—"
-                        if s is None
-                        else f"{s['honest_accuracy']:.3f} ± {s['std']:.3f} ({s['seeds']})"
-                    )
+                    cells.append(_cell(s))
                 label = {"none": "no attacker", ABSENT: "attacker(s) cut off (reference)"}.get(
                     attack, attack
                 )
@@ -258,6 +276,17 @@ def tables(rows: list[dict]) -> str:
     n = len({key_of(r) for r in rows})
     out += ["", f"{n} of {len(planned(_defaults()))} planned runs measured so far."]
     return "\n".join(out)
+
+
+def _cell(s: dict | None) -> str:
+    """`0.612 ± 0.010 (3)`, `diverged (3)`, or `0.600 ± 0.000 (2); diverged in 1`."""
+    if s is None:
+        return "—"
+    if s["honest_accuracy"] is None:
+        return f"diverged ({s['seeds']})"
+    ok = s["seeds"] - s["diverged"]
+    text = f"{s['honest_accuracy']:.3f} ± {s['std']:.3f} ({ok})"
+    return text + (f"; diverged in {s['diverged']}" if s["diverged"] else "")
 
 
 def _defaults() -> argparse.Namespace:
@@ -289,7 +318,10 @@ def plot(rows: list[dict], out: Path) -> None:
         xs, ys, es = [], [], []
         for j, attack in enumerate(attacks):
             s = summary.get((1, attack, rule))
-            if s is not None:
+            if s is not None and s["honest_accuracy"] is None:  # every seed diverged
+                ax.annotate("diverged", (j + (i - (len(RULES) - 1) / 2) * width, 0.02),
+                            rotation=90, ha="center", va="bottom", fontsize=7)  # fmt: skip
+            elif s is not None:
                 xs.append(j + (i - (len(RULES) - 1) / 2) * width)
                 ys.append(s["honest_accuracy"])
                 es.append(s["std"])
@@ -361,9 +393,8 @@ def main() -> None:
         gap = s["gap_to_no_attack_points"]
         print(
             f"{s['graph']:9s} {s['attackers']} {s['attack']:10s} {s['rule']:13s} "
-            f"acc {100 * s['honest_accuracy']:5.1f} +- {100 * s['std']:4.1f}  "
-            f"gap {'' if gap is None else f'{gap:+5.1f}'}  gossip {s['gossip_seconds']:.2f}s  "
-            f"(n={s['seeds']})"
+            f"acc {_cell(s):28s} gap {'' if gap is None else f'{gap:+5.1f}'}  "
+            f"gossip {s['gossip_seconds']:.2f}s"
         )
     print(*target_lines(rows), sep="\n")
     if args.write_docs:
