@@ -58,7 +58,7 @@ results-quick: setup
 	$(BIN)/python experiments/reproduce.py --quick --out runs/results
 
 # Issue 15's study at the plateau (binary task; one process, one thread; many CPU-hours, resumable;
-# raw rows in docs/plateau/runs.jsonl). STAGE=curve|tune|main, TASK=binary|3class.
+# raw rows in docs/plateau/runs.jsonl). STAGE=curve|tune|main|ablations, TASK=binary|3class.
 STAGE ?= main
 TASK ?= binary
 plateau: setup

@@ -113,6 +113,9 @@ class PlannedCell:
     rounds: int
     eval_every: int
     seed: int
+    ablation: str = ""  # the ablation table (section 4b-f) this run belongs to, if any
+    variant: str = ""  # its row in that table
+    extra: tuple[str, ...] = ()  # the variant's overrides
 
     @property
     def sets(self) -> tuple[str, ...]:
@@ -123,6 +126,7 @@ class PlannedCell:
             f"train.lr={self.lr}",
             f"train.rounds={self.rounds}",
             f"eval.every={self.eval_every}",
+            *self.extra,
         )
 
     def cell(self) -> Any:
@@ -183,6 +187,92 @@ def main_cells(
         for arm, part in arm_settings()
         for seed in SEEDS
     ]
+
+
+# ---------------------------------------------------------------- ablations (section 4b-f)
+
+ABLATION_SEEDS = (0, 1, 2)
+ABLATION_PARTITION = "dir0.5"  # the skewed partition: where the confounds can matter
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of an ablation table: an arm with overrides, its rounds as a multiple of the
+    budget, its local steps, and the reference row its gap is taken against."""
+
+    name: str
+    arm: str
+    extra: tuple[str, ...] = ()
+    rounds_factor: float = 1.0  # rounds = budget x this (equal examples: 1 / local steps)
+    lr_factor: float = 1.0  # LR = tuned LR x this
+    reference: str = "main:dec-lora-ring"  # "main:<arm>" is the main table's cell
+
+
+def _ranks() -> list[Variant]:
+    """Section 4b: ranks 2/4/16 at the scale of the main table's r=8 (alpha / r = 32 / 8 = 4),
+    Dec-LoRA and centralized; each rank's gap is Dec-LoRA minus centralized at that rank."""
+    out = []
+    for r in (2, 4, 16):
+        sets = (f"lora.r={r}", f"lora.alpha={4 * r}")
+        out += [
+            Variant(f"centralized r={r}", "centralized", sets, reference=""),
+            Variant(f"dec-lora r={r}", "dec-lora-ring", sets, reference=f"centralized r={r}"),
+        ]
+    return out
+
+
+ABLATIONS: dict[str, list[Variant]] = {
+    "ranks": _ranks(),
+    "local-steps": [  # 4c: K=5 at the examples of K=1, and at 5x them (the paper's K)
+        Variant("K=5, equal examples", "dec-lora-ring", ("train.local_steps=5",), 0.2),
+        Variant("K=5, 5x examples", "dec-lora-ring", ("train.local_steps=5",), 1.0),
+    ],
+    "4-bit": [Variant("4-bit gossip", "dec-lora-ring", ("comm.bits=4",))],  # 4d
+    "confounds": [  # 4e (objective vs decentralization and the baselines: the main table)
+        Variant("ring: Metropolis weights", "dec-lora-ring", ("topology.mixing=metropolis",)),
+        # momentum 0 at 10x the LR: the same effective step as momentum 0.9
+        Variant("no momentum", "dec-lora-ring", ("train.momentum=0",), lr_factor=10.0),
+        Variant("mixed momentum buffers", "dec-lora-ring", ("comm.mix_momentum=true",)),
+        Variant(
+            "no clipping: centralized", "centralized", ("train.max_grad_norm=null",), reference=""
+        ),
+        Variant(
+            "no clipping: dec-lora",
+            "dec-lora-ring",
+            ("train.max_grad_norm=null",),
+            reference="no clipping: centralized",
+        ),
+    ],
+    "peers": [  # 4f: 20 and 100 peers of 4 examples a step, at the budget's examples
+        Variant("20 peers", "dec-lora-ring", ("topology.peers=20",), 0.5),
+        Variant("100 peers", "dec-lora-ring", ("topology.peers=100",), 0.1),
+    ],
+}
+
+
+def ablation_cells(
+    task: str, budget_rounds: int, every: int, lrs: dict[tuple[str, str | None], str]
+) -> list[PlannedCell]:
+    """Every variant of every ablation at 3 seeds, from the tuned LR of its arm. Cheap tables
+    first, the 5x-examples row last: a study cut short keeps the most tables."""
+    out = []
+    for name, variants in ABLATIONS.items():
+        for v in variants:
+            part = None if v.arm == "centralized" else ABLATION_PARTITION
+            lr = f"{float(lrs[(v.arm, part)]) * v.lr_factor:g}"
+            rounds = max(1, math.ceil(budget_rounds * v.rounds_factor))
+            ev = max(1, round(every * v.rounds_factor))
+            out += [
+                PlannedCell(
+                    "ablation", task, v.arm, part, lr, rounds, ev, seed, name, v.name, v.extra
+                )
+                for seed in ABLATION_SEEDS
+            ]
+    return sorted(out, key=lambda c: c.rounds * _steps(c.extra))
+
+
+def _steps(extra: Sequence[str]) -> int:
+    return next((int(x.split("=")[1]) for x in extra if x.startswith("train.local_steps=")), 1)
 
 
 # ---------------------------------------------------------------- decisions from validation
@@ -249,6 +339,8 @@ def cell_row(pc: PlannedCell, folder: Path) -> dict[str, Any]:
         "stage": pc.stage,
         "arm": pc.arm,
         "partition": pc.partition,
+        "ablation": pc.ablation or None,
+        "variant": pc.variant or None,
         "lr": pc.lr,
         "seed": pc.seed,
         "rounds": pc.rounds,
@@ -513,7 +605,84 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
                 f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} |"
             )
         lines.append("")
+    lines += ablation_tables(rows, task, sub)
     return lines
+
+
+def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
+    """Section 4b-f: one table per ablation. Each row: the variant's test score over its seeds,
+    its paired gap to its declared reference (another variant, or the main table's Dec-LoRA
+    cell), and for Dec-LoRA rows without a centralized twin the gap to the main table's
+    centralized cell (the paper's claim under that change)."""
+    found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
+    if found is None or lrs is None:
+        return []
+    budget = found[0]
+
+    def main_scores(arm: str) -> dict[int, float]:
+        part = None if arm == "centralized" else ABLATION_PARTITION
+        return {
+            r["seed"]: r[SCORES[arm]]
+            for r in rows
+            if r["task"] == task
+            and r.get("ablation") is None
+            and r["stage"] in ("tune", "main")
+            and (r["arm"], r.get("partition"), r["lr"], r.get("rounds"))
+            == (arm, part, lrs[(arm, part)], budget)
+            and r.get(SCORES[arm]) is not None
+            and r["seed"] in ABLATION_SEEDS
+        }
+
+    def variant_scores(name: str, variant: str, arm: str) -> dict[int, float]:
+        return {
+            r["seed"]: r[SCORES[arm]]
+            for r in rows
+            if r["task"] == task
+            and (r.get("ablation"), r.get("variant")) == (name, variant)
+            and r.get(SCORES[arm]) is not None
+        }
+
+    def gap_text(a: dict[int, float], b: dict[int, float]) -> str:
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) < 2:
+            return ""
+        g = paired_gap([a[k] for k in seeds], [b[k] for k in seeds])
+        return f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}] {g.verdict}"
+
+    out: list[str] = []
+    for name, variants in ABLATIONS.items():
+        body = []
+        for v in variants:
+            mine = variant_scores(name, v.name, v.arm)
+            if not mine:
+                continue
+            if v.reference.startswith("main:"):
+                ref_label, ref = f"{v.reference[5:]} (main)", main_scores(v.reference[5:])
+            elif v.reference:
+                twin = next(x for x in variants if x.name == v.reference)
+                ref_label, ref = v.reference, variant_scores(name, twin.name, twin.arm)
+            else:
+                ref_label, ref = "", {}
+            central = ""
+            if v.arm != "centralized" and v.reference.startswith("main:"):
+                central = gap_text(mine, main_scores("centralized"))
+            vals = list(mine.values())
+            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+            body.append(
+                f"| {v.name} | {len(vals)} | {np.mean(vals):.3f}{sd} | {ref_label} | "
+                f"{gap_text(mine, ref) if ref else ''} | {central} |"
+            )
+        if body:
+            out += [
+                f"{sub}# Ablation: {name}",
+                "",
+                "| variant | seeds | test accuracy | reference | gap to it (points, 95% CI, "
+                "verdict) | gap to centralized (main) |",
+                "|---|---:|---|---|---|---|",
+                *body,
+                "",
+            ]
+    return out
 
 
 # training examples after the validation split (`train_size`, `--plan` prints it), so a report
@@ -655,35 +824,54 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- compute plan
 
 
-def plan_text(task: str, size: int, ex_per_s: float | None, peer_ex_per_s: float | None) -> str:
-    """How many runs and hours the study needs, assuming a budget of one epoch until the curve
-    gives it: centralized trains at `ex_per_s`, the 10-peer arms at `peer_ex_per_s` (training
-    examples per second, one thread; evaluation not counted)."""
+def cell_examples(c: PlannedCell) -> int:
+    """Training examples a cell passes over (all peers together)."""
+    peers = next((int(x.split("=")[1]) for x in c.extra if x.startswith("topology.peers=")), PEERS)
+    return c.rounds * peers * BATCH * _steps(c.extra)
+
+
+def plan_text(
+    task: str,
+    size: int,
+    ex_per_s: float | None,
+    peer_ex_per_s: float | None,
+    rows: list[dict[str, Any]] | None = None,
+) -> str:
+    """How many runs and hours the study needs: with the budget and LRs the rows give, else
+    a budget of one epoch and the grid's second LR. Centralized trains at `ex_per_s`, the
+    peer arms at `peer_ex_per_s` (examples per second, one thread, evaluation included)."""
     every, rpe = eval_every(size), rounds_per_epoch(size)
-    budget = every * EVALS_PER_EPOCH
-    lrs = {k: CURVE_LRS[0] for k in arm_settings()}
+    found = budget_of(rows or [], task)
+    budget, best = (found[0], found[1]) if found else (every * EVALS_PER_EPOCH, CURVE_LRS[1])
+    lrs = tuned_lrs(rows or [], task) or {k: best for k in arm_settings()}
     stages = {
         "curve": curve_cells(task, size),
-        "tune": tune_cells(task, budget, every, tune_grid(CURVE_LRS[1])),
+        "tune": tune_cells(task, budget, every, tune_grid(best)),
         "main": [c for c in main_cells(task, budget, every, lrs) if c.seed != 0],
+        "ablations": ablation_cells(task, budget, every, lrs),
     }
-    lines = [f"task {task}: {size} training examples, {rpe} rounds of {PEERS * BATCH} an epoch"]
+    done = {row_key(r) for r in rows or []}
+    where = f"budget {budget} rounds" + ("" if found else " (assumed: one epoch)")
+    lines = [
+        f"task {task}: {size} training examples, {rpe} rounds of {PEERS * BATCH} an epoch; " + where
+    ]
     total_runs, total_epochs, total_h = 0, 0.0, 0.0
     for stage, cells in stages.items():
-        epochs = [c.rounds * PEERS * BATCH / size for c in cells]
-        line = f"  {stage}: {len(cells)} runs, {sum(epochs):.0f} epochs"
+        todo = [c for c in cells if (c.task, c.cell().name) not in done]
+        epochs = [cell_examples(c) / size for c in cells]
+        line = f"  {stage}: {len(cells)} runs ({len(todo)} to run), {sum(epochs):.0f} epochs"
         if ex_per_s and peer_ex_per_s:
-            speed = [ex_per_s if c.arm == "centralized" else peer_ex_per_s for c in cells]
-            hours = sum(e * size / v for e, v in zip(epochs, speed, strict=True)) / 3600
-            line += f", {hours:.1f} h"
+            speed = {id(c): ex_per_s if c.arm == "centralized" else peer_ex_per_s for c in cells}
+            hours = sum(cell_examples(c) / speed[id(c)] for c in todo) / 3600
+            line += f", {hours:.1f} h to run"
             total_h += hours
         lines.append(line)
         total_runs, total_epochs = total_runs + len(cells), total_epochs + sum(epochs)
     tail = f"  total: {total_runs} runs, {total_epochs:.0f} epochs"
     if ex_per_s and peer_ex_per_s:
         tail += (
-            f", {total_h:.1f} h of training in one process at {ex_per_s:g} ex/s (centralized) "
-            f"and {peer_ex_per_s:g} ex/s (10 peers), one thread"
+            f", {total_h:.1f} h still to run in one process at {ex_per_s:g} ex/s (centralized) "
+            f"and {peer_ex_per_s:g} ex/s (peer arms), one thread"
         )
     return "\n".join([*lines, tail])
 
@@ -691,7 +879,7 @@ def plan_text(task: str, size: int, ex_per_s: float | None, peer_ex_per_s: float
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="binary")
-    ap.add_argument("--stage", choices=("curve", "tune", "main"), default="curve")
+    ap.add_argument("--stage", choices=("curve", "tune", "main", "ablations"), default="curve")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rows", type=Path, default=ROWS)
     ap.add_argument("--plan", action="store_true", help="print the cells and compute, run nothing")
@@ -702,7 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.plan:
         size = train_size(args.task)
-        print(plan_text(args.task, size, args.ex_per_s, args.peer_ex_per_s))
+        rows = read_rows(args.rows)
+        print(plan_text(args.task, size, args.ex_per_s, args.peer_ex_per_s, rows))
         return 0
     if not args.report_only:
         failed = _run(args.task, args.stage, args.out, args.rows)
@@ -733,7 +922,10 @@ def _run(task: str, stage: str, out: Path, rows_path: Path) -> list[str]:
     lrs = tuned_lrs(read_rows(rows_path), task)
     if lrs is None:
         return [*failed, "(main: the tuning runs are incomplete)"]
-    return failed + run_stage(main_cells(task, found[0], every, lrs), out, rows_path)
+    failed += run_stage(main_cells(task, found[0], every, lrs), out, rows_path)
+    if stage == "main":
+        return failed
+    return failed + run_stage(ablation_cells(task, found[0], every, lrs), out, rows_path)
 
 
 if __name__ == "__main__":

@@ -223,10 +223,85 @@ def test_main_table_from_rows(pl):
 
 def test_plan_text_counts_runs_and_hours(pl):
     text = pl.plan_text("binary", 14_400, 20.0, 10.0)
-    # 5 curve runs of 2 epochs; 7 settings x 3 LRs of 1 epoch; 7 settings x 4 more seeds
-    assert "curve: 5 runs, 10 epochs, 2.0 h" in text
-    assert "tune: 21 runs, 21 epochs" in text and "main: 28 runs, 28 epochs" in text
+    # 5 curve runs of 2 epochs; 7 settings x 3 LRs of 1 epoch; 7 settings x 4 more seeds;
+    # 16 ablation rows x 3 seeds (one K=5 row at 5x the examples: 12 extra epochs)
+    assert "budget 360 rounds (assumed: one epoch)" in text
+    assert "curve: 5 runs (5 to run), 10 epochs, 2.0 h to run" in text
     # tune: 3 centralized epochs at 20 ex/s + 18 peer epochs at 10 ex/s
     hours = (3 * 14_400 / 20 + 18 * 14_400 / 10) / 3600
-    assert f"tune: 21 runs, 21 epochs, {hours:.1f} h" in text
-    assert "total: 54 runs, 59 epochs" in text
+    assert f"tune: 21 runs (21 to run), 21 epochs, {hours:.1f} h to run" in text
+    assert "main: 28 runs (28 to run), 28 epochs" in text
+    assert "ablations: 48 runs (48 to run), 60 epochs" in text
+    assert "total: 102 runs, 119 epochs" in text
+    # rows that exist are not to run, and their budget replaces the assumed one
+    rows = [
+        dict(_curve_row(c.lr, 36), cell=c.cell().name) for c in pl.curve_cells("binary", 14_400)
+    ]
+    text = pl.plan_text("binary", 14_400, 20.0, 10.0, rows)
+    assert "budget 576 rounds\n" in text  # the rising test curve's budget (1.6 epochs)
+    assert "curve: 5 runs (0 to run), 10 epochs, 0.0 h to run" in text
+    assert "tune: 21 runs (21 to run), 34 epochs" in text
+
+
+def test_the_ablation_plan(pl):
+    lrs = {k: "0.05" for k in pl.arm_settings()}
+    cells = pl.ablation_cells("binary", 612, 36, lrs)
+    variants = [v for vs in pl.ABLATIONS.values() for v in vs]
+    assert len(cells) == len(variants) * len(pl.ABLATION_SEEDS) == 48
+    names = {c.cell().name for c in cells}
+    assert len(names) == len(cells)  # every run its own folder
+    assert not names & {c.cell().name for c in pl.main_cells("binary", 612, 36, lrs)}
+    budget_examples = 612 * pl.PEERS * pl.BATCH
+    by = {c.variant: c for c in cells}
+    # equal examples: K=5 a fifth of the rounds, 20 and 100 peers a half and a tenth
+    for v in ("K=5, equal examples", "20 peers", "100 peers"):
+        assert abs(pl.cell_examples(by[v]) - budget_examples) <= 5 * 100 * pl.BATCH
+    assert pl.cell_examples(by["K=5, 5x examples"]) == 5 * budget_examples
+    # the rank sweep keeps the main table's scale alpha / r = 32 / 8
+    for r in (2, 4, 16):
+        cfg = load_config(None, [*pl.base_sets("binary"), *by[f"dec-lora r={r}"].cell().sets])
+        assert cfg.lora.r == r and cfg.lora.alpha / cfg.lora.r == 4.0
+    assert by["no momentum"].lr == "0.5"  # 10x: the step of momentum 0.9
+    for c in cells:  # each a valid config of its arm, on the skewed partition
+        cfg = load_config(None, [*pl.base_sets(c.task), *c.cell().sets])
+        assert cfg.train.rounds == c.rounds and cfg.seed == c.seed
+        if c.arm != "centralized":
+            assert cfg.data.partition == "dirichlet"
+    # the 5x-examples runs come last (a study cut short keeps the most tables)
+    assert {c.variant for c in cells[-3:]} == {"K=5, 5x examples"}
+
+
+def test_ablation_tables_take_gaps_against_the_declared_references(pl):
+    rows = []
+    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80, 1.0] for i in range(20)]
+    for lr in pl.CURVE_LRS:
+        rows.append(dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve))
+    budget = pl.budget_of(rows, "binary")[0]
+    for arm, part in pl.arm_settings():
+        for lr in pl.tune_grid("0.025"):
+            for seed in pl.SEEDS:
+                score = 0.85 + 0.001 * seed - (0.0 if arm == "centralized" else 0.01)
+                rows.append(dict(
+                    task="binary", stage="tune" if seed == 0 else "main", arm=arm,
+                    partition=part, lr=lr, seed=seed, rounds=budget, val_best_accuracy=0.5,
+                    peers_val_accuracy=0.5, val_best_test_accuracy=score,
+                    peers_test_accuracy=score,
+                ))  # fmt: skip
+    lrs = pl.tuned_lrs(rows, "binary")
+    for c in pl.ablation_cells("binary", budget, 36, lrs):
+        shift = {"4-bit gossip": -0.02, "centralized r=2": 0.0, "dec-lora r=2": -0.005}
+        if c.variant in shift:
+            rows.append(dict(
+                task="binary", stage="ablation", arm=c.arm, partition=c.partition, lr=c.lr,
+                seed=c.seed, rounds=c.rounds, ablation=c.ablation, variant=c.variant,
+                val_best_test_accuracy=0.85 + 0.001 * c.seed + shift[c.variant],
+            ))  # fmt: skip
+    text = "\n".join(pl.ablation_tables(rows, "binary", "###"))
+    four = next(line for line in text.splitlines() if line.startswith("| 4-bit gossip"))
+    # against the main Dec-LoRA cell (-1 point from centralized): -1 more, and -2 in all
+    assert (
+        "| dec-lora-ring (main) | -1.00 [-1.00, -1.00] worse | -2.00 [-2.00, -2.00] worse |" in four
+    )
+    r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
+    assert "| centralized r=2 | -0.50 [-0.50, -0.50] equivalent |" in r2
+    assert "Ablation: confounds" not in text  # no rows yet, no table
