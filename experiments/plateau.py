@@ -726,21 +726,33 @@ def _scores_table(rows: list[dict[str, Any]], task: str) -> list[str]:
     found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
     if found is None or lrs is None:
         return []
-    lines = ["| arm | lr | seeds | test accuracy (mean ± std) |", "|---|---:|---:|---|"]
+    lines = [
+        "| arm | lr | seeds | test accuracy (mean ± std) | each peer's own model (mean) |",
+        "|---|---:|---:|---|---|",
+    ]
+
+    def shown(vals: list[float]) -> str:
+        if not vals:
+            return ""
+        sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        return f"{np.mean(vals):.3f}{sd}"
+
     for arm, part in arm_settings():
-        vals = [
-            r[SCORES[arm]]
+        mine = [
+            r
             for r in rows
             if r["task"] == task
+            and r.get("ablation") is None
             and (r["arm"], r.get("partition"), r["lr"], r.get("rounds"))
             == (arm, part, lrs[(arm, part)], found[0])
             and r.get(SCORES[arm]) is not None
         ]
-        if vals:
-            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        if mine:
+            own = [r["peers_test_accuracy"] for r in mine if r.get("peers_test_accuracy")]
             lines.append(
-                f"| {_label(arm, part)} | {lrs[(arm, part)]} | {len(vals)} | "
-                f"{np.mean(vals):.3f}{sd} |"
+                f"| {_label(arm, part)} | {lrs[(arm, part)]} | {len(mine)} | "
+                f"{shown([r[SCORES[arm]] for r in mine])} | "
+                f"{shown(own) if arm != 'centralized' else ''} |"
             )
     return [*lines, ""]
 
