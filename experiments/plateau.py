@@ -520,6 +520,7 @@ def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
             r["seed"]: r[key]
             for r in rows
             if r["task"] == task
+            and r.get("ablation") is None  # an ablation's variant may share arm, LR, rounds
             and (r["arm"], r.get("partition"), r["lr"], r.get("rounds")) == (arm, part, lr, budget)
             and r.get(key) is not None
         }

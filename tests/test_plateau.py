@@ -296,6 +296,8 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
                 seed=c.seed, rounds=c.rounds, ablation=c.ablation, variant=c.variant,
                 val_best_test_accuracy=0.85 + 0.001 * c.seed + shift[c.variant],
             ))  # fmt: skip
+    before = pl.main_table([r for r in rows if r.get("ablation") is None], "binary")
+    assert [t["gap"] for t in pl.main_table(rows, "binary")] == [t["gap"] for t in before]
     text = "\n".join(pl.ablation_tables(rows, "binary", "###"))
     four = next(line for line in text.splitlines() if line.startswith("| 4-bit gossip"))
     # against the main Dec-LoRA cell (-1 point from centralized): -1 more, and -2 in all
