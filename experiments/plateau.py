@@ -593,6 +593,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     ]
     lines += _tuning_table(rows, task, budget, tune_grid(lr))
     lines += _scores_table(rows, task)
+    lines += _time_to_accuracy(rows, task)
     table = main_table(rows, task)
     if table:
         lines += ["| partition | gap | seeds | mean (points) | 95% CI | verdict |"]
@@ -755,6 +756,51 @@ def _scores_table(rows: list[dict[str, Any]], task: str) -> list[str]:
                 f"{shown([r[SCORES[arm]] for r in mine])} | "
                 f"{shown(own) if arm != 'centralized' else ''} |"
             )
+    return [*lines, ""]
+
+
+TTA_BELOW_POINTS = 2.0  # time to accuracy: to within this of centralized's best (declared)
+
+
+def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
+    """Examples, bytes and seconds each arm's seed-0 run (tuned LR) took to first reach, on
+    validation, centralized LoRA's best validation accuracy minus TTA_BELOW_POINTS."""
+    found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
+    if found is None or lrs is None:
+        return []
+    picked = {}
+    for (arm, part), lr in lrs.items():
+        picked[(arm, part)] = next(
+            (r for r in rows if r["task"] == task and r.get("seed") == 0 and r["lr"] == lr
+             and r.get("ablation") is None
+             and (r["arm"], r.get("partition"), r.get("rounds")) == (arm, part, found[0])),
+            None,
+        )  # fmt: skip
+    central = picked.get(("centralized", None))
+    if central is None or not central.get("curve"):
+        return []
+    target = max(p[2] for p in central["curve"]) - TTA_BELOW_POINTS / 100
+    lines = [
+        f"Time to accuracy (seed 0): first evaluation at validation accuracy >= {target:.3f} "
+        f"(centralized's best minus {TTA_BELOW_POINTS:g} points); seconds are the run's own "
+        "wall clock at one thread (evaluations included, machine shared).",
+        "",
+        "| arm | round | examples | bytes sent (all peers) | seconds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (arm, part), r in picked.items():
+        if r is None or not r.get("curve"):
+            continue
+        hit = next((p for p in r["curve"] if p[2] is not None and p[2] >= target), None)
+        if hit is None:
+            lines.append(f"| {_label(arm, part)} | not reached | | | |")
+            continue
+        sent = hit[4] if len(hit) > 4 and hit[4] is not None else None
+        mb = "" if sent is None else f"{sent / 1e6:,.1f} MB"
+        secs = "" if hit[3] is None else f"{hit[3]:,.0f}"
+        lines.append(
+            f"| {_label(arm, part)} | {hit[0]} | {hit[0] * PEERS * BATCH:,} | {mb} | {secs} |"
+        )
     return [*lines, ""]
 
 

@@ -307,3 +307,27 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
     assert "| centralized r=2 | -0.50 [-0.50, -0.50] equivalent |" in r2
     assert "Ablation: confounds" not in text  # no rows yet, no table
+
+
+def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
+    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.01 * min(i, 5), 10.0 * (i + 1), None]
+             for i in range(20)]  # fmt: skip
+    rows = [dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve, seed=0)
+            for lr in pl.CURVE_LRS]  # fmt: skip
+    budget = pl.budget_of(rows, "binary")[0]
+    for arm, part in pl.arm_settings():
+        slow = 0 if arm == "centralized" else 2  # the peer arms lag two evaluations
+        sent = None if arm == "centralized" else 1e6  # centralized sends nothing
+        points = [[36 * (i + 1), 144 * (i + 1), curve[max(0, i - slow)][2], 20.0 * (i + 1),
+                   sent and sent * (i + 1)] for i in range(budget // 36)]  # fmt: skip
+        for lr in pl.tune_grid("0.025"):
+            rows.append(dict(
+                task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
+                rounds=budget, val_best_accuracy=float(lr), peers_val_accuracy=float(lr),
+                curve=points,
+            ))  # fmt: skip
+    lines = pl._time_to_accuracy(rows, "binary")
+    assert ">= 0.830" in lines[0]  # best 0.85 minus 2 points
+    by = {x.split(" | ")[0][2:]: x for x in lines if x.startswith("| ")}
+    assert by["centralized"] == "| centralized | 144 | 5,760 |  | 80 |"
+    assert by["dec-lora-ring (iid)"] == "| dec-lora-ring (iid) | 216 | 8,640 | 6.0 MB | 120 |"
