@@ -47,9 +47,11 @@ def metric_per_round(
 ) -> Path:
     """One line per run (or per view of a run) against the round number."""
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    drawn = 0
     for label, (x, y) in series.items():
         if x:
             ax.plot(x, y, marker="o", markersize=3, label=label)
+            drawn += 1
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     if scale == "symlog":  # consensus distance starts at exactly 0
@@ -58,7 +60,10 @@ def metric_per_round(
         ax.set_yscale("log")
     ax.set_title(title or ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:  # e.g. no evaluation during the run (eval.every=0): say so instead of a blank plot
+        ax.text(0.5, 0.5, "no values recorded", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
