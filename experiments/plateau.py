@@ -689,7 +689,7 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
 
 # training examples after the validation split (`train_size`, `--plan` prints it), so a report
 # needs no data loading; a task not listed gets no epoch count
-TRAIN_SIZES = {"binary": 14_371}
+TRAIN_SIZES = {"binary": 14_371, "3class": 30_166}
 
 
 def _label(arm: str, part: str | None) -> str:
