@@ -331,3 +331,8 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
     by = {x.split(" | ")[0][2:]: x for x in lines if x.startswith("| ")}
     assert by["centralized"] == "| centralized | 144 | 5,760 |  | 80 |"
     assert by["dec-lora-ring (iid)"] == "| dec-lora-ring (iid) | 216 | 8,640 | 6.0 MB | 120 |"
+
+
+def test_the_reports_training_sizes_are_the_tasks_own(pl):
+    """The report counts epochs without loading data; the sizes it uses must be the real ones."""
+    assert pl.TRAIN_SIZES == {task: pl.train_size(task) for task in pl.TASKS}
