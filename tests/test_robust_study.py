@@ -1,0 +1,41 @@
+"""benchmarks/robust.py: the plan's order, and the target and tables computed from rows
+(no training)."""
+
+from __future__ import annotations
+
+from benchmarks import robust
+
+
+def _row(attackers: int, attack: str, rule: str, seed: int, acc: float | None) -> dict:
+    row = dict(graph="regular4", attackers=attackers, attack=attack, rule=rule, seed=seed,
+               honest_accuracy=acc, gossip_seconds=0.1)  # fmt: skip
+    if acc is None:
+        row["diverged"] = "round 5: peer 0 diverged"
+    return row
+
+
+def test_the_plan_answers_the_target_first_and_has_the_cut_off_reference():
+    cells = robust.planned(robust._defaults())
+    assert len(cells) == len(set(cells)) == 276
+    first = cells[: 3 * (4 + 5 * 4 + 1)]  # the 4-regular graph, 0 and 1 attacker, 3 seeds
+    assert {(g, a) for g, a, *_ in first} == {("regular4", 0), ("regular4", 1)}
+    assert ("regular4", 1, robust.ABSENT, "none", 0) in first
+    assert all(c[1] == 2 for c in cells[-len(cells) // 3 :])  # 2 attackers last
+
+
+def test_the_target_table_decides_from_paired_seeds():
+    rows = [_row(0, "none", r, s, 0.65 + 0.01 * s) for r in robust.RULES for s in range(3)]
+    rows += [_row(1, "sign-flip", "clip", s, 0.645 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]
+    rows += [_row(1, "sign-flip", "median", s, 0.60 + 0.01 * s) for s in range(3)]
+    rows += [_row(1, "sign-flip", "none", s, None if s == 2 else 0.4) for s in range(3)]
+    rows += [_row(1, robust.ABSENT, "none", s, 0.63 + 0.01 * s) for s in range(3)]
+    table = robust.target_lines(rows)
+    flip = next(line for line in table if line.startswith("| sign-flip |"))
+    cells = [c.strip() for c in flip.strip("|").split("|")]
+    assert cells[1] == "diverged in 1 of 3"  # plain gossip
+    assert cells[2].startswith("-0.47 [") and cells[5] == "clip"  # within 2 points: clip only
+    assert cells[4].startswith("-5.00 [")  # median: 5 points down on every seed
+    assert "cut off from the start" in table[-1] and "-2.00" in table[-1]
+    text = robust.tables(rows)
+    assert "| sign-flip | 0.400 ± 0.000 (2); diverged in 1 |" in text
+    assert "attacker(s) cut off (reference)" in text
