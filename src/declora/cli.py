@@ -213,9 +213,14 @@ def launch(
 
 
 def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
-    """Refuse in the launcher what every peer would refuse (a config error, a wrong process
-    count, a baseline that needs no network), before any process starts."""
+    """On one machine, refuse in the launcher what every peer would refuse (a config error, a
+    wrong process count, a baseline that needs no network), before any process starts. Across
+    machines the peers' handshake does it, so that every machine stops with the message
+    instead of waiting for one that refused alone."""
     import click
+
+    if nnodes != "1":
+        return
 
     from declora.config.schema import load_config
     from declora.runners.placement import refusal
@@ -231,7 +236,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
         if not config.is_file():
             return  # the peers say why (same message as `declora run --resume`)
     cfg = load_config(config, sets)
-    why = refusal(cfg, peers if nnodes == "1" else None)  # machines may start other counts
+    why = refusal(cfg, peers)
     if why:
         raise DecloraError(why)
 
