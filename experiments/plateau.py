@@ -370,8 +370,8 @@ def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str
     tests/test_plateau_study.py). When the curve run's best validation round falls within
     the budget, its best-round scores are this run's, and the run is not repeated. The final
     round's test score is not known at the budget, so it is left empty."""
-    if pc.arm != "centralized" or pc.stage == "curve":
-        return None
+    if pc.arm != "centralized" or pc.stage == "curve" or pc.extra:
+        return None  # only the curve's own settings (an ablation's variant is another run)
     curve = next(
         (
             r

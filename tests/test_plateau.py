@@ -135,6 +135,9 @@ def test_a_budget_run_is_taken_from_its_curve_run_only_when_that_is_exact(pl):
     assert pl.truncated_curve_row(central, [_curve_row("0.1", 36)]) is None
     other = next(c for c in tune if c.arm == "dec-lora-ring")
     assert pl.truncated_curve_row(other, [_curve_row("0.05", 36)]) is None
+    lrs = {k: "0.05" for k in pl.arm_settings()}
+    for c in pl.ablation_cells("binary", 612, 36, lrs):  # e.g. centralized at r=2
+        assert pl.truncated_curve_row(c, [_curve_row("0.05", 36)]) is None, c.variant
 
 
 def test_a_shorter_constant_lr_run_is_the_start_of_the_longer_one(tokenizer, tmp_path):
