@@ -916,7 +916,11 @@ def plan_text(
     ]
     total_runs, total_epochs, total_h = 0, 0.0, 0.0
     for stage, cells in stages.items():
-        todo = [c for c in cells if (c.task, c.cell().name) not in done]
+        todo = [
+            c
+            for c in cells
+            if (c.task, c.cell().name) not in done and truncated_curve_row(c, rows or []) is None
+        ]  # a run read off its curve run is not run
         epochs = [cell_examples(c) / size for c in cells]
         line = f"  {stage}: {len(cells)} runs ({len(todo)} to run), {sum(epochs):.0f} epochs"
         if ex_per_s and peer_ex_per_s:
