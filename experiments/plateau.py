@@ -119,9 +119,9 @@ class PlannedCell:
 
     @property
     def sets(self) -> tuple[str, ...]:
-        part = PARTITIONS[self.partition] if self.partition else ()
+        part = {**PARTITIONS, **EXTRA_PARTITIONS}[self.partition] if self.partition else ()
         return (
-            *ARMS[self.arm],
+            *{**ARMS, **EXTRA_ARMS}[self.arm],
             *part,
             f"train.lr={self.lr}",
             f"train.rounds={self.rounds}",
@@ -206,6 +206,15 @@ class Variant:
     rounds_factor: float = 1.0  # rounds = budget x this (equal examples: 1 / local steps)
     lr_factor: float = 1.0  # LR = tuned LR x this
     reference: str = "main:dec-lora-ring"  # "main:<arm>" is the main table's cell
+    partition: str | None = ABLATION_PARTITION  # (centralized arms have none)
+    lr_arm: str | None = None  # whose tuned LR (at this partition, or Dirichlet 0.5): own
+
+    def tuned_at(self) -> tuple[str, str | None]:
+        """The main table's (arm, partition) whose tuned LR this variant starts from."""
+        if self.arm == "centralized":
+            return "centralized", None
+        part = self.partition if self.partition in PARTITIONS else ABLATION_PARTITION
+        return self.lr_arm or self.arm, part
 
 
 def _ranks() -> list[Variant]:
@@ -247,6 +256,40 @@ ABLATIONS: dict[str, list[Variant]] = {
         Variant("20 peers", "dec-lora-ring", ("topology.peers=20",), 0.5),
         Variant("100 peers", "dec-lora-ring", ("topology.peers=100",), 0.1),
     ],
+    # 4a's other topology and partition: ER under iid and Dirichlet 0.5 (from the ring's
+    # tuned LR), and the paper's 3-peer label skew (13 examples a step: 39 a round)
+    "er-and-3-peer-skew": [
+        Variant("ER, iid", "dec-lora-er", partition="iid", lr_arm="dec-lora-ring"),
+        Variant("ER, Dirichlet 0.5", "dec-lora-er", lr_arm="dec-lora-ring"),
+        Variant(
+            "3-peer skew: dec-lora",
+            "dec-lora-ring",
+            (),
+            40 / 39,
+            partition="skew3",
+            reference="main:centralized",
+        ),
+        Variant(
+            "3-peer skew: local-only",
+            "local-only",
+            (),
+            40 / 39,
+            partition="skew3",
+            reference="main:centralized",
+        ),
+    ],
+}
+
+# arms and partitions that only ablations use (not in the main table or its tuning)
+EXTRA_ARMS = {"dec-lora-er": ("algorithm.name=dec-lora", "topology.kind=er")}
+EXTRA_PARTITIONS = {
+    "skew3": ("data.partition=label-skew", "topology.peers=3", "train.batch_size=13"),
+}
+# the paper's skew: peer i's label distribution (two classes: its own; three classes: the
+# first class carries the paper's share, the other two split the rest)
+SKEW3 = {
+    "binary": "[[0.15,0.85],[0.85,0.15],[0.5,0.5]]",
+    "3class": "[[0.15,0.425,0.425],[0.85,0.075,0.075],[0.334,0.333,0.333]]",
 }
 
 
@@ -258,21 +301,35 @@ def ablation_cells(
     out = []
     for name, variants in ABLATIONS.items():
         for v in variants:
-            part = None if v.arm == "centralized" else ABLATION_PARTITION
-            lr = f"{float(lrs[(v.arm, part)]) * v.lr_factor:g}"
+            part = None if v.arm == "centralized" else v.partition
+            lr = f"{float(lrs[v.tuned_at()]) * v.lr_factor:g}"
             rounds = max(1, math.ceil(budget_rounds * v.rounds_factor))
             ev = max(1, round(every * v.rounds_factor))
+            extra = v.extra + ((f"data.proportions={SKEW3[task]}",) if part == "skew3" else ())
             out += [
                 PlannedCell(
-                    "ablation", task, v.arm, part, lr, rounds, ev, seed, name, v.name, v.extra
+                    "ablation", task, v.arm, part, lr, rounds, ev, seed, name, v.name, extra
                 )
                 for seed in ABLATION_SEEDS
             ]
-    return sorted(out, key=lambda c: c.rounds * _steps(c.extra))
+    return sorted(out, key=cell_examples)
 
 
-def _steps(extra: Sequence[str]) -> int:
-    return next((int(x.split("=")[1]) for x in extra if x.startswith("train.local_steps=")), 1)
+def _set_value(sets: Sequence[str], key: str, default: int) -> int:
+    return next((int(x.split("=", 1)[1]) for x in sets if x.startswith(f"{key}=")), default)
+
+
+def _steps(sets: Sequence[str]) -> int:
+    return _set_value(sets, "train.local_steps", 1)
+
+
+def cell_examples(c: PlannedCell) -> int:
+    """Training examples a cell passes over (all peers together)."""
+    peers = _set_value(c.sets, "topology.peers", PEERS)
+    batch = _set_value(c.sets, "train.batch_size", BATCH)
+    if c.arm == "centralized":  # one model, the peers' batches pooled
+        peers, batch = 1, PEERS * BATCH
+    return c.rounds * peers * batch * _steps(c.sets)
 
 
 # ---------------------------------------------------------------- decisions from validation
@@ -621,8 +678,8 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
         return []
     budget = found[0]
 
-    def main_scores(arm: str) -> dict[int, float]:
-        part = None if arm == "centralized" else ABLATION_PARTITION
+    def main_scores(arm: str, part: str | None) -> dict[int, float]:
+        part = None if arm == "centralized" else part
         return {
             r["seed"]: r[SCORES[arm]]
             for r in rows
@@ -636,12 +693,13 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
         }
 
     def variant_scores(name: str, variant: str, arm: str) -> dict[int, float]:
+        key = SCORES.get(arm, "val_best_test_accuracy")
         return {
-            r["seed"]: r[SCORES[arm]]
+            r["seed"]: r[key]
             for r in rows
             if r["task"] == task
             and (r.get("ablation"), r.get("variant")) == (name, variant)
-            and r.get(SCORES[arm]) is not None
+            and r.get(key) is not None
         }
 
     def gap_text(a: dict[int, float], b: dict[int, float]) -> str:
@@ -658,16 +716,19 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
             mine = variant_scores(name, v.name, v.arm)
             if not mine:
                 continue
+            at = v.tuned_at()[1]  # the main table's partition it is compared at
             if v.reference.startswith("main:"):
-                ref_label, ref = f"{v.reference[5:]} (main)", main_scores(v.reference[5:])
+                ref_arm = v.reference[5:]
+                ref_label = f"{ref_arm}{'' if ref_arm == 'centralized' else f' {at}'} (main)"
+                ref = main_scores(ref_arm, at)
             elif v.reference:
                 twin = next(x for x in variants if x.name == v.reference)
                 ref_label, ref = v.reference, variant_scores(name, twin.name, twin.arm)
             else:
                 ref_label, ref = "", {}
             central = ""
-            if v.arm != "centralized" and v.reference.startswith("main:"):
-                central = gap_text(mine, main_scores("centralized"))
+            if v.arm != "centralized" and v.reference.startswith("main:dec-lora"):
+                central = gap_text(mine, main_scores("centralized", None))
             vals = list(mine.values())
             sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             body.append(
@@ -881,12 +942,6 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------- compute plan
-
-
-def cell_examples(c: PlannedCell) -> int:
-    """Training examples a cell passes over (all peers together)."""
-    peers = next((int(x.split("=")[1]) for x in c.extra if x.startswith("topology.peers=")), PEERS)
-    return c.rounds * peers * BATCH * _steps(c.extra)
 
 
 def plan_text(

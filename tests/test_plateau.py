@@ -234,8 +234,8 @@ def test_plan_text_counts_runs_and_hours(pl):
     hours = (3 * 14_400 / 20 + 18 * 14_400 / 10) / 3600
     assert f"tune: 21 runs (21 to run), 21 epochs, {hours:.1f} h to run" in text
     assert "main: 28 runs (28 to run), 28 epochs" in text
-    assert "ablations: 48 runs (48 to run), 60 epochs" in text
-    assert "total: 102 runs, 119 epochs" in text
+    assert "ablations: 60 runs (60 to run), 72 epochs" in text
+    assert "total: 114 runs, 131 epochs" in text
     # rows that exist are not to run, and their budget replaces the assumed one
     rows = [
         dict(_curve_row(c.lr, 36), cell=c.cell().name) for c in pl.curve_cells("binary", 14_400)
@@ -250,7 +250,7 @@ def test_the_ablation_plan(pl):
     lrs = {k: "0.05" for k in pl.arm_settings()}
     cells = pl.ablation_cells("binary", 612, 36, lrs)
     variants = [v for vs in pl.ABLATIONS.values() for v in vs]
-    assert len(cells) == len(variants) * len(pl.ABLATION_SEEDS) == 48
+    assert len(cells) == len(variants) * len(pl.ABLATION_SEEDS) == 60
     names = {c.cell().name for c in cells}
     assert len(names) == len(cells)  # every run its own folder
     assert not names & {c.cell().name for c in pl.main_cells("binary", 612, 36, lrs)}
@@ -265,10 +265,17 @@ def test_the_ablation_plan(pl):
         cfg = load_config(None, [*pl.base_sets("binary"), *by[f"dec-lora r={r}"].cell().sets])
         assert cfg.lora.r == r and cfg.lora.alpha / cfg.lora.r == 4.0
     assert by["no momentum"].lr == "0.5"  # 10x: the step of momentum 0.9
+    er = load_config(None, [*pl.base_sets("binary"), *by["ER, iid"].cell().sets])
+    assert (er.topology.kind, er.data.partition, er.topology.peers) == ("er", "iid", 10)
+    for v in ("3-peer skew: dec-lora", "3-peer skew: local-only"):
+        cfg = load_config(None, [*pl.base_sets("binary"), *by[v].cell().sets])
+        assert (cfg.topology.peers, cfg.train.batch_size) == (3, 13)
+        assert cfg.data.partition == "label-skew" and cfg.data.proportions[0] == [0.15, 0.85]
+        assert abs(pl.cell_examples(by[v]) - budget_examples) < 3 * 13  # 39 a round
     for c in cells:  # each a valid config of its arm, on the skewed partition
         cfg = load_config(None, [*pl.base_sets(c.task), *c.cell().sets])
         assert cfg.train.rounds == c.rounds and cfg.seed == c.seed
-        if c.arm != "centralized":
+        if c.arm != "centralized" and c.ablation != "er-and-3-peer-skew":
             assert cfg.data.partition == "dirichlet"
     # the 5x-examples runs come last (a study cut short keeps the most tables)
     assert {c.variant for c in cells[-3:]} == {"K=5, 5x examples"}
@@ -304,9 +311,8 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     text = "\n".join(pl.ablation_tables(rows, "binary", "###"))
     four = next(line for line in text.splitlines() if line.startswith("| 4-bit gossip"))
     # against the main Dec-LoRA cell (-1 point from centralized): -1 more, and -2 in all
-    assert (
-        "| dec-lora-ring (main) | -1.00 [-1.00, -1.00] worse | -2.00 [-2.00, -2.00] worse |" in four
-    )
+    want = "| dec-lora-ring dir0.5 (main) | -1.00 [-1.00, -1.00] worse | -2.00 [-2.00, -2.00] worse"
+    assert want in four
     r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
     assert "| centralized r=2 | -0.50 [-0.50, -0.50] equivalent |" in r2
     assert "Ablation: confounds" not in text  # no rows yet, no table
@@ -338,4 +344,4 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
 
 def test_the_reports_training_sizes_are_the_tasks_own(pl):
     """The report counts epochs without loading data; the sizes it uses must be the real ones."""
-    assert pl.TRAIN_SIZES == {task: pl.train_size(task) for task in pl.TASKS}
+    assert {task: pl.train_size(task) for task in pl.TASKS} == pl.TRAIN_SIZES
