@@ -4,7 +4,10 @@
     python experiments/plateau.py --stage curve          # centralized learning curves, LR grid
     python experiments/plateau.py --stage tune           # + every arm's LR on validation, seed 0
     python experiments/plateau.py --stage main           # + 5 seeds of the main table
-    python experiments/plateau.py --report-only          # tables and verdicts from the rows
+    python experiments/plateau.py --stage ablations      # + sections 4b-f, 3 seeds
+    python experiments/plateau.py --stage ablations --only   # just that stage (exit 3 while
+                                                         # an earlier one lacks rows)
+    python experiments/plateau.py --report-only [--write-docs]   # tables, verdicts, plots
 
 Stages build on each other: `tune` needs the curve (the budget comes from it), `main` needs the
 tuning runs (each arm's LR). Every cell is one `declora run` process (`run_cells`, resumable:
