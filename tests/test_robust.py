@@ -284,3 +284,31 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
     peer0 = json.loads((dist / "peers" / "peer-0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert peer0["robust_flags"] == {k: v for k, v in last["robust_flags"].items()
                                      if k.endswith("->0")}  # fmt: skip
+
+
+@pytest.mark.slow  # three runs in fresh processes, ~40 s: make test-slow
+def test_a_killed_run_with_an_attacker_resumes_with_the_same_flags_and_adapters(
+    tokenizer, tmp_path
+):
+    """The attack's state (stale's first message, ALIE's last exchange) and who was flagged
+    how often are checkpointed: a killed run ends exactly where an uninterrupted one does."""
+    from tests.conftest import run_adapters, run_job, run_metrics, write_ring_job
+
+    job = write_ring_job(
+        tmp_path,
+        tokenizer,
+        seed=2,
+        rounds=6,
+        faults={"byzantine": [1], "attack": "stale"},
+        comm={"robust": "clip"},
+    )
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_job(job, whole).returncode == 0
+    assert run_job(job, killed, env={"DECLORA_KILL_AT": "3"}).returncode == -9
+    res = run_cli("run", "--quiet", "--resume", str(killed))
+    assert res.returncode == 0, res.stderr[-2000:]
+    flags = [m.get("robust_flags") for m in run_metrics(whole)]
+    assert any(flags) and flags == [m.get("robust_flags") for m in run_metrics(killed)]
+    assert run_metrics(killed) == run_metrics(whole)
+    a, b = run_adapters(whole), run_adapters(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
