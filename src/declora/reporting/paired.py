@@ -41,11 +41,7 @@ def paired_gap(a: Sequence[float], b: Sequence[float], margin: float, scale: flo
     n = len(d)
     if n == 0:
         return Gap(float("nan"), float("nan"), float("nan"), 0, "inconclusive")
-    mean = float(d.mean())
-    if n < 2:
-        return Gap(mean, float("-inf"), float("inf"), n, "inconclusive")
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    return Gap(mean, mean - half, mean + half, n, verdict(mean - half, mean + half, margin))
+    return gap_from_summary(float(d.mean()), float(d.std(ddof=1)) if n > 1 else 0.0, n, margin)
 
 
 def gap_from_summary(mean: float, sd: float, n: int, margin: float) -> Gap:
