@@ -23,6 +23,7 @@ The verdict margin is declared here, before the runs: MARGIN_POINTS.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -319,21 +320,15 @@ def ablation_cells(
     return sorted(out, key=cell_examples)
 
 
-def _set_value(sets: Sequence[str], key: str, default: int) -> int:
-    return next((int(x.split("=", 1)[1]) for x in sets if x.startswith(f"{key}=")), default)
-
-
-def _steps(sets: Sequence[str]) -> int:
-    return _set_value(sets, "train.local_steps", 1)
-
-
+@functools.cache  # a plan sorts and sums the same cells several times
 def cell_examples(c: PlannedCell) -> int:
-    """Training examples a cell passes over (all peers together)."""
-    peers = _set_value(c.sets, "topology.peers", PEERS)
-    batch = _set_value(c.sets, "train.batch_size", BATCH)
-    if c.arm == "centralized":  # one model, the peers' batches pooled
-        peers, batch = 1, PEERS * BATCH
-    return c.rounds * peers * batch * _steps(c.sets)
+    """Training examples a cell passes over (all peers together; centralized LoRA pools the
+    peers' batches), from the cell's own config."""
+    from declora.config.schema import load_config
+
+    cfg = load_config(None, [*base_sets(c.task), *c.sets])
+    t = cfg.train
+    return t.rounds * cfg.topology.peers * t.batch_size * t.local_steps
 
 
 # ---------------------------------------------------------------- decisions from validation
@@ -567,30 +562,58 @@ def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | No
 # ---------------------------------------------------------------- tables
 
 
+def main_runs(
+    rows: list[dict[str, Any]],
+    task: str,
+    arm: str,
+    part: str | None,
+    lr: str,
+    budget: int,
+    scored: bool = True,
+) -> list[dict[str, Any]]:
+    """The main table's runs of one arm (tuning and seeds) at `lr` and the budget (with its
+    score, unless `scored` is False); never an ablation's variant, which may share arm, LR and
+    rounds."""
+    key = SCORES[arm]
+    return [
+        r
+        for r in rows
+        if r["task"] == task
+        and r["stage"] in ("tune", "main")
+        and r.get("ablation") is None
+        and (r["arm"], r.get("partition"), r["lr"], r.get("rounds")) == (arm, part, lr, budget)
+        and (r.get(key) is not None or not scored)
+    ]
+
+
+def main_scores(
+    rows: list[dict[str, Any]],
+    task: str,
+    lrs: dict[tuple[str, str | None], str],
+    budget: int,
+    arm: str,
+    part: str | None,
+) -> dict[int, float]:
+    """{seed: score} of one arm of the main table at its tuned LR."""
+    part = None if arm == "centralized" else part
+    runs = main_runs(rows, task, arm, part, lrs[(arm, part)], budget)
+    return {r["seed"]: r[SCORES[arm]] for r in runs}
+
+
 def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     """One line per comparison and partition: paired gap, interval, verdict (computed)."""
     found = budget_of(rows, task)
     lrs = tuned_lrs(rows, task)
     if found is None or lrs is None:
         return []
-    budget = found[0]
 
     def scores(arm: str, part: str | None) -> dict[int, float]:
-        lr, key = lrs[(arm, part)], SCORES[arm]
-        return {
-            r["seed"]: r[key]
-            for r in rows
-            if r["task"] == task
-            and r.get("ablation") is None  # an ablation's variant may share arm, LR, rounds
-            and (r["arm"], r.get("partition"), r["lr"], r.get("rounds")) == (arm, part, lr, budget)
-            and r.get(key) is not None
-        }
+        return main_scores(rows, task, lrs, found[0], arm, part)
 
     out = []
     for part in PARTITIONS:
         for arm, ref in COMPARISONS:
-            a = scores(arm, None if arm == "centralized" else part)
-            b = scores(ref, None if ref == "centralized" else part)
+            a, b = scores(arm, part), scores(ref, part)
             seeds = sorted(set(a) & set(b))
             gap = paired_gap([a[s] for s in seeds], [b[s] for s in seeds])
             out.append(
@@ -680,21 +703,10 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
     found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
     if found is None or lrs is None:
         return []
-    budget = found[0]
 
-    def main_scores(arm: str, part: str | None) -> dict[int, float]:
-        part = None if arm == "centralized" else part
-        return {
-            r["seed"]: r[SCORES[arm]]
-            for r in rows
-            if r["task"] == task
-            and r.get("ablation") is None
-            and r["stage"] in ("tune", "main")
-            and (r["arm"], r.get("partition"), r["lr"], r.get("rounds"))
-            == (arm, part, lrs[(arm, part)], budget)
-            and r.get(SCORES[arm]) is not None
-            and r["seed"] in ABLATION_SEEDS
-        }
+    def main_at(arm: str, part: str | None) -> dict[int, float]:
+        scores = main_scores(rows, task, lrs, found[0], arm, part)
+        return {seed: v for seed, v in scores.items() if seed in ABLATION_SEEDS}
 
     def variant_scores(name: str, variant: str, arm: str) -> dict[int, float]:
         key = SCORES.get(arm, "val_best_test_accuracy")
@@ -724,7 +736,7 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
             if v.reference.startswith("main:"):
                 ref_arm = v.reference[5:]
                 ref_label = f"{ref_arm}{'' if ref_arm == 'centralized' else f' {at}'} (main)"
-                ref = main_scores(ref_arm, at)
+                ref = main_at(ref_arm, at)
             elif v.reference:
                 twin = next(x for x in variants if x.name == v.reference)
                 ref_label, ref = v.reference, variant_scores(name, twin.name, twin.arm)
@@ -732,7 +744,7 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
                 ref_label, ref = "", {}
             central = ""
             if v.arm != "centralized" and v.reference.startswith("main:dec-lora"):
-                central = gap_text(mine, main_scores("centralized", None))
+                central = gap_text(mine, main_at("centralized", None))
             vals = list(mine.values())
             sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             body.append(
@@ -805,15 +817,7 @@ def _scores_table(rows: list[dict[str, Any]], task: str) -> list[str]:
         return f"{np.mean(vals):.3f}{sd}"
 
     for arm, part in arm_settings():
-        mine = [
-            r
-            for r in rows
-            if r["task"] == task
-            and r.get("ablation") is None
-            and (r["arm"], r.get("partition"), r["lr"], r.get("rounds"))
-            == (arm, part, lrs[(arm, part)], found[0])
-            and r.get(SCORES[arm]) is not None
-        ]
+        mine = main_runs(rows, task, arm, part, lrs[(arm, part)], found[0])
         if mine:
             own = [r["peers_test_accuracy"] for r in mine if r.get("peers_test_accuracy")]
             lines.append(
@@ -833,14 +837,13 @@ def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
     found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
     if found is None or lrs is None:
         return []
-    picked = {}
-    for (arm, part), lr in lrs.items():
-        picked[(arm, part)] = next(
-            (r for r in rows if r["task"] == task and r.get("seed") == 0 and r["lr"] == lr
-             and r.get("ablation") is None
-             and (r["arm"], r.get("partition"), r.get("rounds")) == (arm, part, found[0])),
+    picked = {
+        (arm, part): next(
+            (r for r in main_runs(rows, task, arm, part, lr, found[0], False) if r["seed"] == 0),
             None,
-        )  # fmt: skip
+        )
+        for (arm, part), lr in lrs.items()
+    }
     central = picked.get(("centralized", None))
     if central is None or not central.get("curve"):
         return []
