@@ -36,6 +36,7 @@ ROWS = ROOT / "docs" / "results" / "data" / "robust.jsonl"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "robustness.md")
 PLOT = ROOT / "docs" / "img" / "robust_regular4.png"
 RULES = ("none", "clip", "trimmed-mean", "median")
+ATTACKS = ("sign-flip", "scaled", "gaussian", "alie", "stale")
 GRAPHS: dict[str, dict[str, object]] = {
     "ring": {"kind": "ring"},
     "regular4": {"kind": "regular", "degree": 4, "mixing": "metropolis"},
@@ -285,8 +286,8 @@ def tables(rows: list[dict]) -> str:
             if any(secs):
                 out += [
                     "",
-                    "Time each rule spends combining, per run of 72 rounds without an attacker "
-                    "(all 10 peers simulated in one process): "
+                    "Time each rule spends combining, per run without an attacker (all 10 "
+                    "peers simulated in one process): "
                     + ", ".join(
                         f"`{rule}` {x['gossip_seconds']:.1f} s"
                         for rule, x in zip(RULES, secs, strict=True)
@@ -321,13 +322,8 @@ def _cell(s: dict | None) -> str:
 
 
 def _defaults() -> argparse.Namespace:
-    return argparse.Namespace(
-        seeds=[0, 1, 2],
-        graphs=list(GRAPHS),
-        attackers=[0, 1, 2],
-        attacks=["sign-flip", "scaled", "gaussian", "alie", "stale"],
-        rules=list(RULES),
-    )
+    """The study's full grid: the command line's defaults."""
+    return parser().parse_args([])
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -378,14 +374,12 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     ap.add_argument("--attackers", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
-    ap.add_argument(
-        "--attacks", nargs="+", default=["sign-flip", "scaled", "gaussian", "alie", "stale"]
-    )
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     ap.add_argument("--rules", nargs="+", default=list(RULES))
     ap.add_argument("--rows", type=Path, default=ROWS, help="raw rows, one per run (JSONL)")
     ap.add_argument("--plan", action="store_true", help="print the cells still to run and stop")
@@ -398,14 +392,19 @@ def main() -> None:
         "--shard",
         type=_shard,
         default=(0, 1),
-        help="I/N: run every N-th remaining cell from the I-th (one process per shard)",
+        help="I/N: run every N-th cell of the plan from the I-th (one process per shard)",
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     rows = [json.loads(x) for x in args.rows.read_text().splitlines()] if args.rows.exists() else []
     done = {key_of(r) for r in rows}
-    todo = [c for c in planned(args) if c not in done]
     index, count = args.shard
-    todo = todo[index::count]  # several processes, one shard each, never the same cell
+    # shards of the whole plan, not of what is left: processes started at different times
+    # (seeing different rows) still never share a cell
+    todo = [c for c in planned(args)[index::count] if c not in done]
     if args.plan:
         print(f"{len(done)} done, {len(todo)} to run (about 2-3 min each at one thread)")
         for c in todo:
