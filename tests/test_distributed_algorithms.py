@@ -121,9 +121,18 @@ def _case(job: Path, runs: dict, tmp_path_factory, name: str) -> tuple[Path, Pat
     return runs[name]
 
 
-#: Other PEFT methods on real peers run with `make test-slow` (the transport mixes whatever
-#: tensors a method has; the LoRA cases above already hold it equal).
-SLOW = {"dora", "rslora+q4ef", "ia3", "prompt-tuning"}
+#: Run with `make test-slow` (each case is ~35 s of process start-up on 2 cores): other PEFT
+#: methods on real peers (the transport mixes whatever tensors a method has; the LoRA cases
+#: hold it equal), and FFA and FedSA, whose exchange is gossip of a subset of the factors,
+#: which the ADF case (one factor per round, on a dynamic graph) covers on real peers.
+SLOW = {
+    "dora",
+    "rslora+q4ef",
+    "ia3",
+    "prompt-tuning",
+    "ffa+one-peer-exponential+q4ef",
+    "fedsa+gossip_steps=2",
+}
 
 
 @pytest.mark.parametrize(
