@@ -35,7 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "results" / "data" / "robust.jsonl"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "robustness.md")
 PLOT = ROOT / "docs" / "img" / "robust_regular4.png"
-RULES = ("none", "clip", "trimmed-mean", "median")
+RULES = ("none", "clip", "trimmed-mean", "median", "clip-exclude")
+# a study rule name -> the comm.* keys it sets (the others set comm.robust=<name>)
+RULE_KEYS: dict[str, dict[str, object]] = {
+    "clip-exclude": {"robust": "clip", "robust_exclude": 0.5, "robust_exclude_after": 10},
+}
 ATTACKS = ("sign-flip", "scaled", "gaussian", "alie", "stale")
 GRAPHS: dict[str, dict[str, object]] = {
     "ring": {"kind": "ring"},
@@ -78,7 +82,8 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
     from declora.runners.build import make_engine, make_evaluator, simulated_communicator
 
     cfg = with_graph(base, graph)
-    cfg.comm.robust = rule
+    for key, value in RULE_KEYS.get(rule, {"robust": rule}).items():
+        setattr(cfg.comm, key, value)
     absent = attack == ABSENT
     cfg.faults.byzantine = [] if absent else ATTACKERS[attackers]
     cfg.faults.attack = attack if attackers and not absent else None
@@ -154,6 +159,7 @@ def run_one(prep_for, base, graph: str, attackers: int, attack: str, rule: str) 
         "honest_accuracy": scored["accuracy"],
         "all_accuracy": last["accuracy"],  # on eval.max_examples (300) only
         "flagged_share": last.get("robust_flagged_share", 0.0),
+        **({"excluded": last["robust_excluded"]} if "robust_excluded" in last else {}),
         "gossip_seconds": round(timed["seconds"], 3),
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -305,8 +311,14 @@ def tables(rows: list[dict]) -> str:
             "",
             *target,
         ]
-    n = len({key_of(r) for r in rows})
-    out += ["", f"{n} of {len(planned(_defaults()))} planned runs measured so far."]
+    grid = set(planned(_defaults()))
+    done = {key_of(r) for r in rows}
+    extra = len(done - grid)
+    out += [
+        "",
+        f"{len(done & grid)} of {len(grid)} planned runs measured so far"
+        + (f", and {extra} runs at further seeds (4-regular, 1 attacker)." if extra else "."),
+    ]
     return "\n".join(out)
 
 

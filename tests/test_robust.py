@@ -69,10 +69,11 @@ def test_robust_combine_treats_all_tensors_as_one_vector():
     rule = RobustRule("clip", radius=1.0)
     own = {"a": torch.zeros(1), "b": torch.zeros(1)}
     received = [{"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}]
-    out, flagged = robust_combine(rule, own, received, [1.0])
+    out, flagged, removed = robust_combine(rule, own, received, [1.0])
     torch.testing.assert_close(out["a"], torch.tensor([0.6]))
     torch.testing.assert_close(out["b"], torch.tensor([0.8]))
     assert flagged == [True]
+    assert removed == pytest.approx([0.8])  # distance 5 clipped to 1
 
 
 # --------------------------------------------------------------------------- attacks, simulated
@@ -134,6 +135,66 @@ def test_the_simulator_counts_who_each_peer_flagged():
         assert flags[f"{BAD}->{r}"] == 3  # flagged in every exchange by every neighbour
 
 
+def test_a_neighbour_cut_off_is_left_out_and_takes_its_share_of_the_trimming():
+    own = {"a": torch.zeros(2)}
+    received = [{"a": torch.tensor(v)} for v in ([1.0, 0.0], [0.0, 2.0], [50.0, 50.0])]
+    w = [0.25, 0.25, 0.25]
+    # clip, b=1, neighbour 2 cut off: b - 1 = 0 left to clip, so the others mix in full
+    out, flagged, removed = robust_combine(
+        RobustRule("clip"), own, received, w, [False, False, True]
+    )
+    torch.testing.assert_close(out["a"], torch.tensor([0.25, 0.5]))
+    assert flagged == [False, False, True] and removed == [0.0, 0.0, 1.0]
+    # without the cut: neighbour 2 is clipped to the radius 2, most of its pull removed
+    _, flagged, removed = robust_combine(RobustRule("clip"), own, received, w)
+    assert flagged == [False, False, True]
+    assert removed == pytest.approx([0.0, 0.0, 1 - 2 / (50 * 2**0.5)])
+    # trimmed mean, b=1 with the extreme one cut off: the plain mean of own and the other two
+    out, flagged, _ = robust_combine(
+        RobustRule("trimmed-mean"), own, received, w, [False, False, True]
+    )
+    torch.testing.assert_close(out["a"], torch.tensor([1 / 3, 2 / 3]))
+    assert flagged == [False, False, True]
+    # every neighbour cut off: the peer keeps its own value
+    out, flagged, _ = robust_combine(RobustRule("clip"), own, received, w, [True] * 3)
+    assert torch.equal(out["a"], own["a"]) and flagged == [True] * 3
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "scaled", "gaussian", "stale"])
+def test_exclusion_cuts_off_only_a_neighbour_whose_messages_are_mostly_clipped_away(attack):
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    rule = RobustRule("clip", exclude=0.5, exclude_after=5)
+    gossip = RobustGossip(W, rule, Attack(attack, [BAD], seed=0))
+    g = torch.Generator().manual_seed(0)
+    x = {"a": 1 + 0.1 * torch.randn(10, 50, generator=g)}
+
+    def step(v: torch.Tensor) -> torch.Tensor:  # training: a common drift and each peer's noise
+        return v + 0.05 + 0.05 * torch.randn(v.shape, generator=g)
+
+    receivers = [int(i) for i in (W[:, BAD] != 0).nonzero()[0] if i != BAD]
+    for _ in range(4):
+        x = gossip.mix({"a": step(x["a"])})
+    assert gossip.round_metrics()["robust_excluded"] == []  # 4 messages < exclude_after
+    for _ in range(6):
+        x = gossip.mix({"a": step(x["a"])})
+    metrics = gossip.round_metrics()
+    excluded, removed = metrics["robust_excluded"], metrics["robust_removed"]
+    assert sorted(excluded) == sorted(f"{BAD}->{r}" for r in receivers)  # no honest pair
+    assert max(v for p, v in removed.items() if p not in excluded) < 0.2  # honest: clipped less
+    # from now on a receiver mixes its honest neighbours in full (the attacker was its b=1)
+    # and keeps the attacker's weight
+    before = step(x["a"])
+    x = gossip.mix({"a": before})
+    for i in receivers:
+        honest = [j for j in range(10) if j not in (i, BAD) and W[i, j] > 0]
+        want = before[i] + sum(W[i, j] * (before[j] - before[i]) for j in honest)
+        torch.testing.assert_close(x["a"][i], want.float())
+    # the decision is the flag counts': a fresh simulator loaded with them decides alike
+    again = RobustGossip(W, rule, Attack(attack, [BAD], seed=0))
+    again.load_state_dict(gossip.state_dict())
+    assert again.round_metrics() == gossip.round_metrics()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -147,6 +208,9 @@ def test_the_simulator_counts_who_each_peer_flagged():
         (["comm.robust=median", "comm.scheme=choco"], "comm.scheme=plain only"),
         (["comm.robust_radius=1.0"], "comm.robust_radius is for comm.robust=clip"),
         (["comm.robust=trim"], "comm.robust"),
+        (["comm.robust=median", "comm.robust_exclude=0.9"], "got comm.robust=median"),
+        (["comm.robust_exclude=0.9"], "comm.robust_exclude works with comm.robust=clip only"),
+        (["comm.robust=clip", "comm.robust_exclude=1.5"], "comm.robust_exclude"),
     ],
 )
 def test_bad_robustness_settings_are_one_line_each(sets, message):
@@ -250,6 +314,9 @@ CASES = {
         "comm.robust=clip",
         "comm.bits=4",
         "comm.error_feedback=true",
+        # whoever is clipped in the first exchange is cut off from the second on
+        "comm.robust_exclude=0.001",
+        "comm.robust_exclude_after=1",
     ],
 }
 
@@ -284,6 +351,14 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
     peer0 = json.loads((dist / "peers" / "peer-0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert peer0["robust_flags"] == {k: v for k, v in last["robust_flags"].items()
                                      if k.endswith("->0")}  # fmt: skip
+    if "comm.robust_exclude=0.001" in sets:
+        assert len(last["robust_excluded"]) >= PEERS  # every peer cut off someone
+        assert peer0["robust_excluded"] == [p for p in last["robust_excluded"] if p.endswith("->0")]
+        assert peer0["robust_removed"] == {k: v for k, v in last["robust_removed"].items()
+                                           if k.endswith("->0")}  # fmt: skip
+        report = (sim / "report.md").read_text()
+        assert "Cut off (`comm.robust_exclude=0.001`" in report
+        assert all(f"`{pair}`" in report for pair in last["robust_excluded"])
 
 
 @pytest.mark.slow  # three runs in fresh processes, ~40 s: make test-slow

@@ -335,6 +335,17 @@ class CommConfig(_Section):
     robust_trim: int = Field(
         1, ge=1, le=100, description="neighbours assumed bad: trimmed per end, or clipped"
     )
+    robust_exclude: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="comm.robust=clip: stop mixing a neighbour for the rest of the run once "
+        "clipping removed on average this share of its messages (1 - radius/distance); "
+        "None: never",
+    )
+    robust_exclude_after: int = Field(
+        10, ge=1, le=100000, description="messages from a neighbour before it can be cut off"
+    )
     auth_key_file: str | None = Field(
         None,
         description="distributed runs: a file holding a shared secret every peer proves in the "
@@ -761,6 +772,11 @@ def _check_robustness(cfg: RunConfig) -> None:
     if c.robust_radius is not None and c.robust != "clip":
         raise ConfigError(
             f"comm.robust_radius is for comm.robust=clip (got comm.robust={c.robust})"
+        )
+    if c.robust_exclude is not None and c.robust != "clip":
+        raise ConfigError(
+            f"comm.robust_exclude works with comm.robust=clip only (got comm.robust={c.robust}): "
+            "it cuts off a neighbour by how much of its messages the clipping removed"
         )
     if (c.robust != "none" or f.byzantine) and c.scheme != "plain":
         what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"

@@ -512,7 +512,7 @@ class PeerGossip:
 
     def round_metrics(self) -> dict[str, Any]:
         """This peer's robust-rule flags (metrics.jsonl keys)."""
-        return self.flags.metrics([self.rank]) if self.robust is not None else {}
+        return self.flags.metrics([self.rank], self.robust) if self.robust is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"].to(torch.uint8))
@@ -685,10 +685,14 @@ class PeerGossip:
             return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
         if self.robust is not None:  # the same per-peer rule the simulator applies
             ids = list(others)
-            mixed, flagged = robust_combine(
-                self.robust, x, [decoded[j] for j in ids], [others[j] for j in ids]
+            mixed, flagged, removed = robust_combine(
+                self.robust,
+                x,
+                [decoded[j] for j in ids],
+                [others[j] for j in ids],
+                self.flags.excluded(self.robust, self.rank, ids),
             )
-            self.flags.add(self.rank, ids, flagged)
+            self.flags.add(self.rank, ids, flagged, removed)
             return mixed
         if self.rule == "product-svd":
             return decaf_combine(

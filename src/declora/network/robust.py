@@ -19,12 +19,25 @@ treat everything a peer sent as ONE vector (all tensors concatenated), as the pa
 
 Each call also says which neighbours it flagged: clipped (clip), or with at least half of
 their coordinates discarded (trimmed-mean, median), which is what a peer logs.
+
+Exclusion (`comm.robust_exclude`, clip only): clipping bounds each message, but a neighbour
+that pushes the SAME way at every exchange (sign-flip, stale) still pulls by its weight times
+the radius every time, and that adds up. How often a neighbour is clipped does not tell it
+apart: with the adaptive radius some neighbour is clipped at every exchange, and under label
+skew it is often the same honest one. How MUCH is clipped does: a peer keeps, per neighbour,
+the mean share of the message's pull that clipping removed (1 - radius / distance; 0 when not
+clipped), and once that mean reaches `comm.robust_exclude` over at least
+`comm.robust_exclude_after` messages, it stops mixing that neighbour for the rest of the run.
+The neighbour's weight stays with the peer, and it counts as one of the b neighbours assumed
+bad (b - excluded are clipped among the others). The decision uses only the peer's own
+counts, so a simulated peer and a real one decide alike, and a resumed run decides as the
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -44,6 +57,8 @@ class RobustRule:
     name: str
     trim: int = 1
     radius: float | None = None
+    exclude: float | None = None  # mean clipped share at which a neighbour is cut off
+    exclude_after: int = 10  # messages seen from a neighbour before it can be cut off
 
     def min_neighbours(self) -> int:
         """The fewest neighbours a peer needs for this rule to do what it promises."""
@@ -62,13 +77,21 @@ def clip_combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ClippedGossip for one peer: own [d], received [k, d], weights [k] (W_ij). Returns the
     new value [d] and which neighbours were clipped ([k] bool)."""
+    value, scale = _clip(own, received, weights, radius, b)
+    return value, scale < 1.0
+
+
+def _clip(
+    own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor, radius: float | None, b: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClippedGossip's value [d] and each neighbour's scale ([k], 1: not clipped)."""
     diff = received - own.unsqueeze(0)
     dist = torch.linalg.vector_norm(diff, dim=1)
     tau = adaptive_radius(dist, b) if radius is None else torch.tensor(float(radius))
     tau = tau.to(dist.dtype)
     clipped = dist > tau
     scale = torch.where(clipped, tau / dist.clamp_min(torch.finfo(dist.dtype).tiny), 1.0)
-    return own + (weights.to(own.dtype) * scale) @ diff, clipped
+    return own + (weights.to(own.dtype) * scale) @ diff, scale
 
 
 def adaptive_radius(dist: torch.Tensor, b: int) -> torch.Tensor:
@@ -112,17 +135,20 @@ def median_combine(own: torch.Tensor, received: torch.Tensor) -> tuple[torch.Ten
 
 def combine_flat(
     rule: RobustRule, own: torch.Tensor, received: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One peer's robust combine over flat vectors; returns (value [d], flagged [k] bool)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One peer's robust combine over flat vectors; returns (value [d], flagged [k] bool,
+    removed [k]: the share of each message that was discarded: 1 - scale for clip, the share
+    of its coordinates dropped for trimmed-mean and median)."""
     if rule.name == "clip":
-        return clip_combine(own, received, weights, rule.radius, rule.trim)
+        value, scale = _clip(own, received, weights, rule.radius, rule.trim)
+        return value, scale < 1.0, 1.0 - scale
     if rule.name == "trimmed-mean":
         value, share = trimmed_mean_combine(own, received, rule.trim)
     elif rule.name == "median":
         value, share = median_combine(own, received)
     else:
         raise ValueError(f"comm.robust={rule.name!r} is unknown; choose {', '.join(ROBUST_RULES)}")
-    return value, share >= 0.5
+    return value, share >= 0.5, share
 
 
 def robust_combine(
@@ -130,20 +156,33 @@ def robust_combine(
     own: Mapping[str, torch.Tensor],
     received: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
-) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    excluded: Sequence[bool] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[bool], list[float]]:
     """One peer's robust combine over dicts of tensors (all tensors as one vector): what the
-    simulator computes for each peer and a peer process for itself."""
+    simulator computes for each peer and a peer process for itself. Returns the new values,
+    which neighbours were flagged, and the share of each message discarded (`combine_flat`).
+    `excluded` (one per neighbour): neighbours cut off by `comm.robust_exclude`; they are left
+    out (flagged, all discarded) and take their share of the b neighbours assumed bad."""
     keys = list(own)
     flat_own = torch.cat([own[k].reshape(-1).to(torch.float32) for k in keys])
-    rows = [torch.cat([r[k].reshape(-1).to(torch.float32) for k in keys]) for r in received]
-    w = torch.tensor(list(weights), dtype=torch.float32)
-    value, flagged = combine_flat(rule, flat_own, torch.stack(rows), w)
+    cut = [bool(e) for e in excluded] if excluded is not None else [False] * len(received)
+    kept = [i for i, e in enumerate(cut) if not e]
+    flagged, removed = list(cut), [float(e) for e in cut]
+    if not kept:  # every neighbour cut off: the peer keeps its own values
+        return {k: own[k].detach().to(torch.float32).clone() for k in keys}, flagged, removed
+    rows = [torch.cat([received[i][k].reshape(-1).to(torch.float32) for k in keys]) for i in kept]
+    w = torch.tensor([float(weights[i]) for i in kept], dtype=torch.float32)
+    if len(kept) < len(cut):
+        rule = replace(rule, trim=max(rule.trim - (len(cut) - len(kept)), 0))
+    value, kept_flags, kept_removed = combine_flat(rule, flat_own, torch.stack(rows), w)
+    for i, f, r in zip(kept, kept_flags.tolist(), kept_removed.tolist(), strict=True):
+        flagged[i], removed[i] = bool(f), float(r)
     out, pos = {}, 0
     for k in keys:
         n = own[k].numel()
         out[k] = value[pos : pos + n].reshape(own[k].shape)
         pos += n
-    return out, [bool(f) for f in flagged]
+    return out, flagged, removed
 
 
 # --------------------------------------------------------------------------- who was flagged
@@ -156,15 +195,40 @@ class FlagCounts:
     def __init__(self, n: int) -> None:
         self.flagged = torch.zeros(n, n, dtype=torch.float64)  # [receiver, sender]
         self.seen = torch.zeros(n, n, dtype=torch.float64)
+        self.removed = torch.zeros(n, n, dtype=torch.float64)  # summed discarded shares
 
-    def add(self, receiver: int, senders: Sequence[int], flagged: Sequence[bool]) -> None:
-        for j, f in zip(senders, flagged, strict=True):
+    def add(
+        self,
+        receiver: int,
+        senders: Sequence[int],
+        flagged: Sequence[bool],
+        removed: Sequence[float] | None = None,
+    ) -> None:
+        shares = [0.0] * len(senders) if removed is None else removed
+        for j, f, r in zip(senders, flagged, shares, strict=True):
             self.seen[receiver, j] += 1
             self.flagged[receiver, j] += float(f)
+            self.removed[receiver, j] += float(r)
 
-    def metrics(self, receivers: Sequence[int]) -> dict[str, object]:
+    def excluded(self, rule: RobustRule, receiver: int, senders: Sequence[int]) -> list[bool]:
+        """Which of `senders` `receiver` has cut off (`comm.robust_exclude`): clipping removed
+        on average at least that share of their messages, over at least `exclude_after` of
+        them. A neighbour cut off counts as wholly removed from then on: it stays cut off."""
+        if rule.exclude is None:
+            return [False] * len(senders)
+        out = []
+        for j in senders:
+            seen = float(self.seen[receiver, j])
+            mean = float(self.removed[receiver, j]) / seen if seen else 0.0
+            out.append(seen >= rule.exclude_after and mean >= rule.exclude - 1e-12)
+        return out
+
+    def metrics(
+        self, receivers: Sequence[int], rule: RobustRule | None = None
+    ) -> dict[str, object]:
         """metrics.jsonl keys: `robust_flagged_share` (flagged / received messages, these
-        receivers) and `robust_flags` {"sender->receiver": times flagged} for pairs flagged."""
+        receivers), `robust_flags` {"sender->receiver": times flagged} for pairs flagged and,
+        with exclusion on, `robust_excluded` ["sender->receiver", ...] for pairs cut off."""
         rows = list(receivers)
         seen, flagged = self.seen[rows], self.flagged[rows]
         total = float(seen.sum())
@@ -172,16 +236,37 @@ class FlagCounts:
             f"{int(j)}->{rows[int(r)]}": int(flagged[r, j])
             for r, j in torch.nonzero(flagged > 0).tolist()
         }
-        return {
+        out: dict[str, object] = {
             "robust_flagged_share": float(flagged.sum()) / total if total else 0.0,
             "robust_flags": flags,
         }
+        if rule is not None and rule.exclude is not None:
+            n = self.seen.shape[1]
+            mean = self.removed[rows] / self.seen[rows].clamp_min(1.0)
+            out["robust_removed"] = {
+                f"{int(j)}->{rows[int(r)]}": round(float(mean[r, j]), 4)
+                for r, j in torch.nonzero(mean > 0).tolist()
+            }
+            out["robust_excluded"] = [
+                f"{j}->{i}"
+                for i in rows
+                for j, cut in zip(range(n), self.excluded(rule, i, range(n)), strict=True)
+                if cut
+            ]
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"flags.flagged": self.flagged.clone(), "flags.seen": self.seen.clone()}
+        return {
+            "flags.flagged": self.flagged.clone(),
+            "flags.seen": self.seen.clone(),
+            "flags.removed": self.removed.clone(),
+        }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for name in ("flagged", "seen"):
+        self.removed = torch.zeros_like(self.seen)  # checkpoints from before exclusion
+        for name in ("flagged", "seen", "removed"):
+            if name == "removed" and "flags.removed" not in state:
+                continue
             value = state[f"flags.{name}"]
             if value.shape != self.flagged.shape:
                 raise ValueError(f"flag counts of shape {tuple(value.shape)} for {self.seen.shape}")
@@ -243,7 +328,7 @@ class RobustGossip:
                 )
 
     def round_metrics(self) -> dict[str, object]:
-        return self.flags.metrics(range(self.n)) if self.rule is not None else {}
+        return self.flags.metrics(range(self.n), self.rule) if self.rule is not None else {}
 
     def mix(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from declora.network.health import nonfinite_rows, refusal
@@ -276,10 +361,14 @@ class RobustGossip:
                     continue
                 own_i = {k: v[i] for k, v in x.items()}
                 recv = [{k: v[j] for k, v in decoded.items()} for j in src]
-                mixed, flagged = robust_combine(
-                    self.rule, own_i, recv, [float(self.mixing[i, j]) for j in src]
+                mixed, flagged, removed = robust_combine(
+                    self.rule,
+                    own_i,
+                    recv,
+                    [float(self.mixing[i, j]) for j in src],
+                    self.flags.excluded(self.rule, i, src),
                 )
-                self.flags.add(i, src, flagged)
+                self.flags.add(i, src, flagged, removed)
                 for k in out:
                     out[k][i] = mixed[k]
         for i in range(self.n):
@@ -304,7 +393,13 @@ def rule_of(cfg: object) -> RobustRule | None:
     c = cfg.comm  # type: ignore[attr-defined]
     if c.robust == "none":
         return None
-    return RobustRule(c.robust, trim=c.robust_trim, radius=c.robust_radius)
+    return RobustRule(
+        c.robust,
+        trim=c.robust_trim,
+        radius=c.robust_radius,
+        exclude=c.robust_exclude,
+        exclude_after=c.robust_exclude_after,
+    )
 
 
 def check_graph(cfg: object, degrees: Sequence[int]) -> None:

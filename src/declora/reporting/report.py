@@ -170,6 +170,13 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
             + ", ".join(f"peer {s}: {c}" for s, c in ranked[:10])
             + "\n"
         )
+    excluded = main.last("robust_excluded") if cfg.comm.robust_exclude is not None else None
+    if isinstance(excluded, list):
+        out += (
+            f"\nCut off (`comm.robust_exclude={cfg.comm.robust_exclude:g}`, sender->receiver): "
+            + (", ".join(f"`{pair}`" for pair in excluded) if excluded else "none")
+            + ".\n"
+        )
     return out
 
 

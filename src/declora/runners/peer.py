@@ -237,6 +237,8 @@ _PEER_KEYS = (
     "peer_comm_blocked_seconds",
     "robust_flagged_share",  # whom this peer's robust rule flagged (comm.robust)
     "robust_flags",
+    "robust_excluded",
+    "robust_removed",
 )
 
 
