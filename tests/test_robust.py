@@ -351,11 +351,12 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
     peer0 = json.loads((dist / "peers" / "peer-0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert peer0["robust_flags"] == {k: v for k, v in last["robust_flags"].items()
                                      if k.endswith("->0")}  # fmt: skip
+    assert last["robust_removed"] and peer0["robust_removed"] == {
+        k: v for k, v in last["robust_removed"].items() if k.endswith("->0")}  # fmt: skip
+    assert "Mean share of a neighbour's messages" in (sim / "report.md").read_text()
     if "comm.robust_exclude=0.001" in sets:
         assert len(last["robust_excluded"]) >= PEERS  # every peer cut off someone
         assert peer0["robust_excluded"] == [p for p in last["robust_excluded"] if p.endswith("->0")]
-        assert peer0["robust_removed"] == {k: v for k, v in last["robust_removed"].items()
-                                           if k.endswith("->0")}  # fmt: skip
         report = (sim / "report.md").read_text()
         assert "Cut off (`comm.robust_exclude=0.001`" in report
         assert all(f"`{pair}`" in report for pair in last["robust_excluded"])

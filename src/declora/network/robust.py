@@ -227,8 +227,9 @@ class FlagCounts:
         self, receivers: Sequence[int], rule: RobustRule | None = None
     ) -> dict[str, object]:
         """metrics.jsonl keys: `robust_flagged_share` (flagged / received messages, these
-        receivers), `robust_flags` {"sender->receiver": times flagged} for pairs flagged and,
-        with exclusion on, `robust_excluded` ["sender->receiver", ...] for pairs cut off."""
+        receivers), `robust_flags` {"sender->receiver": times flagged} for pairs flagged,
+        `robust_removed` {"sender->receiver": mean share of its messages discarded} and, with
+        exclusion on, `robust_excluded` ["sender->receiver", ...] for pairs cut off."""
         rows = list(receivers)
         seen, flagged = self.seen[rows], self.flagged[rows]
         total = float(seen.sum())
@@ -240,13 +241,13 @@ class FlagCounts:
             "robust_flagged_share": float(flagged.sum()) / total if total else 0.0,
             "robust_flags": flags,
         }
+        mean = self.removed[rows] / self.seen[rows].clamp_min(1.0)
+        out["robust_removed"] = {
+            f"{int(j)}->{rows[int(r)]}": round(float(mean[r, j]), 4)
+            for r, j in torch.nonzero(mean > 0).tolist()
+        }
         if rule is not None and rule.exclude is not None:
             n = self.seen.shape[1]
-            mean = self.removed[rows] / self.seen[rows].clamp_min(1.0)
-            out["robust_removed"] = {
-                f"{int(j)}->{rows[int(r)]}": round(float(mean[r, j]), 4)
-                for r, j in torch.nonzero(mean > 0).tolist()
-            }
             out["robust_excluded"] = [
                 f"{j}->{i}"
                 for i in rows

@@ -170,6 +170,14 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
             + ", ".join(f"peer {s}: {c}" for s, c in ranked[:10])
             + "\n"
         )
+    removed = main.last("robust_removed") if rule != "none" else None
+    if isinstance(removed, dict) and removed:
+        top = sorted(removed.items(), key=lambda kv: -float(kv[1]))[:10]
+        what = "clipping removed" if rule == "clip" else "the rule discarded"
+        out += (
+            f"\nMean share of a neighbour's messages {what} (sender->receiver, highest first; "
+            "`robust_removed`): " + ", ".join(f"`{p}` {float(v):.2f}" for p, v in top) + "\n"
+        )
     excluded = main.last("robust_excluded") if cfg.comm.robust_exclude is not None else None
     if isinstance(excluded, list):
         out += (
