@@ -38,7 +38,7 @@ PLOT = ROOT / "docs" / "img" / "robust_regular4.png"
 RULES = ("none", "clip", "trimmed-mean", "median", "clip-exclude")
 # a study rule name -> the comm.* keys it sets (the others set comm.robust=<name>)
 RULE_KEYS: dict[str, dict[str, object]] = {
-    "clip-exclude": {"robust": "clip", "robust_exclude": 0.5, "robust_exclude_after": 10},
+    "clip-exclude": {"robust": "clip", "robust_exclude": 0.5, "robust_exclude_window": 10},
 }
 ATTACKS = ("sign-flip", "scaled", "gaussian", "alie", "stale")
 GRAPHS: dict[str, dict[str, object]] = {

@@ -15,6 +15,7 @@ from declora.errors import ConfigError
 from declora.network.attacks import Attack
 from declora.network.auth import AuthRefused, authenticate, load_key
 from declora.network.robust import (
+    FlagCounts,
     RobustGossip,
     RobustRule,
     clip_combine,
@@ -163,7 +164,7 @@ def test_a_neighbour_cut_off_is_left_out_and_takes_its_share_of_the_trimming():
 @pytest.mark.parametrize("attack", ["sign-flip", "scaled", "gaussian", "stale"])
 def test_exclusion_cuts_off_only_a_neighbour_whose_messages_are_mostly_clipped_away(attack):
     W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
-    rule = RobustRule("clip", exclude=0.5, exclude_after=5)
+    rule = RobustRule("clip", exclude=0.5, exclude_window=5)
     gossip = RobustGossip(W, rule, Attack(attack, [BAD], seed=0))
     g = torch.Generator().manual_seed(0)
     x = {"a": 1 + 0.1 * torch.randn(10, 50, generator=g)}
@@ -174,7 +175,7 @@ def test_exclusion_cuts_off_only_a_neighbour_whose_messages_are_mostly_clipped_a
     receivers = [int(i) for i in (W[:, BAD] != 0).nonzero()[0] if i != BAD]
     for _ in range(4):
         x = gossip.mix({"a": step(x["a"])})
-    assert gossip.round_metrics()["robust_excluded"] == []  # 4 messages < exclude_after
+    assert gossip.round_metrics()["robust_excluded"] == []  # 4 messages < exclude_window
     for _ in range(6):
         x = gossip.mix({"a": step(x["a"])})
     metrics = gossip.round_metrics()
@@ -193,6 +194,20 @@ def test_exclusion_cuts_off_only_a_neighbour_whose_messages_are_mostly_clipped_a
     again = RobustGossip(W, rule, Attack(attack, [BAD], seed=0))
     again.load_state_dict(gossip.state_dict())
     assert again.round_metrics() == gossip.round_metrics()
+
+
+def test_a_neighbour_that_turns_bad_late_in_a_long_run_is_still_cut_off():
+    """The share removed is a moving average over about the last W messages, not the mean of
+    the whole run: 200 honest-looking messages do not hide 15 bad ones."""
+    rule = RobustRule("clip", exclude=0.5, exclude_window=10)
+    flags = FlagCounts(2)
+    for _ in range(200):
+        flags.add(0, [1], [True], [0.1], window=10)
+    assert flags.excluded(rule, 0, [1]) == [False]
+    for _ in range(15):
+        flags.add(0, [1], [True], [0.9], window=10)
+    assert flags.excluded(rule, 0, [1]) == [True]
+    assert float(flags.removed[0, 1]) > 0.5 > (200 * 0.1 + 15 * 0.9) / 215  # the run's mean
 
 
 # --------------------------------------------------------------------------- bad input
@@ -316,7 +331,7 @@ CASES = {
         "comm.error_feedback=true",
         # whoever is clipped in the first exchange is cut off from the second on
         "comm.robust_exclude=0.001",
-        "comm.robust_exclude_after=1",
+        "comm.robust_exclude_window=1",
     ],
 }
 

@@ -340,11 +340,15 @@ class CommConfig(_Section):
         gt=0.0,
         le=1.0,
         description="comm.robust=clip: stop mixing a neighbour for the rest of the run once "
-        "clipping removed on average this share of its messages (1 - radius/distance); "
+        "clipping removed on average this share of its recent messages (1 - radius/distance); "
         "None: never",
     )
-    robust_exclude_after: int = Field(
-        10, ge=1, le=100000, description="messages from a neighbour before it can be cut off"
+    robust_exclude_window: int = Field(
+        10,
+        ge=1,
+        le=100000,
+        description="messages that average runs over (moving average with weight 1/window), "
+        "and the fewest seen before a neighbour can be cut off",
     )
     auth_key_file: str | None = Field(
         None,

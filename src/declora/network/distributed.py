@@ -692,7 +692,7 @@ class PeerGossip:
                 [others[j] for j in ids],
                 self.flags.excluded(self.robust, self.rank, ids),
             )
-            self.flags.add(self.rank, ids, flagged, removed)
+            self.flags.add(self.rank, ids, flagged, removed, self.robust.exclude_window)
             return mixed
         if self.rule == "product-svd":
             return decaf_combine(

@@ -25,13 +25,15 @@ that pushes the SAME way at every exchange (sign-flip, stale) still pulls by its
 the radius every time, and that adds up. How often a neighbour is clipped does not tell it
 apart: with the adaptive radius some neighbour is clipped at every exchange, and under label
 skew it is often the same honest one. How MUCH is clipped does: a peer keeps, per neighbour,
-the mean share of the message's pull that clipping removed (1 - radius / distance; 0 when not
-clipped), and once that mean reaches `comm.robust_exclude` over at least
-`comm.robust_exclude_after` messages, it stops mixing that neighbour for the rest of the run.
-The neighbour's weight stays with the peer, and it counts as one of the b neighbours assumed
-bad (b - excluded are clipped among the others). The decision uses only the peer's own
-counts, so a simulated peer and a real one decide alike, and a resumed run decides as the
-uninterrupted one.
+the share of each message's pull that clipping removed (1 - radius / distance; 0 when not
+clipped), averaged over about the last W = `comm.robust_exclude_window` messages (the plain
+mean of the first W, then a moving average with weight 1 / W, so a neighbour that turns bad
+late in a long run is seen too). Once that average reaches `comm.robust_exclude` (after at
+least W messages), the peer stops mixing the neighbour for the rest of the run. The
+neighbour's weight stays with the peer, and it counts as one of the b neighbours assumed bad
+(b - excluded are clipped among the others). The decision uses only the peer's own counts, so
+a simulated peer and a real one decide alike, and a resumed run decides as the uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class RobustRule:
     trim: int = 1
     radius: float | None = None
     exclude: float | None = None  # mean clipped share at which a neighbour is cut off
-    exclude_after: int = 10  # messages seen from a neighbour before it can be cut off
+    exclude_window: int = 10  # messages the removed share is averaged over (about)
 
     def min_neighbours(self) -> int:
         """The fewest neighbours a peer needs for this rule to do what it promises."""
@@ -195,7 +197,7 @@ class FlagCounts:
     def __init__(self, n: int) -> None:
         self.flagged = torch.zeros(n, n, dtype=torch.float64)  # [receiver, sender]
         self.seen = torch.zeros(n, n, dtype=torch.float64)
-        self.removed = torch.zeros(n, n, dtype=torch.float64)  # summed discarded shares
+        self.removed = torch.zeros(n, n, dtype=torch.float64)  # recent discarded share
 
     def add(
         self,
@@ -203,32 +205,36 @@ class FlagCounts:
         senders: Sequence[int],
         flagged: Sequence[bool],
         removed: Sequence[float] | None = None,
+        window: int = 10,
     ) -> None:
+        """Count one exchange; `removed` (share of each message discarded) enters a moving
+        average over about the last `window` messages (the plain mean of the first ones)."""
         shares = [0.0] * len(senders) if removed is None else removed
         for j, f, r in zip(senders, flagged, shares, strict=True):
             self.seen[receiver, j] += 1
             self.flagged[receiver, j] += float(f)
-            self.removed[receiver, j] += float(r)
+            step = 1.0 / min(float(self.seen[receiver, j]), float(window))
+            self.removed[receiver, j] += step * (float(r) - float(self.removed[receiver, j]))
 
     def excluded(self, rule: RobustRule, receiver: int, senders: Sequence[int]) -> list[bool]:
         """Which of `senders` `receiver` has cut off (`comm.robust_exclude`): clipping removed
-        on average at least that share of their messages, over at least `exclude_after` of
-        them. A neighbour cut off counts as wholly removed from then on: it stays cut off."""
+        at least that share of their recent messages on average, after at least
+        `exclude_window` of them. A neighbour cut off counts as wholly removed from then on,
+        so its average only grows: it stays cut off."""
         if rule.exclude is None:
             return [False] * len(senders)
-        out = []
-        for j in senders:
-            seen = float(self.seen[receiver, j])
-            mean = float(self.removed[receiver, j]) / seen if seen else 0.0
-            out.append(seen >= rule.exclude_after and mean >= rule.exclude - 1e-12)
-        return out
+        return [
+            float(self.seen[receiver, j]) >= rule.exclude_window
+            and float(self.removed[receiver, j]) >= rule.exclude - 1e-12
+            for j in senders
+        ]
 
     def metrics(
         self, receivers: Sequence[int], rule: RobustRule | None = None
     ) -> dict[str, object]:
         """metrics.jsonl keys: `robust_flagged_share` (flagged / received messages, these
         receivers), `robust_flags` {"sender->receiver": times flagged} for pairs flagged,
-        `robust_removed` {"sender->receiver": mean share of its messages discarded} and, with
+        `robust_removed` {"sender->receiver": recent share of its messages discarded} and, with
         exclusion on, `robust_excluded` ["sender->receiver", ...] for pairs cut off."""
         rows = list(receivers)
         seen, flagged = self.seen[rows], self.flagged[rows]
@@ -241,10 +247,10 @@ class FlagCounts:
             "robust_flagged_share": float(flagged.sum()) / total if total else 0.0,
             "robust_flags": flags,
         }
-        mean = self.removed[rows] / self.seen[rows].clamp_min(1.0)
+        recent = self.removed[rows]
         out["robust_removed"] = {
-            f"{int(j)}->{rows[int(r)]}": round(float(mean[r, j]), 4)
-            for r, j in torch.nonzero(mean > 0).tolist()
+            f"{int(j)}->{rows[int(r)]}": round(float(recent[r, j]), 4)
+            for r, j in torch.nonzero(recent > 0).tolist()
         }
         if rule is not None and rule.exclude is not None:
             n = self.seen.shape[1]
@@ -369,7 +375,7 @@ class RobustGossip:
                     [float(self.mixing[i, j]) for j in src],
                     self.flags.excluded(self.rule, i, src),
                 )
-                self.flags.add(i, src, flagged, removed)
+                self.flags.add(i, src, flagged, removed, self.rule.exclude_window)
                 for k in out:
                     out[k][i] = mixed[k]
         for i in range(self.n):
@@ -399,7 +405,7 @@ def rule_of(cfg: object) -> RobustRule | None:
         trim=c.robust_trim,
         radius=c.robust_radius,
         exclude=c.robust_exclude,
-        exclude_after=c.robust_exclude_after,
+        exclude_window=c.robust_exclude_window,
     )
 
 
