@@ -7,7 +7,8 @@
 #   nohup setsid experiments/queue.sh a > /dev/null 2>&1 < /dev/null &
 #   nohup setsid experiments/queue.sh b > /dev/null 2>&1 < /dev/null &
 #
-# Lane a: the robust-gossip study (issue 16), then the binary task's plateau ablations.
+# Lane a: the robust-gossip study (issue 16) with the 3-class task's plateau curves after its
+#         4-regular part, then the binary task's plateau ablations.
 # Lane b: the binary privacy cells (issue 16), then the plateau study (issue 15): the binary
 #         task's tuning and seeds, then the 3-class task's curves, tuning and seeds.
 # The plateau's ablations (lane a, `--only`) start only once the binary main table has all
@@ -26,6 +27,9 @@ case "${1:-}" in
     $R --attackers 0 1 >> runs/robust.log 2>&1
     $R --attackers 0 --rules none clip-exclude --seeds 3 4 5 6 7 >> runs/robust.log 2>&1
     $R --attackers 1 --rules clip-exclude --seeds 3 4 5 6 7 >> runs/robust.log 2>&1
+    # the 3-class task's learning curves (about 5 h) while lane b tunes and seeds the binary
+    # task: lane b reaches the 3-class task only after them and skips the curves' rows
+    $PY experiments/plateau.py --task 3class --stage curve >> runs/plateau/3class.log 2>&1
     $PY benchmarks/robust.py >> runs/robust.log 2>&1
     # --only: exit 3 while the main table (lane b) still has runs without a row
     while true; do
