@@ -51,7 +51,10 @@ PLATEAU_GAIN_POINTS = 0.5  # the budget: the point after which centralized gains
 SMOOTH = 3  # validation points averaged when finding the plateau (one point's noise is ~1 pt)
 # SGD momentum 0.9, constant LR. The curve runs every LR of CURVE_LRS (0.025 was added when
 # 0.05, the best of the first four, sat at the grid's lower edge); each arm is then tuned on
-# TUNE_WIDTH LRs around the curve's best (the best and its neighbours in CURVE_LRS).
+# TUNE_WIDTH LRs around the curve's best (the best and its neighbours in CURVE_LRS). Where an
+# arm's best is at its grid's edge, the next LR of CURVE_LRS past that edge is run too, until
+# the best is inside (rule added on 2026-12-03, before any seed beyond 0, when Dec-LoRA under
+# Dirichlet(0.5) peaked at 0.1, the top of its grid; it applies to every arm alike).
 CURVE_LRS = ("0.025", "0.05", "0.1", "0.2", "0.4")
 TUNE_WIDTH = 3
 SEEDS = (0, 1, 2, 3, 4)
@@ -167,6 +170,39 @@ def tune_grid(best: str, width: int = TUNE_WIDTH) -> tuple[str, ...]:
     return CURVE_LRS[lo : lo + width]
 
 
+def arm_grid(scores: dict[str, float], base: Sequence[str]) -> tuple[str, ...]:
+    """The LRs one arm is tuned at, given its validation scores so far: `base`, extended one
+    CURVE_LRS step past an edge while the best of the grid so far lies on that edge (a best at
+    the edge of a grid is not known to be the best)."""
+    grid = list(base)
+    while set(grid) <= set(scores):
+        best = pick_lr({lr: scores[lr] for lr in grid})
+        i = CURVE_LRS.index(best)
+        if best == grid[-1] and i + 1 < len(CURVE_LRS):
+            grid.append(CURVE_LRS[i + 1])
+        elif best == grid[0] and i > 0:
+            grid.insert(0, CURVE_LRS[i - 1])
+        else:
+            break
+    return tuple(grid)
+
+
+def tune_scores(
+    rows: list[dict[str, Any]], task: str, budget: int, arm: str, part: str | None
+) -> dict[str, float]:
+    """{LR: validation score} of one arm's seed-0 tuning runs at the budget."""
+    key = TUNE_KEY.get(arm, "val_best_accuracy")
+    return {
+        r["lr"]: r[key]
+        for r in rows
+        if r["task"] == task
+        and r["stage"] == "tune"
+        and r["rounds"] == budget
+        and (r["arm"], r["partition"]) == (arm, part)
+        and r.get(key) is not None
+    }
+
+
 def arm_settings() -> list[tuple[str, str | None]]:
     """(arm, partition) of the main table: centralized once, the others per partition."""
     out: list[tuple[str, str | None]] = [("centralized", None)]
@@ -174,12 +210,19 @@ def arm_settings() -> list[tuple[str, str | None]]:
     return out
 
 
-def tune_cells(task: str, budget_rounds: int, every: int, grid: Sequence[str]) -> list[PlannedCell]:
-    """Every arm at every LR of `grid` for the budget, seed 0 (validation picks the LR)."""
+def tune_cells(
+    task: str,
+    budget_rounds: int,
+    every: int,
+    grid: Sequence[str],
+    rows: list[dict[str, Any]] | None = None,
+) -> list[PlannedCell]:
+    """Every arm at every LR of `grid` for the budget, seed 0 (validation picks the LR), and
+    past an edge of it where the arm's `rows` so far put its best there (`arm_grid`)."""
     return [
         PlannedCell("tune", task, arm, part, lr, budget_rounds, every, 0)
         for arm, part in arm_settings()
-        for lr in grid
+        for lr in arm_grid(tune_scores(rows or [], task, budget_rounds, arm, part), grid)
     ]
 
 
@@ -546,16 +589,14 @@ def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | No
     found = budget_of(rows, task)
     if found is None:
         return None
-    budget, grid = found[0], tune_grid(found[1])
-    tune = [r for r in rows if r["task"] == task and r["stage"] == "tune" and r["rounds"] == budget]
+    budget, base = found[0], tune_grid(found[1])
     out = {}
     for arm, part in arm_settings():
-        key = TUNE_KEY.get(arm, "val_best_accuracy")
-        mine = {r["lr"]: r[key] for r in tune if (r["arm"], r["partition"]) == (arm, part)}
+        mine = tune_scores(rows, task, budget, arm, part)
+        grid = arm_grid(mine, base)
         if not set(grid) <= set(mine):
             return None
-        mine = {lr: v for lr, v in mine.items() if lr in grid}
-        out[(arm, part)] = pick_lr(mine)
+        out[(arm, part)] = pick_lr({lr: mine[lr] for lr in grid})
     return out
 
 
@@ -672,10 +713,13 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     lines += [
         f"Budget: **{budget} rounds**, {budget * PEERS * BATCH} examples{epochs}: the curve of "
         f"the best LR ({lr}) gains less than {PLATEAU_GAIN_POINTS} points after it (mean of "
-        f"{SMOOTH} evaluations). Arms are tuned on lr {', '.join(tune_grid(lr))}.",
+        f"{SMOOTH} evaluations). Arms are tuned on lr {', '.join(tune_grid(lr))}, and one LR "
+        "further past an edge of that grid while an arm's best lies on the edge.",
         "",
     ]
-    lines += _tuning_table(rows, task, budget, tune_grid(lr))
+    ran = {r["lr"] for r in rows if r["task"] == task and r["stage"] == "tune"}
+    columns = [x for x in CURVE_LRS if x in ran or x in tune_grid(lr)]
+    lines += _tuning_table(rows, task, budget, columns)
     lines += _scores_table(rows, task)
     lines += _time_to_accuracy(rows, task)
     table = main_table(rows, task)
@@ -967,7 +1011,7 @@ def plan_text(
     lrs = tuned_lrs(rows or [], task) or {k: best for k in arm_settings()}
     stages = {
         "curve": curve_cells(task, size),
-        "tune": tune_cells(task, budget, every, tune_grid(best)),
+        "tune": tune_cells(task, budget, every, tune_grid(best), rows),
         "main": [c for c in main_cells(task, budget, every, lrs) if c.seed != 0],
         "ablations": ablation_cells(task, budget, every, lrs),
     }
@@ -1075,7 +1119,14 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
     found = budget_of(read_rows(rows_path), task)
     if found is None:
         return [*failed, "(tune: the learning curve is incomplete)"]
-    step("tune", tune_cells(task, found[0], every, tune_grid(found[1])))
+    # the tuning grid grows past an edge where an arm's best lies on it: run until it stops
+    tuned = set()
+    while True:
+        cells = tune_cells(task, found[0], every, tune_grid(found[1]), read_rows(rows_path))
+        if {c.cell().name for c in cells} <= tuned:
+            break
+        tuned |= {c.cell().name for c in cells}
+        step("tune", cells)
     if stage == "tune":
         return failed
     lrs = tuned_lrs(read_rows(rows_path), task)

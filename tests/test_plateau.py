@@ -203,14 +203,15 @@ def test_main_table_from_rows(pl):
                         lr=lr,
                         seed=seed,
                         rounds=budget,
-                        val_best_accuracy=float(lr),
-                        peers_val_accuracy=float(lr),
+                        val_best_accuracy=0.9 - abs(float(lr) - 0.1),
+                        peers_val_accuracy=0.9 - abs(float(lr) - 0.1),
                         val_best_test_accuracy=score,
                         peers_test_accuracy=score,
                     )
                 )
     # equal curves: the smallest LR wins, so arms are tuned on 0.025, 0.05 and 0.1; the
-    # largest of those validates best (val_best_accuracy = lr) and gets the seeds
+    # largest of those validates best, at the grid's edge, so 0.2 is tuned too: it validates
+    # worse, and 0.1 gets the seeds
     rows = [r for r in rows if r["stage"] == "curve" or r["seed"] == 0 or r["lr"] == "0.1"]
     for r in rows:
         if r["stage"] == "main" and r["seed"] == 0:
@@ -332,8 +333,8 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
         for lr in pl.tune_grid("0.025"):
             rows.append(dict(
                 task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
-                rounds=budget, val_best_accuracy=float(lr), peers_val_accuracy=float(lr),
-                curve=points,
+                rounds=budget, val_best_accuracy=0.9 - abs(float(lr) - 0.05),
+                peers_val_accuracy=0.9 - abs(float(lr) - 0.05), curve=points,
             ))  # fmt: skip
     lines = pl._time_to_accuracy(rows, "binary")
     assert ">= 0.830" in lines[0]  # best 0.85 minus 2 points
@@ -356,3 +357,42 @@ def test_only_one_stage_needs_the_earlier_ones_complete(pl, tmp_path, monkeypatc
         pl._run("binary", "tune", tmp_path / "out", rows, only=True)
     assert not (tmp_path / "out").exists() and not rows.exists()
     assert pl.main(["--stage", "tune", "--only", "--rows", str(rows), "--out", str(tmp_path)]) == 3
+
+
+def test_an_arm_whose_best_lr_is_at_its_grids_edge_is_tuned_one_step_further(pl):
+    base = pl.tune_grid("0.05")  # 0.025, 0.05, 0.1
+    assert pl.arm_grid({}, base) == base  # nothing measured: the base grid
+    assert pl.arm_grid({"0.025": 0.8, "0.05": 0.9}, base) == base  # incomplete: no decision
+    assert pl.arm_grid({"0.025": 0.8, "0.05": 0.9, "0.1": 0.85}, base) == base  # inside
+    up = {"0.025": 0.8, "0.05": 0.85, "0.1": 0.9}
+    assert pl.arm_grid(up, base) == (*base, "0.2")  # best on the top edge: one more
+    assert pl.arm_grid({**up, "0.2": 0.7}, base) == (*base, "0.2")  # 0.1 is inside now
+    assert pl.arm_grid({**up, "0.2": 0.95, "0.4": 0.96}, base) == pl.CURVE_LRS  # to the end
+    # the lowest LR of the grid cannot be extended below the smallest one of CURVE_LRS
+    assert pl.arm_grid({"0.025": 0.9, "0.05": 0.8, "0.1": 0.7}, base) == base
+    assert pl.arm_grid({"0.05": 0.9, "0.1": 0.8, "0.2": 0.7}, ("0.05", "0.1", "0.2")) == (
+        "0.025", "0.05", "0.1", "0.2")  # fmt: skip
+
+    # the plan and the chosen LR follow: the arm's extra cell is planned, and until it has its
+    # row no LR is chosen (the seeds wait for it)
+    rows = [dict(_curve_row(lr, 36), lr=lr) for lr in pl.CURVE_LRS]
+    budget, best, _ = pl.budget_of(rows, "binary")
+    grid = pl.tune_grid(best)
+    for arm, part in pl.arm_settings():
+        for i, lr in enumerate(grid):
+            top = arm == "fedavg" and part == "iid"  # this arm validates best at the top LR
+            score = 0.8 + (0.01 * i if top else -0.01 * abs(i - 1))
+            rows.append(dict(task="binary", stage="tune", arm=arm, partition=part, lr=lr,
+                             seed=0, rounds=budget, val_best_accuracy=score,
+                             peers_val_accuracy=score))  # fmt: skip
+    cells = pl.tune_cells("binary", budget, 36, grid, rows)
+    extra = [c for c in cells if c.lr not in grid]
+    assert [(c.arm, c.partition) for c in extra] == [("fedavg", "iid")]
+    nxt = pl.CURVE_LRS[pl.CURVE_LRS.index(grid[-1]) + 1]
+    assert extra[0].lr == nxt
+    assert pl.tuned_lrs(rows, "binary") is None
+    rows.append(dict(task="binary", stage="tune", arm="fedavg", partition="iid", lr=nxt, seed=0,
+                     rounds=budget, val_best_accuracy=0.5, peers_val_accuracy=0.5))  # fmt: skip
+    lrs = pl.tuned_lrs(rows, "binary")
+    assert lrs[("fedavg", "iid")] == grid[-1] and lrs[("centralized", None)] == grid[1]
+    assert f"lr {nxt} |" in pl.report(rows)  # the tuning table shows the extra column
