@@ -230,6 +230,12 @@ class TrainConfig(_Section):
         None, ge=1, description="peers per forward pass; None: fit train.max_pass_examples"
     )
     max_pass_examples: int = Field(16, ge=1)
+    length_sort: bool = Field(
+        False,
+        description="batched engine: sort a step's examples (all peers) by length into passes "
+        "of train.max_pass_examples rows, each padded only to its own longest; the same "
+        "gradient up to float rounding (dropout draws differ)",
+    )
     threads: int | None = Field(None, ge=1)
     checkpoint_every: int | None = Field(
         None, ge=0, description="rounds between checkpoints; None: every eval.every; 0: never"
@@ -538,6 +544,17 @@ class RunConfig(_Section):
             raise ValueError("lora.method=dora cannot start from a quantized base (model.quantize)")
         if lo.method != "lora" and self.train.engine != "reference":
             self.train.engine = "reference"
+        if self.train.length_sort and self.train.engine != "batched":
+            why = f" (lora.method={lo.method} runs on it)" if lo.method != "lora" else ""
+            raise ValueError(
+                "train.length_sort needs train.engine=batched (LoRA); got "
+                f"train.engine={self.train.engine}{why}"
+            )
+        if self.train.length_sort and self.privacy.on:
+            raise ValueError(
+                "train.length_sort does not apply to privacy.mechanism=dp-sgd (its passes "
+                "follow the Poisson-sampled batches); set train.length_sort=false"
+            )
         for name in dict.fromkeys((self.algorithm.name, *self.baselines)):
             try:
                 algorithm_class(name)(self).check(self)

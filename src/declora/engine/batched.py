@@ -85,6 +85,7 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         *,
         peer_chunk: int | None = None,
         micro_batch: int | None = None,
+        length_sort: bool = False,
         peer_weights: Sequence[float] | None = None,
         ranks: Sequence[int] | None = None,
         privacy: DPSGD | None = None,
@@ -96,6 +97,8 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         exactly zero (their gradients, hence their optimizer state, are then zero too);
         `privacy` makes every step a DP-SGD step (`declora.engine.privacy`; it replaces the
         per-peer clipping of `max_grad_norm`);
+        `length_sort` runs each step as passes of `micro_batch` rows of all peers sorted by
+        length (`_sorted_passes`): less padding, the same gradient up to float rounding;
         `optim` holds the fields of `OptimSettings` (lr, head_lr, optimizer, ...)."""
         self.model, self.spec, self.n, self.task = model, spec, n_peers, task
         if privacy is not None and len(privacy.peers) != n_peers:
@@ -105,6 +108,7 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         self.max_grad_norm = settings.max_grad_norm
         self.peer_chunk = peer_chunk or n_peers
         self.micro_batch = micro_batch
+        self.length_sort = length_sort
         w = None if peer_weights is None else torch.as_tensor(peer_weights, dtype=torch.float32)
         if w is not None and w.shape != (n_peers,):
             raise ValueError(f"expected {n_peers} peer weights, got {tuple(w.shape)}")
@@ -213,19 +217,22 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         done: list[tuple[list[int], torch.Tensor]] = []
         device = next(iter(self.params.values())).device
         try:
-            for s in range(0, len(peers), self.peer_chunk):
-                group = peers[s : s + self.peer_chunk]
-                self._select(_index(group, device))
-                if len(group) == 1 and self.micro_batch:
-                    rows = peer_examples[group[0]]
-                    if len(rows) > self.micro_batch:
-                        done.append((group, self._accumulate(rows, self.micro_batch)))
-                        continue
-                rows = [ex for i in group for ex in peer_examples[i]]
-                loss = self.task.peer_losses(self.model, self.task.collate(rows), len(group))
-                if loss.requires_grad:  # False only when nothing is trainable
-                    loss.sum().backward()
-                done.append((group, loss.detach()))
+            if self.length_sort:
+                done.append((peers, self._sorted_passes(peer_examples, peers, device)))
+            else:
+                for s in range(0, len(peers), self.peer_chunk):
+                    group = peers[s : s + self.peer_chunk]
+                    self._select(_index(group, device))
+                    if len(group) == 1 and self.micro_batch:
+                        rows = peer_examples[group[0]]
+                        if len(rows) > self.micro_batch:
+                            done.append((group, self._accumulate(rows, self.micro_batch)))
+                            continue
+                    rows = [ex for i in group for ex in peer_examples[i]]
+                    loss = self.task.peer_losses(self.model, self.task.collate(rows), len(group))
+                    if loss.requires_grad:  # False only when nothing is trainable
+                        loss.sum().backward()
+                    done.append((group, loss.detach()))
         finally:
             self._select(slice(None))
         if self.max_grad_norm is not None:
@@ -370,6 +377,35 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         for k, p in self.params.items():
             w = self.peer_weights.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
             p.copy_(before[k] + w * (p - before[k]))
+
+    def _sorted_passes(
+        self, peer_examples: Sequence[Sequence[Example]], peers: list[int], device: torch.device
+    ) -> torch.Tensor:
+        """The `peers`' rows sorted by length (stable) and cut into passes of `micro_batch`
+        rows; each row runs on its own peer's parameters (the stacked layers index them per
+        row), so a pass pads only to its own longest row. Each row's loss enters its peer's
+        mean with the task's row weight (1 a row; a causal LM's answer tokens), so the summed
+        gradient is the unsorted step's. Returns each peer's mean loss, in `peers` order."""
+        rows = sorted(
+            ((i, ex) for i in peers for ex in peer_examples[i]),
+            key=lambda row: len(row[1]["input_ids"]),
+        )
+        weight = torch.tensor([float(self.task.row_weight(ex)) for _, ex in rows], device=device)
+        owner = torch.tensor([i for i, _ in rows], dtype=torch.long, device=device)
+        per_peer = torch.zeros(self.n, device=device).index_add(0, owner, weight)
+        share = weight / per_peer[owner].clamp(min=torch.finfo(weight.dtype).tiny)
+        losses = torch.zeros(self.n, device=device)
+        size = self.micro_batch or len(rows)
+        for s in range(0, len(rows), size):
+            part = slice(s, s + size)
+            self._select(owner[part])
+            batch = self.task.collate([ex for _, ex in rows[part]])
+            per_row = self.task.peer_losses(self.model, batch, len(batch["labels"]))
+            loss = per_row * share[part].to(per_row.dtype)
+            if loss.requires_grad:  # False only when nothing is trainable
+                loss.sum().backward()
+            losses.index_add_(0, owner[part], loss.detach().float())
+        return losses[peers]
 
     def _accumulate(self, rows: Sequence[Example], size: int) -> torch.Tensor:
         """One peer's large batch in passes of `size` rows (gradient accumulation)."""

@@ -406,6 +406,7 @@ def make_engine(
         prep.task,
         peer_chunk=chunk,
         micro_batch=t.max_pass_examples,
+        length_sort=t.length_sort,
         privacy=privacy,
         **kwargs,
     )

@@ -25,6 +25,7 @@ class Task(Protocol):
     def peer_losses(
         self, model: nn.Module, batch: dict[str, torch.Tensor], n_peers: int
     ) -> torch.Tensor: ...
+    def row_weight(self, example: Example) -> int: ...
 
 
 class SingleAdapterOutputs:
@@ -66,6 +67,10 @@ class ClassificationTask:
         logits = self.outputs(model, batch)
         per_row = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
         return per_row.view(n_peers, -1).mean(dim=1)
+
+    def row_weight(self, example: Example) -> int:
+        """What one row counts for in its peer's mean loss: every row alike."""
+        return 1
 
 
 class CausalLMTask:
@@ -134,6 +139,11 @@ class CausalLMTask:
         total = torch.zeros(n_peers, dtype=nll.dtype).index_add(0, peer, nll)
         count = torch.zeros(n_peers, dtype=nll.dtype).index_add(0, peer, torch.ones_like(nll))
         return total / count.clamp(min=1.0)
+
+    def row_weight(self, example: Example) -> int:
+        """What one row counts for in its peer's mean loss: its predicted answer tokens (the
+        mean is over tokens, as in `peer_losses`)."""
+        return sum(1 for label in list(example["labels"])[1:] if label != IGNORE)
 
     @torch.inference_mode()
     def generate(
