@@ -196,6 +196,22 @@ def test_exclusion_cuts_off_only_a_neighbour_whose_messages_are_mostly_clipped_a
     assert again.round_metrics() == gossip.round_metrics()
 
 
+@pytest.mark.parametrize("trim", [1, 2])
+def test_a_peer_cuts_off_at_most_b_neighbours(trim):
+    """Two attackers around peer 0: with b = 1 it cuts off one (then clips nobody, so no honest
+    neighbour follows in a cascade); with b = 2 it cuts off both and no honest one."""
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    bad = [int(j) for j in (W[0] != 0).nonzero()[0] if j != 0][:2]
+    rule = RobustRule("clip", trim=trim, exclude=0.5, exclude_window=5)
+    gossip = RobustGossip(W, rule, Attack("sign-flip", bad, seed=0))
+    g = torch.Generator().manual_seed(1)
+    x = {"a": 1 + 0.1 * torch.randn(10, 50, generator=g)}
+    for _ in range(30):
+        x = gossip.mix({"a": x["a"] + 0.05 + 0.05 * torch.randn(10, 50, generator=g)})
+    cut = [p for p in gossip.round_metrics()["robust_excluded"] if p.endswith("->0")]
+    assert len(cut) == trim and {int(p.split("->")[0]) for p in cut} <= set(bad)
+
+
 def test_a_neighbour_that_turns_bad_late_in_a_long_run_is_still_cut_off():
     """The share removed is a moving average over about the last W messages, not the mean of
     the whole run: 200 honest-looking messages do not hide 15 bad ones."""
