@@ -211,7 +211,7 @@ def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
                         out += [(graph, n_att, attack, rule, seed) for rule in args.rules]
                     if n_att and "none" in args.rules:  # the reference: attackers cut off
                         out.append((graph, n_att, ABSENT, "none", seed))
-    return out
+    return list(dict.fromkeys(out))  # `--attacks absent` names the reference cell only once
 
 
 def target_lines(rows: list[dict]) -> list[str]:
