@@ -23,7 +23,7 @@ from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
 from declora.network.topology import build_topology
-from tests.conftest import write_ring_job
+from tests.conftest import run_in_process, write_ring_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
 
@@ -137,7 +137,7 @@ def runs(job, tmp_path_factory):
         args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(sim)]
         for s in sets:
             args += ["--set", s]
-        res = _cli(*args)
+        res = run_in_process(*args, threads=1)
         assert res.returncode == 0, res.stderr
         res = _launch(job, base / f"dist-{name}", *sets)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, write_tiny_job
+from tests.conftest import run_cli, run_in_process, write_tiny_job
 
 PEERS = 4
 EF4 = ["comm.bits=4", "comm.error_feedback=true"]
@@ -72,9 +72,14 @@ def peer_adapters(run: Path, n: int = PEERS) -> list[dict[str, torch.Tensor]]:
 
 
 def simulate_and_launch(job: Path, base: Path, sets: list[str], env: dict | None = None):
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    """The simulation (in this process, on one thread; in a fresh one when `env` is given)
+    and `declora launch` of the same job."""
     sim, dist = base / "sim", base / "dist"
-    res = run_cli("run", *_args(job, sim, sets), env=env)
+    if env:
+        res = run_cli("run", *_args(job, sim, sets), env={"OMP_NUM_THREADS": "1", **env})
+    else:
+        res = run_in_process("run", *_args(job, sim, sets), threads=1)
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", "--peers", str(PEERS), "--", *_args(job, dist, sets), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -124,8 +129,11 @@ def _case(job: Path, runs: dict, tmp_path_factory, name: str) -> tuple[Path, Pat
 #: Run with `make test-slow` (each case is ~35 s of process start-up on 2 cores): other PEFT
 #: methods on real peers (the transport mixes whatever tensors a method has; the LoRA cases
 #: hold it equal), and FFA and FedSA, whose exchange is gossip of a subset of the factors,
-#: which the ADF case (one factor per round, on a dynamic graph) covers on real peers.
+#: which the ADF case (one factor per round, on a dynamic graph) covers on real peers; and
+#: DeCAF on a new Erdos-Renyi graph each round (its re-factorization is per peer, after the
+#: same exchange the other cases hold equal).
 SLOW = {
+    "decaf+er-each-round",
     "dora",
     "rslora+q4ef",
     "ia3",

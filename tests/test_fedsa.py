@@ -8,7 +8,7 @@ import torch
 
 from declora.algorithms import make_algorithm, names
 from declora.config.schema import load_config
-from tests.conftest import run_cli, write_tiny_job
+from tests.conftest import run_in_process, write_tiny_job
 
 KEYS = {"enc.q.lora_A", "enc.q.lora_B", "head.weight", "head.bias"}
 
@@ -44,7 +44,7 @@ def test_fedsa_run_shares_a_keeps_b_personal_and_scores_each_peer(tmp_path, toke
         "baselines=[]",
     ):
         args += ["--set", kv]
-    proc = run_cli(*args)
+    proc = run_in_process(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from safetensors.torch import load_file
 

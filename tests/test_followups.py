@@ -30,7 +30,14 @@ from declora.network.schedules import DYNAMIC_KINDS, make_schedule
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
-from tests.conftest import run_adapters, run_cli, synthetic_examples, tiny_bert, write_tiny_job
+from tests.conftest import (
+    run_adapters,
+    run_cli,
+    run_in_process,
+    synthetic_examples,
+    tiny_bert,
+    write_tiny_job,
+)
 
 N = 4
 runner = CliRunner()
@@ -385,12 +392,12 @@ def test_a_killed_dynamic_run_resumes_bit_identically(job, tmp_path):
     for s in sets:
         args += ["--set", s]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    res = run_cli(*args, "--out", str(whole))
+    res = run_in_process(*args, "--out", str(whole))  # train.threads=1 in all three
     assert res.returncode == 0, res.stderr
     res = run_cli(*args, "--out", str(killed), env={"DECLORA_KILL_AT": "3"})
     assert res.returncode == -9
     assert ckpt.rounds(killed / "checkpoints") == [2]
-    res = run_cli("run", "--quiet", "--resume", str(killed))
+    res = run_in_process("run", "--quiet", "--resume", str(killed))
     assert res.returncode == 0, res.stderr
     a, b = run_adapters(whole), run_adapters(killed)
     assert a.keys() == b.keys() and len(a) > 0

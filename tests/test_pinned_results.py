@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import WORDS, run_cli
+from tests.conftest import WORDS, run_in_process
 from tests.pinned.jobs import PIN_FILE, adapter_digest, jobs, write_inputs
 
 PINS = json.loads(PIN_FILE.read_text())
@@ -25,7 +25,7 @@ def test_adapters_are_bit_identical_to_the_pins(inputs, name):
     args = ["run", "--quiet", "--out", str(out)]
     for kv in jobs(inputs)[name]:
         args += ["--set", kv]
-    proc = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+    proc = run_in_process(*args)  # every job sets train.threads=1
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert adapter_digest(out) == PINS[name]
 

@@ -27,7 +27,7 @@ from declora.engine.privacy import (
 )
 from declora.errors import ConfigError
 from declora.model.adapters import build_spec, initial_state
-from tests.conftest import run_cli, synthetic_examples, tiny_bert, write_tiny_job
+from tests.conftest import run_cli, run_in_process, synthetic_examples, tiny_bert, write_tiny_job
 
 N = 3
 
@@ -300,7 +300,7 @@ def test_dp_run_records_epsilon_each_eval_within_the_target(tmp_path, tokenizer)
     report states the guarantee."""
     model, data = write_tiny_job(tmp_path, tokenizer, rows=240)
     out = tmp_path / "run"
-    r = run_cli(
+    r = run_in_process(
         "run",
         "--set",
         f"model.name={model}",
@@ -324,7 +324,6 @@ def test_dp_run_records_epsilon_each_eval_within_the_target(tmp_path, tokenizer)
         "privacy.epsilon=2",
         "--out",
         str(out),
-        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     for where, peers in ((out, 4), (out / "baselines" / "centralized", 1)):

@@ -24,7 +24,7 @@ from declora.network.robust import (
     trimmed_mean_combine,
 )
 from declora.network.topology import build_topology
-from tests.conftest import run_cli, write_tiny_job
+from tests.conftest import run_cli, run_in_process, write_tiny_job
 
 # --------------------------------------------------------------------------- the rules
 
@@ -252,7 +252,7 @@ def test_bad_robustness_settings_are_one_line_each(sets, message):
 
 def test_too_few_neighbours_for_the_trimming_exits_2_before_any_run_directory(tmp_path):
     out = tmp_path / "run"
-    res = run_cli(
+    res = run_in_process(
         "run", "--quiet", "--out", str(out), "--set", "comm.robust=trimmed-mean",
         "--set", "comm.robust_trim=2",  # a ring gives every peer 2 neighbours, 4 are needed
     )  # fmt: skip
@@ -370,7 +370,7 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
         args += ["--set", s]
     env = {"OMP_NUM_THREADS": "1", "DECLORA_AUTH_KEY": "k" * 32}  # and peers prove the secret
     sim, dist = tmp_path / "sim", tmp_path / "dist"
-    res = run_cli("run", *args, "--out", str(sim), env=env)
+    res = run_in_process("run", *args, "--out", str(sim), threads=1)  # needs no secret
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", "--peers", str(PEERS), "--", *args, "--out", str(dist), env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from declora.errors import DecloraError
-from declora.reporting import plots
 from declora.reporting.rundir import STATUS_FILE, RunDir, read_metrics, read_record
 
 
@@ -72,6 +71,8 @@ def _names(runs: list[Path]) -> list[str]:
 
 def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) -> dict[str, Any]:
     """Table and plots of `runs` in `out`; `names` labels them (default: their folder names)."""
+    from declora.reporting import plots  # matplotlib: only where a plot is drawn
+
     loaded = [_load(r) for r in runs]
     if names is not None and len(names) != len(runs):
         raise DecloraError(f"{len(names)} names for {len(runs)} runs")

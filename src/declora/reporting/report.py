@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from declora.algorithms.registry import label
 from declora.config.schema import RunConfig, peer_ranks
-from declora.reporting import plots
 from declora.reporting.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -218,6 +217,8 @@ def _privacy_markdown(cfg: Any, results: dict[str, Result]) -> str:
 def write_report(
     rundir: RunDir, prep: Prepared, results: dict[str, Result], rows: list[dict[str, Any]]
 ) -> None:
+    from declora.reporting import plots  # matplotlib: only where a plot is drawn
+
     cfg, topo = prep.cfg, prep.topology
     p = rundir.path
     causal = cfg.task == "causal-lm"

@@ -17,7 +17,6 @@ from declora.data.partition import skew_summary
 from declora.engine.round_loop import LoopHooks, Result, train
 from declora.model.adapters import average
 from declora.model.export import save_at_rank, save_peft_adapter
-from declora.reporting import plots
 from declora.reporting.report import summary_rows, write_report
 from declora.reporting.rundir import RunDir
 from declora.reporting.trackers import Trackers, require
@@ -107,6 +106,8 @@ def execute(
 
 def write_setup(rundir: RunDir, prep: Prepared) -> None:
     """What a run knows before training: resolved config, graph, data over peers, plots."""
+    from declora.reporting import plots  # matplotlib: only where a plot is drawn
+
     cfg = prep.cfg
     rundir.write_text("config.yaml", cfg.to_yaml())
     rundir.write_json("topology.json", prep.topology.to_dict())
