@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from declora.cli import app
 from declora.data.sampling import PeerSampler
 from declora.engine import checkpoint as ckpt
-from tests.conftest import run_adapters, run_cli, run_metrics, write_tiny_job
+from tests.conftest import run_adapters, run_cli, run_in_process, run_metrics, write_tiny_job
 
 runner = CliRunner()
 
@@ -117,7 +117,14 @@ def job(tmp_path_factory, tokenizer):
         "model": {"name": str(d / "model")},
         "data": {"name": "file", "path": str(d / "data.csv")},
         "topology": {"peers": 4},
-        "train": {"rounds": 6, "local_steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        # one thread: whole runs in this process and killed runs in a fresh one agree bit for bit
+        "train": {
+            "rounds": 6,
+            "local_steps": 2,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+            "threads": 1,
+        },
         "eval": {"every": 2, "max_examples": 30, "final_max_examples": 30},
         "baselines": ["centralized"],
         "comm": {"bits": 4, "error_feedback": True},  # stochastic rounding state must resume
@@ -129,7 +136,7 @@ def job(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def uninterrupted(job, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "whole"
-    res = run_cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out))
+    res = run_in_process("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     return out
 
@@ -148,7 +155,7 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     assert res.returncode == -9  # SIGKILL: a real crash after round 3's local steps
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     assert ckpt.rounds(out / "checkpoints") == [2]
-    res = run_cli("run", "--quiet", "--resume", str(out))  # same thread count as the whole run
+    res = run_in_process("run", "--quiet", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     a, b = run_adapters(uninterrupted), run_adapters(out)
     assert a.keys() == b.keys() and len(a) > 0

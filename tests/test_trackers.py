@@ -16,7 +16,7 @@ from declora.cli import app
 from declora.config.schema import load_config
 from declora.errors import DecloraError
 from declora.reporting import trackers as tr
-from tests.conftest import run_cli, write_tiny_job
+from tests.conftest import run_cli, run_in_process, write_tiny_job
 
 runner = CliRunner()
 ALGORITHMS = ("dec-lora", "centralized")
@@ -232,7 +232,7 @@ def test_a_resumed_run_continues_the_same_tracker_runs(job, tmp_path):
     args = ["run", "--quiet", "--config", str(tmp_path / "job.yaml"), "--out", str(out)]
     res = run_cli(*args, env={"DECLORA_KILL_AT": "7"})
     assert res.returncode == -9, res.stderr
-    res = run_cli("run", "--quiet", "--resume", str(out))
+    res = run_in_process("run", "--quiet", "--resume", str(out))
     assert res.returncode == 0, res.stderr
 
     from mlflow.tracking import MlflowClient
