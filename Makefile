@@ -27,7 +27,8 @@ demo: setup
 	$(BIN)/declora run --out runs/demo --overwrite
 
 # The real-model smoke tests (MiniLM, SmolLM2) run with `make test-real`; more multi-process
-# equality runs (other PEFT methods, FFA and FedSA on real peers) with `make test-slow`.
+# equality runs (other PEFT methods, DeCAF, FFA and FedSA on real peers, 4-bit gossip across two
+# hosts) with `make test-slow`.
 test: setup
 	$(BIN)/python -m pytest -q -m "not real and not slow" --durations=15 tests
 
