@@ -459,6 +459,7 @@ def cell_row(pc: PlannedCell, folder: Path) -> dict[str, Any]:
                 m.get("accuracy"),
                 m.get("wall_seconds"),
                 m.get("bytes_sent_total"),
+                m.get("cpu_seconds"),  # rows from before 2026-12-03 have none
             ]
             for m in metrics
         ],
@@ -901,7 +902,9 @@ def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
     lines = [
         f"Time to accuracy (seed 0): first evaluation at validation accuracy >= {target:.3f} "
         f"(centralized's best minus {TTA_BELOW_POINTS:g} points); seconds are the run's own "
-        "wall clock at one thread (evaluations included, machine shared).",
+        "CPU time at one thread (evaluations included; pauses and the other lane's load left "
+        "out), or, marked (wall), its wall clock on the shared machine, pauses included (runs "
+        "from before CPU time was recorded).",
         "",
         "| arm | round | examples | bytes sent (all peers) | seconds |",
         "|---|---:|---:|---:|---:|",
@@ -915,11 +918,22 @@ def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
             continue
         sent = hit[4] if len(hit) > 4 and hit[4] is not None else None
         mb = "" if sent is None else f"{sent / 1e6:,.1f} MB"
-        secs = "" if hit[3] is None else f"{hit[3]:,.0f}"
+        secs = _seconds(hit)
         lines.append(
             f"| {_label(arm, part)} | {hit[0]} | {hit[0] * PEERS * BATCH:,} | {mb} | {secs} |"
         )
     return [*lines, ""]
+
+
+def _seconds(point: list[Any]) -> str:
+    """A curve point's seconds: CPU time where the run recorded it, else wall clock, marked."""
+    if len(point) > 5 and point[5] is not None:
+        return f"{point[5]:,.0f}"
+    return "" if point[3] is None else f"{point[3]:,.0f} (wall)"
+
+
+def _plot_seconds(point: list[Any]) -> float | None:
+    return point[5] if len(point) > 5 and point[5] is not None else point[3]
 
 
 def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
@@ -964,7 +978,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
         (
             ("examples seen (thousands)", lambda p: p[0] * PEERS * BATCH / 1000),
             ("bytes sent by all peers (MB)", lambda p: (p[4] or 0) / 1e6 if len(p) > 4 else None),
-            ("wall-clock seconds (1 thread)", lambda p: p[3]),
+            ("seconds, 1 thread (CPU; wall for older runs)", _plot_seconds),
         )
     ):
         if not arms:

@@ -165,6 +165,43 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     assert status["status"] == "complete" and status["resumed"] == 1
 
 
+def test_cpu_time_continues_across_a_resume_and_is_left_out_after_an_older_checkpoint(
+    job, tmp_path
+):
+    """`cpu_seconds` (the process's CPU time in the loop, which pauses and other processes do
+    not inflate) goes on from the checkpoint's count; a checkpoint written before it was
+    counted gives no `cpu_seconds` after the resume rather than a count that starts again."""
+    import shutil
+
+    killed = tmp_path / "killed"
+    res = run_cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(killed),
+                  env={"DECLORA_KILL_AT": "3"})  # fmt: skip
+    assert res.returncode == -9
+    for legacy in (False, True):
+        out = tmp_path / f"legacy-{legacy}"
+        shutil.copytree(killed, out)
+        path = ckpt.round_dir(out / "checkpoints", 2)
+        fp = json.loads((path / ckpt.META_FILE).read_text())["fingerprint"]
+        state = ckpt.load(path, fingerprint=fp).state
+        assert 0 < state["cpu_elapsed"] < 1000
+        if legacy:
+            del state["cpu_elapsed"]
+        else:
+            state["cpu_elapsed"] = 1000.0
+        shutil.rmtree(path)
+        ckpt.save(out / "checkpoints", 2, state, fingerprint=fp, keep=1)
+        res = run_in_process("run", "--quiet", "--resume", str(out))
+        assert res.returncode == 0, res.stderr
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in recs] == [2, 4, 6]
+        assert 0 < recs[0]["cpu_seconds"] < 1000  # from the first attempt, as it was
+        later = [r.get("cpu_seconds") for r in recs[1:]]
+        if legacy:
+            assert later == [None, None]
+        else:
+            assert 1000 < later[0] < later[1] < 1000 + recs[-1]["wall_seconds"]
+
+
 def test_resume_refuses_bad_requests(job, uninterrupted, tmp_path):
     res = runner.invoke(app, ["run", "--resume", str(uninterrupted)])
     assert res.exit_code == 2 and "already complete" in res.output

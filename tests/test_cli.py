@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from declora.cli import app
-from tests.conftest import WORDS, tiny_bert
+from tests.conftest import TIMINGS, WORDS, tiny_bert
 
 runner = CliRunner()
 
@@ -85,8 +85,10 @@ def test_run_writes_a_complete_run_directory(tiny_model_dir, csv_file, tmp_path)
         "consensus_distance",
         "bytes_sent",
         "wall_seconds",
+        "cpu_seconds",
     ):
         assert key in lines[-1]
+    assert lines[-1]["cpu_seconds"] > 0 and lines[0]["cpu_seconds"] < lines[-1]["cpu_seconds"]
     assert "peers_accuracy" in lines[-1]  # peers evaluated at the final round
     # ring of 4: every peer sends to 2 neighbours each round
     per_round = lines[-1]["bytes_sent"] / 4
@@ -116,7 +118,7 @@ def test_same_seed_same_metrics(tiny_model_dir, csv_file, tmp_path):
         text = (tmp_path / name / "metrics.jsonl").read_text()
         recs = [json.loads(x) for x in text.splitlines()]
         for r in recs:
-            r.pop("wall_seconds")
+            r.pop("wall_seconds"), r.pop("cpu_seconds")
         runs.append(recs)
     assert runs[0] == runs[1]
     res = runner.invoke(
@@ -210,6 +212,6 @@ def test_a_baseline_does_not_depend_on_what_ran_before_it(tmp_path, tokenizer, c
 
     def records(path):
         out = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in out]
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in out]
 
     assert records(alone) == records(after / "baselines" / "centralized")

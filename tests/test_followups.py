@@ -31,6 +31,7 @@ from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
 from tests.conftest import (
+    TIMINGS,
     run_adapters,
     run_cli,
     run_in_process,
@@ -242,7 +243,7 @@ def test_same_seed_same_result_with_every_option_on(task, examples):
         gossip = CompressedGossip(topo.mixing, comp, error_feedback=True, seed=0)
         snaps, records, _ = _snapshots(task, examples, plan, rounds=3, gossip=gossip)
         runs.append(
-            (snaps[-1], [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records])
+            (snaps[-1], [{k: v for k, v in r.items() if k not in TIMINGS} for r in records])
         )
     (a, ra), (b, rb) = runs
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -404,6 +405,6 @@ def test_a_killed_dynamic_run_resumes_bit_identically(job, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     def metrics(run: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in _records(run)]
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in _records(run)]
 
     assert metrics(killed) == metrics(whole)

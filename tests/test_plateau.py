@@ -223,6 +223,16 @@ def test_main_table_from_rows(pl):
     assert by[("iid", "dec-lora-ring", "centralized")].mean == pytest.approx(-3.0)
     assert by[("dir0.5", "dec-lora-ring", "fedavg")].verdict == "equivalent"
     assert "verdict" in pl.report(rows)
+    # time to accuracy: CPU seconds where a run recorded them, its wall clock (marked) if not
+    for r in rows:
+        if r["stage"] == "tune":
+            cpu = [20.0, 40.0] if r["arm"] == "centralized" else [None, None]
+            r["curve"] = [[36, 144, 0.79, 50.0, 1e6, cpu[0]], [72, 288, 0.9, 100.0, 2e6, cpu[1]]]
+    lines = pl._time_to_accuracy(rows, "binary")
+    cells = {x.split("|")[1].strip(): x.split("|")[2:-1] for x in lines if x.startswith("| ")}
+    assert [c.strip() for c in cells.pop("centralized")] == ["72", "2,880", "2.0 MB", "40"]
+    cells.pop("arm")
+    assert len(cells) == 6 and all(c[-1].strip() == "100 (wall)" for c in cells.values())
 
 
 def test_plan_text_counts_runs_and_hours(pl):
@@ -328,8 +338,10 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
     for arm, part in pl.arm_settings():
         slow = 0 if arm == "centralized" else 2  # the peer arms lag two evaluations
         sent = None if arm == "centralized" else 1e6  # centralized sends nothing
+        cpu = None if arm == "centralized" else 5.0  # an older run without CPU time: its wall
         points = [[36 * (i + 1), 144 * (i + 1), curve[max(0, i - slow)][2], 20.0 * (i + 1),
-                   sent and sent * (i + 1)] for i in range(budget // 36)]  # fmt: skip
+                   sent and sent * (i + 1), cpu and cpu * (i + 1)]
+                  for i in range(budget // 36)]  # fmt: skip
         for lr in pl.tune_grid("0.025"):
             rows.append(dict(
                 task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
@@ -339,8 +351,8 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
     lines = pl._time_to_accuracy(rows, "binary")
     assert ">= 0.830" in lines[0]  # best 0.85 minus 2 points
     by = {x.split(" | ")[0][2:]: x for x in lines if x.startswith("| ")}
-    assert by["centralized"] == "| centralized | 144 | 5,760 |  | 80 |"
-    assert by["dec-lora-ring (iid)"] == "| dec-lora-ring (iid) | 216 | 8,640 | 6.0 MB | 120 |"
+    assert by["centralized"] == "| centralized | 144 | 5,760 |  | 80 (wall) |"
+    assert by["dec-lora-ring (iid)"] == "| dec-lora-ring (iid) | 216 | 8,640 | 6.0 MB | 30 |"
 
 
 def test_the_reports_training_sizes_are_the_tasks_own(pl):

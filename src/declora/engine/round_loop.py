@@ -236,8 +236,10 @@ def _loop_state(
     steps_done: np.ndarray,
     losses: list[torch.Tensor],
     elapsed: float,
+    cpu_elapsed: float | None,
 ) -> dict[str, Any]:
     """Everything that decides what the next round does (and what was measured so far)."""
+    cpu = {} if cpu_elapsed is None else {"cpu_elapsed": cpu_elapsed}
     return {
         "round": t,
         "engine": engine.state_dict(),
@@ -251,6 +253,7 @@ def _loop_state(
         "peer_metrics": result.peer_metrics,
         "extras": result.extras,
         "elapsed": elapsed,
+        **cpu,
     }
 
 
@@ -289,11 +292,14 @@ def train(
     losses: list[torch.Tensor] = []
     trainable = LORA_FACTORS  # engines start with both factors trainable
     first, elapsed = 1, 0.0
+    cpu_elapsed: float | None = 0.0  # None: a checkpoint from before CPU time was recorded
     saved = checkpoints.saved() if checkpoints else None
     if saved is not None:
         try:
             first = _restore(saved.state, engine, samplers, gossip, result) + 1
             elapsed = float(saved.state["elapsed"])
+            cpu = saved.state.get("cpu_elapsed")
+            cpu_elapsed = None if cpu is None else float(cpu)
             bytes_sent = saved.state["bytes_sent"].numpy().astype(np.float64)
             steps_done = saved.state["steps_done"].numpy().astype(np.int64)
             losses = list(saved.state["losses"])
@@ -307,6 +313,7 @@ def train(
     elif checkpoints is not None and checkpoints.resume and on_restore:
         on_restore([])  # nothing saved yet: start over, without the last attempt's metrics
     start = time.perf_counter() - elapsed
+    cpu_start = None if cpu_elapsed is None else time.process_time() - cpu_elapsed
     bar = tqdm(
         range(first, rounds + 1),
         desc=plan.algorithm,
@@ -393,6 +400,8 @@ def train(
             if settings.ranks is not None and parts.network is None:  # peers differ: each one
                 rec["bytes_sent_per_peer"] = bytes_sent.tolist()
             rec["wall_seconds"] = round(time.perf_counter() - start, 3)
+            if cpu_start is not None:  # this process's CPU time: pauses and other load aside
+                rec["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
             rec.update(getattr(gossip, "round_metrics", dict)())  # robust rules' flags
             if parts.privacy is not None:
                 rec.update(parts.privacy.metrics())  # epsilon spent so far, every peer's
@@ -420,6 +429,7 @@ def train(
                 steps_done,
                 losses,
                 time.perf_counter() - start,
+                None if cpu_start is None else time.process_time() - cpu_start,
             )
             ckpt.save(
                 checkpoints.root,
