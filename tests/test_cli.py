@@ -104,7 +104,14 @@ def test_run_writes_a_complete_run_directory(tiny_model_dir, csv_file, tmp_path)
         assert (out / "baselines" / b / "metrics.jsonl").is_file()
     local = json.loads((out / "baselines/local-only/metrics.jsonl").read_text().splitlines()[-1])
     assert local["bytes_sent"] == 0
-    assert "Centralized LoRA" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Centralized LoRA" in report and "| wall s | CPU s |" in report
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert all(r["cpu_seconds"] > 0 for r in rows)  # each algorithm's own loop
+    status = json.loads((out / "run.json").read_text())
+    assert status["cpu_seconds"] == pytest.approx(
+        sum({r["algorithm"]: r["cpu_seconds"] for r in rows}.values()), abs=0.2
+    )
 
 
 def test_same_seed_same_metrics(tiny_model_dir, csv_file, tmp_path):

@@ -146,6 +146,7 @@ class Result:
     extras: dict[str, Any] = field(default_factory=dict)
     final: dict[str, torch.Tensor] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    cpu_seconds: float | None = None  # None: resumed from a checkpoint that did not count it
 
     def last(self, key: str) -> float | None:
         for rec in reversed(self.records):
@@ -440,6 +441,7 @@ def train(
             )
     result.final = {k: v.clone() for k, v in engine.stacked().items()}
     result.wall_seconds = time.perf_counter() - start
+    result.cpu_seconds = None if cpu_start is None else time.process_time() - cpu_start
     return result
 
 

@@ -96,6 +96,7 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
         row.update({c: main.get(c) for c in columns})
         row["bytes_per_peer"] = main.get("bytes_per_peer")
         row["wall_seconds"] = main.get("wall_seconds")
+        row["cpu_seconds"] = main.get("cpu_seconds")  # runs from before 2026-12-03: none
         rows.append(row)
         if main.get(primary) is not None:
             points[name] = (float(main.get("bytes_per_peer") or 0.0), float(main[primary]))
@@ -113,12 +114,15 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
     plots.metric_vs_bytes(
         points, primary, out / f"{primary}_vs_bytes.png", title=f"Final {primary} against bytes"
     )
-    head = ["run", *columns, "MB sent/peer", "wall s"]
+    head = ["run", *columns, "MB sent/peer", "wall s", "CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = ["-" if r[c] is None else f"{r[c]:.4f}" for c in columns]
         mb = "-" if r["bytes_per_peer"] is None else f"{r['bytes_per_peer'] / 1e6:.2f}"
-        lines.append(f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {r['wall_seconds']} |")
+        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']}"
+        lines.append(
+            f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {r['wall_seconds']} | {cpu} |"
+        )
     table = "\n".join(lines) + "\n"
     text = (
         f"# Comparison of {len(runs)} runs\n\n{table}\n"

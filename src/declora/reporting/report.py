@@ -58,6 +58,7 @@ def summary_rows(
             row[f"best_{primary}"] = res.best(primary, higher_is_better) if not prefix else None
             row["bytes_per_peer"] = res.last("bytes_sent")
             row["wall_seconds"] = round(res.wall_seconds, 1)
+            row["cpu_seconds"] = None if res.cpu_seconds is None else round(res.cpu_seconds, 1)
             row["dir"] = where
             rows.append(row)
     return rows
@@ -100,13 +101,14 @@ def table_markdown(rows: list[dict[str, Any]], columns: Sequence[str] | None = N
     best = next((k for k in rows[0] if k.startswith("best_")), None) if rows else None
     head = "| run | " + " | ".join(LABELS.get(c, c) for c in cols)
     head += f" | best {LABELS.get(best[5:], best[5:])} (rounds)" if best else ""
-    head += " | sent per peer | wall s |\n"
-    head += "|---|" + "---:|" * (len(cols) + (1 if best else 0) + 2) + "\n"
+    head += " | sent per peer | wall s | CPU s |\n"
+    head += "|---|" + "---:|" * (len(cols) + (1 if best else 0) + 3) + "\n"
     body = ""
     for r in rows:
         cells = [_fmt(r.get(c)) for c in cols] + ([_fmt(r.get(best))] if best else [])
         body += f"| {r['label']} | " + " | ".join(cells)
-        body += f" | {_mb(r['bytes_per_peer'])} | {r['wall_seconds']} |\n"
+        cpu = r.get("cpu_seconds")
+        body += f" | {_mb(r['bytes_per_peer'])} | {r['wall_seconds']} | {_fmt(cpu, '.1f')} |\n"
     return head + body
 
 

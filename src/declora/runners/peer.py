@@ -41,7 +41,7 @@ from declora.runners.build import (
     prepare,
 )
 from declora.runners.placement import refusal
-from declora.runners.simulate import write_setup
+from declora.runners.simulate import total_cpu_seconds, write_setup
 
 
 def restarted() -> bool:
@@ -294,5 +294,6 @@ def _finish(rundir: RunDir, prep: Any, result: Result, proc: dd.PeerProcess) -> 
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads per peer",
         processes=proc.world,
         wall_seconds=round(result.wall_seconds, 1),
+        cpu_seconds=total_cpu_seconds([result]),  # this process's (rank 0's)
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

@@ -8,6 +8,7 @@ come from `build_algorithm`, the same builder a torchrun peer uses.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -104,6 +105,17 @@ def execute(
     return rundir, results
 
 
+def total_cpu_seconds(results: Iterable[Result]) -> float | None:
+    """CPU seconds of the algorithms' loops together; None if one of them lacks its count (it
+    resumed a checkpoint written before declora counted CPU time)."""
+    total = 0.0
+    for r in results:
+        if r.cpu_seconds is None:
+            return None
+        total += r.cpu_seconds
+    return round(total, 1)
+
+
 def write_setup(rundir: RunDir, prep: Prepared) -> None:
     """What a run knows before training: resolved config, graph, data over peers, plots."""
     from declora.reporting import plots  # matplotlib: only where a plot is drawn
@@ -165,5 +177,6 @@ def _execute(prep: Prepared, rundir: RunDir, progress: bool, resume: bool) -> di
         "complete",
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
         wall_seconds=round(sum(r.wall_seconds for r in results.values()), 1),
+        cpu_seconds=total_cpu_seconds(results.values()),
     )
     return results
