@@ -30,6 +30,10 @@ case "${1:-}" in
     # and the reference "attacker cut off from the start" at those seeds (added after seed 3
     # lost 2-14 points under every attack: it tells what ignoring the attacker gives there)
     $R --attackers 1 --attacks absent --rules none --seeds 3 4 5 6 7 >> runs/robust.log 2>&1
+    # the staleness check (comm.robust_stale, added after clip-exclude lost 7.7 points to the
+    # stale attacker) against that attacker, at the same 8 seeds as clip-exclude
+    $R --attackers 1 --attacks stale --rules clip-exclude-stale --seeds 0 1 2 3 4 5 6 7 \
+      >> runs/robust.log 2>&1
     $PY benchmarks/robust.py >> runs/robust.log 2>&1
     # the 3-class task's learning curves (about 5 h) while lane b still tunes and seeds the
     # binary task, unless lane b has reached the 3-class task already (it then runs them)

@@ -226,6 +226,80 @@ def test_a_neighbour_that_turns_bad_late_in_a_long_run_is_still_cut_off():
     assert float(flags.removed[0, 1]) > 0.5 > (200 * 0.1 + 15 * 0.9) / 215  # the run's mean
 
 
+def _drifting(gossip: RobustGossip, exchanges: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`exchanges` mixes of 10 peers that train between them (a common drift, own noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = {"a": 1 + 0.1 * torch.randn(10, 50, generator=g)}
+    for _ in range(exchanges):
+        x = gossip.mix({"a": x["a"] + 0.05 + 0.05 * torch.randn(10, 50, generator=g)})
+    return x
+
+
+@pytest.mark.parametrize("name", ["clip", "trimmed-mean", "median"])
+def test_a_neighbour_repeating_one_message_is_cut_off_at_the_limit_and_no_honest_one(name):
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    rule = RobustRule(name, stale=3)
+    gossip = RobustGossip(W, rule, Attack("stale", [BAD], seed=0))
+    receivers = [int(i) for i in (W[:, BAD] != 0).nonzero()[0] if i != BAD]
+    _drifting(gossip, 2)  # its first message and one repeat
+    assert gossip.round_metrics()["robust_excluded"] == []
+    assert float(gossip.flags.repeats.max()) == 1.0
+    # a checkpointed simulator decides alike: the third identical message cuts it off
+    again = RobustGossip(W, rule, Attack("stale", [BAD], seed=0))
+    again.load_state_dict(gossip.state_dict())
+    x = {"a": torch.randn(10, 50, generator=torch.Generator().manual_seed(5))}
+    out, out_again = gossip.mix(x), again.mix(x)
+    torch.testing.assert_close(out["a"], out_again["a"], rtol=0, atol=0)
+    metrics = gossip.round_metrics()
+    assert sorted(metrics["robust_stale"]) == sorted(f"{BAD}->{r}" for r in receivers)
+    assert metrics["robust_excluded"] == metrics["robust_stale"] == again.round_metrics()[
+        "robust_stale"]  # fmt: skip
+    # cut off: a receiver combines its other neighbours only (with b - 1 = 0 trimmed/clipped)
+    for i in receivers:
+        honest = [j for j in range(10) if j not in (i, BAD) and W[i, j] > 0]
+        if name == "clip":
+            want = x["a"][i] + sum(W[i, j] * (x["a"][j] - x["a"][i]) for j in honest)
+        elif name == "trimmed-mean":  # b = 0 left: the plain mean of own and the honest ones
+            want = torch.stack([x["a"][i], *(x["a"][j] for j in honest)]).mean(0)
+        else:
+            want = median_combine(x["a"][i], torch.stack([x["a"][j] for j in honest]))[0]
+        torch.testing.assert_close(out["a"][i], want.float())
+    # it stays cut off after more exchanges, and no honest pair joins it
+    _drifting(gossip, 5, seed=1)
+    assert sorted(gossip.round_metrics()["robust_excluded"]) == sorted(metrics["robust_stale"])
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "alie"])
+def test_the_staleness_check_changes_nothing_while_every_message_is_new(attack):
+    """What the study's `clip-exclude-stale` column rests on: where no neighbour repeats a
+    message, the check leaves the run bit-identical to the rule without it."""
+    W = build_topology("regular", 10, "metropolis", degree=4, seed=0).mixing
+    runs = []
+    for stale in (None, 2):
+        rule = RobustRule("clip", exclude=0.5, exclude_window=5, stale=stale)
+        gossip = RobustGossip(W, rule, Attack(attack, [BAD], seed=0))
+        runs.append((_drifting(gossip, 12)["a"], gossip.round_metrics()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[1][1].pop("robust_stale") == []
+    assert runs[0][1] == runs[1][1]
+
+
+def test_a_stuck_neighbour_that_recovers_before_the_limit_is_not_cut_off():
+    rule = RobustRule("clip", stale=3)
+    flags = FlagCounts(2)
+    same, other = {"a": torch.ones(4)}, {"a": torch.zeros(4)}
+    for message in (same, same, other, same, same, other):  # never 3 in a row
+        flags.observe(rule, 0, [1], [message])
+        flags.add(0, [1], [False])
+    assert flags.excluded(rule, 0, [1]) == [False]
+    for _ in range(3):
+        flags.observe(rule, 0, [1], [same])
+        flags.add(0, [1], [False])
+    assert flags.excluded(rule, 0, [1]) == [True]
+    flags.observe(rule, 0, [1], [other])  # recovered too late: it stays cut off
+    assert flags.excluded(rule, 0, [1]) == [True]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -242,6 +316,22 @@ def test_a_neighbour_that_turns_bad_late_in_a_long_run_is_still_cut_off():
         (["comm.robust=median", "comm.robust_exclude=0.9"], "got comm.robust=median"),
         (["comm.robust_exclude=0.9"], "comm.robust_exclude works with comm.robust=clip only"),
         (["comm.robust=clip", "comm.robust_exclude=1.5"], "comm.robust_exclude"),
+        (["comm.robust_stale=3"], "comm.robust_stale=3 needs a robust rule"),
+        (["comm.robust=clip", "comm.robust_stale=1"], "comm.robust_stale"),
+        (
+            ["comm.robust=clip", "comm.robust_stale=3", "comm.bits=4"],
+            "with comm.rounding=stochastic the same value is encoded differently",
+        ),
+        (
+            [
+                "comm.robust=median",
+                "comm.robust_stale=3",
+                "comm.bits=4",
+                "comm.rounding=nearest",
+                "comm.error_feedback=true",
+            ],
+            "with comm.error_feedback=true",
+        ),
     ],
 )
 def test_bad_robustness_settings_are_one_line_each(sets, message):
@@ -349,6 +439,14 @@ CASES = {
         "comm.robust_exclude=0.001",
         "comm.robust_exclude_window=1",
     ],
+    # a stuck peer, seen by the digest of what arrives (8-bit, nearest: encoded alike each time)
+    "stale+median+stale2+q8": [
+        "faults.attack=stale",
+        "comm.robust=median",
+        "comm.robust_stale=2",
+        "comm.bits=8",
+        "comm.rounding=nearest",
+    ],
 }
 
 
@@ -391,6 +489,12 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
         report = (sim / "report.md").read_text()
         assert "Cut off (`comm.robust_exclude=0.001`" in report
         assert all(f"`{pair}`" in report for pair in last["robust_excluded"])
+    if "comm.robust_stale=2" in sets:  # cut off by every receiver at the second exchange
+        assert last["robust_stale"] == last["robust_excluded"] == ["2->0", "2->1", "2->3"]
+        assert peer0["robust_stale"] == ["2->0"]
+        report = (sim / "report.md").read_text()
+        assert "Cut off (`comm.robust_stale=2`, sender->receiver): `2->0`" in report
+        assert "for repeating one message 2 times in a row: `2->0`" in report
 
 
 @pytest.mark.slow  # three runs in fresh processes, ~40 s: make test-slow
@@ -407,7 +511,7 @@ def test_a_killed_run_with_an_attacker_resumes_with_the_same_flags_and_adapters(
         seed=2,
         rounds=6,
         faults={"byzantine": [1], "attack": "stale"},
-        comm={"robust": "clip"},
+        comm={"robust": "clip", "robust_stale": 4},  # cut off after the kill, from its counts
     )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_job(job, whole).returncode == 0
@@ -417,5 +521,6 @@ def test_a_killed_run_with_an_attacker_resumes_with_the_same_flags_and_adapters(
     flags = [m.get("robust_flags") for m in run_metrics(whole)]
     assert any(flags) and flags == [m.get("robust_flags") for m in run_metrics(killed)]
     assert run_metrics(killed) == run_metrics(whole)
+    assert [m.get("robust_stale") for m in run_metrics(whole)][-1] == ["1->0", "1->2"]
     a, b = run_adapters(whole), run_adapters(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,9 +16,14 @@ def _row(attackers: int, attack: str, rule: str, seed: int, acc: float | None) -
 
 def test_the_plan_answers_the_target_first_and_has_the_cut_off_reference():
     cells = robust.planned(robust._defaults())
-    rules = len(robust.RULES)  # none, clip, trimmed-mean, median, clip-exclude
-    assert len(cells) == len(set(cells)) == 2 * 3 * (rules + 2 * (5 * rules + 1))
-    first = cells[: 3 * (rules + 5 * rules + 1)]  # the 4-regular graph, 0 and 1 attacker, 3 seeds
+    # none, clip, trimmed-mean, median, clip-exclude against every attack and without one;
+    # clip-exclude-stale against the stale attack only
+    rules = len(robust.RULES) - 1
+    per_graph_seed = rules + 2 * (5 * rules + 1 + 1)
+    assert len(cells) == len(set(cells)) == 2 * 3 * per_graph_seed
+    stale_check = [c for c in cells if c[3] == "clip-exclude-stale"]
+    assert len(stale_check) == 2 * 3 * 2 and {c[2] for c in stale_check} == {"stale"}
+    first = cells[: 3 * (rules + 5 * rules + 2)]  # the 4-regular graph, 0 and 1 attacker, 3 seeds
     assert {(g, a) for g, a, *_ in first} == {("regular4", 0), ("regular4", 1)}
     assert ("regular4", 1, robust.ABSENT, "none", 0) in first
     assert all(c[1] == 2 for c in cells[-len(cells) // 3 :])  # 2 attackers last

@@ -356,6 +356,14 @@ class CommConfig(_Section):
         description="messages that average runs over (moving average with weight 1/window), "
         "and the fewest seen before a neighbour can be cut off",
     )
+    robust_stale: int | None = Field(
+        None,
+        ge=2,
+        le=100000,
+        description="with a robust rule: stop mixing a neighbour for the rest of the run once "
+        "it sent the same message, bit for bit, this many exchanges in a row (a peer stuck at "
+        "an old model, or replaying one); None: never",
+    )
     auth_key_file: str | None = Field(
         None,
         description="distributed runs: a file holding a shared secret every peer proves in the "
@@ -798,6 +806,20 @@ def _check_robustness(cfg: RunConfig) -> None:
         raise ConfigError(
             f"comm.robust_exclude works with comm.robust=clip only (got comm.robust={c.robust}): "
             "it cuts off a neighbour by how much of its messages the clipping removed"
+        )
+    if c.robust_stale is not None and c.robust == "none":
+        raise ConfigError(
+            f"comm.robust_stale={c.robust_stale} needs a robust rule (comm.robust=clip, "
+            "trimmed-mean or median): cutting a neighbour off is part of the rule's combine"
+        )
+    if c.robust_stale is not None and (
+        c.error_feedback or (c.bits < 16 and c.rounding == "stochastic")
+    ):
+        what = "comm.error_feedback=true" if c.error_feedback else "comm.rounding=stochastic"
+        raise ConfigError(
+            f"comm.robust_stale compares messages bit for bit, and with {what} the same value "
+            "is encoded differently at every exchange, so it could never fire; use "
+            "comm.rounding=nearest or sign without error feedback, or leave comm.robust_stale unset"
         )
     if (c.robust != "none" or f.byzantine) and c.scheme != "plain":
         what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"

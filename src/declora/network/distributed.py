@@ -685,6 +685,7 @@ class PeerGossip:
             return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
         if self.robust is not None:  # the same per-peer rule the simulator applies
             ids = list(others)
+            self.flags.observe(self.robust, self.rank, ids, [decoded[j] for j in ids])
             mixed, flagged, removed = robust_combine(
                 self.robust,
                 x,

@@ -34,10 +34,20 @@ neighbour's weight stays with the peer, and it counts as one of the b neighbours
 (b - excluded are clipped among the others). The decision uses only the peer's own counts, so
 a simulated peer and a real one decide alike, and a resumed run decides as the uninterrupted
 one.
+
+Staleness (`comm.robust_stale`, any rule): a neighbour whose message is bit-identical to its
+previous one `robust_stale` exchanges in a row (its first message and then repeats) is cut off
+the same way. An honest peer's values change at every exchange (it trains and mixes), so a
+repeated message means a peer stuck at an old model, or one replaying an old message; clipping
+alone sees it only once training has moved everyone far from it. A peer compares a short
+digest (BLAKE2b, 8 bytes) of each decoded message with the neighbour's previous one, so it
+keeps 16 bytes per neighbour, not the message. Messages that are encoded afresh each time
+(stochastic rounding, error feedback) would never repeat: that combination is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -61,6 +71,7 @@ class RobustRule:
     radius: float | None = None
     exclude: float | None = None  # mean clipped share at which a neighbour is cut off
     exclude_window: int = 10  # messages the removed share is averaged over (about)
+    stale: int | None = None  # identical messages in a row at which a neighbour is cut off
 
     def min_neighbours(self) -> int:
         """The fewest neighbours a peer needs for this rule to do what it promises."""
@@ -187,6 +198,16 @@ def robust_combine(
     return out, flagged, removed
 
 
+def message_digest(message: Mapping[str, torch.Tensor]) -> int:
+    """8 bytes of BLAKE2b over a message's tensors (by name, as float32), as a signed int64:
+    what a peer keeps to see that a neighbour sent the very same message again."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(message):
+        h.update(name.encode())
+        h.update(message[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
 # --------------------------------------------------------------------------- who was flagged
 
 
@@ -198,6 +219,8 @@ class FlagCounts:
         self.flagged = torch.zeros(n, n, dtype=torch.float64)  # [receiver, sender]
         self.seen = torch.zeros(n, n, dtype=torch.float64)
         self.removed = torch.zeros(n, n, dtype=torch.float64)  # recent discarded share
+        self.digest = torch.zeros(n, n, dtype=torch.int64)  # of the last message received
+        self.repeats = torch.zeros(n, n, dtype=torch.float64)  # same message again, in a row
 
     def add(
         self,
@@ -216,17 +239,47 @@ class FlagCounts:
             step = 1.0 / min(float(self.seen[receiver, j]), float(window))
             self.removed[receiver, j] += step * (float(r) - float(self.removed[receiver, j]))
 
-    def excluded(self, rule: RobustRule, receiver: int, senders: Sequence[int]) -> list[bool]:
-        """Which of `senders` `receiver` has cut off (`comm.robust_exclude`): clipping removed
-        at least that share of their recent messages on average, after at least
-        `exclude_window` of them. A neighbour cut off counts as wholly removed from then on,
-        so its average only grows: it stays cut off."""
-        if rule.exclude is None:
+    def observe(
+        self,
+        rule: RobustRule,
+        receiver: int,
+        senders: Sequence[int],
+        messages: Sequence[Mapping[str, torch.Tensor]],
+    ) -> None:
+        """Before an exchange is combined (`comm.robust_stale`): count, per neighbour, how
+        many times in a row its message repeated the previous one. Once a neighbour reaches
+        the limit the count no longer resets: it stays cut off, as under `robust_exclude`."""
+        if rule.stale is None:
+            return
+        for j, message in zip(senders, messages, strict=True):
+            digest = message_digest(message)
+            if self.repeats[receiver, j] >= rule.stale - 1:
+                continue
+            again = self.seen[receiver, j] > 0 and int(self.digest[receiver, j]) == digest
+            self.repeats[receiver, j] = self.repeats[receiver, j] + 1 if again else 0
+            self.digest[receiver, j] = digest
+
+    def stale(self, rule: RobustRule, receiver: int, senders: Sequence[int]) -> list[bool]:
+        """Which of `senders` repeated one message `comm.robust_stale` times in a row."""
+        if rule.stale is None:
             return [False] * len(senders)
+        return [float(self.repeats[receiver, j]) >= rule.stale - 1 for j in senders]
+
+    def excluded(self, rule: RobustRule, receiver: int, senders: Sequence[int]) -> list[bool]:
+        """Which of `senders` `receiver` has cut off: clipping removed at least
+        `comm.robust_exclude` of their recent messages on average, after at least
+        `exclude_window` of them, or they are stale (`comm.robust_stale`). A neighbour cut off
+        counts as wholly removed from then on, so its average only grows: it stays cut off."""
+        stale = self.stale(rule, receiver, senders)
+        if rule.exclude is None:
+            return stale
         return [
-            float(self.seen[receiver, j]) >= rule.exclude_window
-            and float(self.removed[receiver, j]) >= rule.exclude - 1e-12
-            for j in senders
+            s
+            or (
+                float(self.seen[receiver, j]) >= rule.exclude_window
+                and float(self.removed[receiver, j]) >= rule.exclude - 1e-12
+            )
+            for j, s in zip(senders, stale, strict=True)
         ]
 
     def metrics(
@@ -235,7 +288,8 @@ class FlagCounts:
         """metrics.jsonl keys: `robust_flagged_share` (flagged / received messages, these
         receivers), `robust_flags` {"sender->receiver": times flagged} for pairs flagged,
         `robust_removed` {"sender->receiver": recent share of its messages discarded} and, with
-        exclusion on, `robust_excluded` ["sender->receiver", ...] for pairs cut off."""
+        exclusion or the staleness check on, `robust_excluded` ["sender->receiver", ...] for
+        pairs cut off, and with the staleness check `robust_stale`: those cut off for it."""
         rows = list(receivers)
         seen, flagged = self.seen[rows], self.flagged[rows]
         total = float(seen.sum())
@@ -252,14 +306,20 @@ class FlagCounts:
             f"{int(j)}->{rows[int(r)]}": round(float(recent[r, j]), 4)
             for r, j in torch.nonzero(recent > 0).tolist()
         }
-        if rule is not None and rule.exclude is not None:
-            n = self.seen.shape[1]
-            out["robust_excluded"] = [
+        n = self.seen.shape[1]
+
+        def pairs(which) -> list[str]:
+            return [
                 f"{j}->{i}"
                 for i in rows
-                for j, cut in zip(range(n), self.excluded(rule, i, range(n)), strict=True)
+                for j, cut in zip(range(n), which(rule, i, range(n)), strict=True)
                 if cut
             ]
+
+        if rule is not None and (rule.exclude is not None or rule.stale is not None):
+            out["robust_excluded"] = pairs(self.excluded)
+        if rule is not None and rule.stale is not None:
+            out["robust_stale"] = pairs(self.stale)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -267,17 +327,22 @@ class FlagCounts:
             "flags.flagged": self.flagged.clone(),
             "flags.seen": self.seen.clone(),
             "flags.removed": self.removed.clone(),
+            "flags.digest": self.digest.clone(),
+            "flags.repeats": self.repeats.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.removed = torch.zeros_like(self.seen)  # checkpoints from before exclusion
-        for name in ("flagged", "seen", "removed"):
-            if name == "removed" and "flags.removed" not in state:
+        # checkpoints from before exclusion / the staleness check lack the later counts
+        self.removed, self.repeats = torch.zeros_like(self.seen), torch.zeros_like(self.seen)
+        self.digest = torch.zeros(self.seen.shape, dtype=torch.int64)
+        for name in ("flagged", "seen", "removed", "digest", "repeats"):
+            if f"flags.{name}" not in state and name in ("removed", "digest", "repeats"):
                 continue
             value = state[f"flags.{name}"]
             if value.shape != self.flagged.shape:
                 raise ValueError(f"flag counts of shape {tuple(value.shape)} for {self.seen.shape}")
-            setattr(self, name, value.to(torch.float64).clone())
+            kind = torch.int64 if name == "digest" else torch.float64
+            setattr(self, name, value.to(kind).clone())
 
 
 # --------------------------------------------------------------------------- the simulator
@@ -368,6 +433,7 @@ class RobustGossip:
                     continue
                 own_i = {k: v[i] for k, v in x.items()}
                 recv = [{k: v[j] for k, v in decoded.items()} for j in src]
+                self.flags.observe(self.rule, i, src, recv)
                 mixed, flagged, removed = robust_combine(
                     self.rule,
                     own_i,
@@ -406,6 +472,7 @@ def rule_of(cfg: object) -> RobustRule | None:
         radius=c.robust_radius,
         exclude=c.robust_exclude,
         exclude_window=c.robust_exclude_window,
+        stale=c.robust_stale,
     )
 
 

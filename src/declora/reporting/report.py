@@ -179,11 +179,25 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
             f"\nMean share of a neighbour's messages {what} (sender->receiver, highest first; "
             "`robust_removed`): " + ", ".join(f"`{p}` {float(v):.2f}" for p, v in top) + "\n"
         )
-    excluded = main.last("robust_excluded") if cfg.comm.robust_exclude is not None else None
+    c = cfg.comm
+    cutting = c.robust_exclude is not None or c.robust_stale is not None
+    excluded = main.last("robust_excluded") if cutting else None
     if isinstance(excluded, list):
+        keys = ", ".join(
+            f"`comm.{k}={v:g}`"
+            for k, v in (("robust_exclude", c.robust_exclude), ("robust_stale", c.robust_stale))
+            if v is not None
+        )
+        stale = main.last("robust_stale") if c.robust_stale is not None else None
         out += (
-            f"\nCut off (`comm.robust_exclude={cfg.comm.robust_exclude:g}`, sender->receiver): "
+            f"\nCut off ({keys}, sender->receiver): "
             + (", ".join(f"`{pair}`" for pair in excluded) if excluded else "none")
+            + (
+                f"; of them for repeating one message {c.robust_stale} times in a row: "
+                + (", ".join(f"`{pair}`" for pair in stale) if stale else "none")
+                if isinstance(stale, list)
+                else ""
+            )
             + ".\n"
         )
     return out

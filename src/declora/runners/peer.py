@@ -239,6 +239,7 @@ _PEER_KEYS = (
     "robust_flags",
     "robust_excluded",
     "robust_removed",
+    "robust_stale",
 )
 
 
