@@ -20,6 +20,7 @@ from declora.network.robust import (
     RobustRule,
     clip_combine,
     median_combine,
+    message_digest,
     robust_combine,
     trimmed_mean_combine,
 )
@@ -287,7 +288,8 @@ def test_the_staleness_check_changes_nothing_while_every_message_is_new(attack):
 def test_a_stuck_neighbour_that_recovers_before_the_limit_is_not_cut_off():
     rule = RobustRule("clip", stale=3)
     flags = FlagCounts(2)
-    same, other = {"a": torch.ones(4)}, {"a": torch.zeros(4)}
+    same, other = message_digest({"a": torch.ones(4)}), message_digest({"a": torch.zeros(4)})
+    assert same != message_digest({"a": torch.ones(4).nextafter(torch.tensor(2.0))})  # one ulp
     for message in (same, same, other, same, same, other):  # never 3 in a row
         flags.observe(rule, 0, [1], [message])
         flags.add(0, [1], [False])

@@ -49,7 +49,7 @@ from declora.network.mixing import (
     hetero_combine,
     mix_with_own_exact,
 )
-from declora.network.robust import FlagCounts, RobustRule, robust_combine
+from declora.network.robust import FlagCounts, RobustRule, message_digest, robust_combine
 
 log = logging.getLogger("declora.network.distributed")
 
@@ -685,7 +685,9 @@ class PeerGossip:
             return dict(x)  # nothing arrived: the peer keeps its exact values, as when alone
         if self.robust is not None:  # the same per-peer rule the simulator applies
             ids = list(others)
-            self.flags.observe(self.robust, self.rank, ids, [decoded[j] for j in ids])
+            if self.robust.stale is not None:
+                digests = [message_digest(decoded[j]) for j in ids]
+                self.flags.observe(self.robust, self.rank, ids, digests)
             mixed, flagged, removed = robust_combine(
                 self.robust,
                 x,

@@ -244,15 +244,15 @@ class FlagCounts:
         rule: RobustRule,
         receiver: int,
         senders: Sequence[int],
-        messages: Sequence[Mapping[str, torch.Tensor]],
+        digests: Sequence[int],
     ) -> None:
         """Before an exchange is combined (`comm.robust_stale`): count, per neighbour, how
-        many times in a row its message repeated the previous one. Once a neighbour reaches
-        the limit the count no longer resets: it stays cut off, as under `robust_exclude`."""
+        many times in a row its message (`message_digest`) repeated the previous one. Once a
+        neighbour reaches the limit the count no longer resets: it stays cut off, as under
+        `robust_exclude`."""
         if rule.stale is None:
             return
-        for j, message in zip(senders, messages, strict=True):
-            digest = message_digest(message)
+        for j, digest in zip(senders, digests, strict=True):
             if self.repeats[receiver, j] >= rule.stale - 1:
                 continue
             again = self.seen[receiver, j] > 0 and int(self.digest[receiver, j]) == digest
@@ -427,13 +427,19 @@ class RobustGossip:
             out = {k: mix_with_own_exact(self.W, own, x[k], decoded[k], index) for k in x}
         else:
             out = {k: v.clone() for k, v in x.items()}
+            digests = (  # once per sender: every receiver decodes the same message here
+                {j: message_digest({k: v[j] for k, v in decoded.items()}) for j in self.senders}
+                if self.rule.stale is not None
+                else {}
+            )
             for i in range(self.n):
                 src = self.sources[i]
                 if not src:
                     continue
                 own_i = {k: v[i] for k, v in x.items()}
                 recv = [{k: v[j] for k, v in decoded.items()} for j in src]
-                self.flags.observe(self.rule, i, src, recv)
+                if digests:
+                    self.flags.observe(self.rule, i, src, [digests[j] for j in src])
                 mixed, flagged, removed = robust_combine(
                     self.rule,
                     own_i,
