@@ -128,11 +128,15 @@ class Algorithm:
             )
         c, f = cfg.comm, cfg.faults
         if (
-            (c.robust != "none" or f.byzantine)
+            (c.robust != "none" or c.robust_stale is not None or f.byzantine)
             and (not self.gossips or self.mixing_rule != "average")
             and name_is_main(cfg, self.name)
         ):
-            what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
+            what = (
+                f"comm.robust={c.robust}"
+                if c.robust != "none"
+                else ("comm.robust_stale" if c.robust_stale is not None else "faults.attack")
+            )
             raise ConfigError(
                 f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, "
                 f"adf); algorithm.name={self.name} is not one"

@@ -360,7 +360,7 @@ class CommConfig(_Section):
         None,
         ge=2,
         le=100000,
-        description="with a robust rule: stop mixing a neighbour for the rest of the run once "
+        description="stop mixing a neighbour for the rest of the run once "
         "it sent the same message, bit for bit, this many exchanges in a row (a peer stuck at "
         "an old model, or replaying one); None: never",
     )
@@ -695,10 +695,10 @@ def _check_ranks(cfg: RunConfig) -> None:
             "products (use algorithm.hetero=svd)"
         )
     c, f = cfg.comm, cfg.faults
-    if not c.exact or c.robust != "none" or f.byzantine:
+    if not c.exact or c.robust != "none" or c.robust_stale is not None or f.byzantine:
         raise ConfigError(
             "lora.ranks sends exact factors at each peer's rank: comm.bits=32, comm.scheme=plain, "
-            "comm.robust=none and no faults.byzantine"
+            "comm.robust=none, no comm.robust_stale and no faults.byzantine"
         )
 
 
@@ -807,11 +807,6 @@ def _check_robustness(cfg: RunConfig) -> None:
             f"comm.robust_exclude works with comm.robust=clip only (got comm.robust={c.robust}): "
             "it cuts off a neighbour by how much of its messages the clipping removed"
         )
-    if c.robust_stale is not None and c.robust == "none":
-        raise ConfigError(
-            f"comm.robust_stale={c.robust_stale} needs a robust rule (comm.robust=clip, "
-            "trimmed-mean or median): cutting a neighbour off is part of the rule's combine"
-        )
     if c.robust_stale is not None and (
         c.error_feedback or (c.bits < 16 and c.rounding == "stochastic")
     ):
@@ -821,8 +816,12 @@ def _check_robustness(cfg: RunConfig) -> None:
             "is encoded differently at every exchange, so it could never fire; use "
             "comm.rounding=nearest or sign without error feedback, or leave comm.robust_stale unset"
         )
-    if (c.robust != "none" or f.byzantine) and c.scheme != "plain":
-        what = f"comm.robust={c.robust}" if c.robust != "none" else "faults.attack"
+    if (c.robust != "none" or c.robust_stale is not None or f.byzantine) and c.scheme != "plain":
+        what = (
+            f"comm.robust={c.robust}"
+            if c.robust != "none"
+            else ("comm.robust_stale" if c.robust_stale is not None else "faults.attack")
+        )
         raise ConfigError(f"{what} works with comm.scheme=plain only (got {c.scheme})")
 
 

@@ -35,14 +35,16 @@ neighbour's weight stays with the peer, and it counts as one of the b neighbours
 a simulated peer and a real one decide alike, and a resumed run decides as the uninterrupted
 one.
 
-Staleness (`comm.robust_stale`, any rule): a neighbour whose message is bit-identical to its
-previous one `robust_stale` exchanges in a row (its first message and then repeats) is cut off
-the same way. An honest peer's values change at every exchange (it trains and mixes), so a
-repeated message means a peer stuck at an old model, or one replaying an old message; clipping
-alone sees it only once training has moved everyone far from it. A peer compares a short
-digest (BLAKE2b, 8 bytes) of each decoded message with the neighbour's previous one, so it
-keeps 16 bytes per neighbour, not the message. Messages that are encoded afresh each time
-(stochastic rounding, error feedback) would never repeat: that combination is refused.
+Staleness (`comm.robust_stale`, any rule, plain gossip too): a neighbour whose message is
+bit-identical to its previous one `robust_stale` exchanges in a row (its first message and then
+repeats) is cut off the same way. An honest peer's values change at every exchange (it trains
+and mixes), so a repeated message means a peer stuck at an old model, or one replaying an old
+message; clipping alone sees it only once training has moved everyone far from it. A peer
+compares a short digest (BLAKE2b, 8 bytes) of each decoded message with the neighbour's
+previous one, so it keeps 16 bytes per neighbour, not the message. With `comm.robust=none` the
+rule is plain gossip over the neighbours not cut off (`none` below: x_i + sum_j W_ij
+(x_j - x_i) over the j kept). Messages that are encoded afresh each time (stochastic rounding,
+error feedback) would never repeat: that combination is refused.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class RobustRule:
             return 2 * self.trim
         if self.name == "median":
             return 2
+        if self.name == "none":
+            return 0
         return 1 if self.radius is not None else self.trim + 1
 
 
@@ -155,6 +159,10 @@ def combine_flat(
     if rule.name == "clip":
         value, scale = _clip(own, received, weights, rule.radius, rule.trim)
         return value, scale < 1.0, 1.0 - scale
+    if rule.name == "none":  # plain gossip (comm.robust_stale without a robust rule)
+        diff = received - own.unsqueeze(0)
+        zeros = torch.zeros(received.shape[0])
+        return own + weights.to(own.dtype) @ diff, zeros > 0, zeros
     if rule.name == "trimmed-mean":
         value, share = trimmed_mean_combine(own, received, rule.trim)
     elif rule.name == "median":
@@ -468,9 +476,10 @@ def compressed_for(compressor: Compressor, mixing: np.ndarray, **kwargs: object)
 
 
 def rule_of(cfg: object) -> RobustRule | None:
-    """The robust rule `comm.*` asks for, or None (plain gossip)."""
+    """The robust rule `comm.*` asks for, or None (plain gossip). Plain gossip with the
+    staleness check is the rule `none`: the same average, over the neighbours not cut off."""
     c = cfg.comm  # type: ignore[attr-defined]
-    if c.robust == "none":
+    if c.robust == "none" and c.robust_stale is None:
         return None
     return RobustRule(
         c.robust,

@@ -152,7 +152,7 @@ def _samples_markdown(results: dict[str, Result], main: str) -> str:
 def _robust_markdown(cfg: Any, main: Result) -> str:
     """Faults and robust rules: who the peers flagged, and how often (the last record)."""
     f, rule = cfg.faults, cfg.comm.robust
-    if not f.byzantine and rule == "none":
+    if not f.byzantine and rule == "none" and cfg.comm.robust_stale is None:
         return ""
     out = "\n## Robustness\n\n"
     if f.byzantine:
