@@ -379,7 +379,9 @@ def plot(rows: list[dict], out: Path) -> None:
     clean = summary.get((0, "none", "none"))
     if clean is not None:
         ax.axhline(clean["honest_accuracy"], ls="--", c="k", lw=1, label="no attacker, plain")
-    ax.set_xticks(range(len(attacks)), attacks)
+    ax.set_xticks(
+        range(len(attacks)), [{ABSENT: "cut off\n(reference)"}.get(a, a) for a in attacks]
+    )
     ax.set_ylabel("honest peers' accuracy")
     ax.set_title("10 peers, 4-regular graph, 1 attacking peer (demo job)")
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12))
