@@ -54,8 +54,12 @@ SMOOTH = 3  # validation points averaged when finding the plateau (one point's n
 # TUNE_WIDTH LRs around the curve's best (the best and its neighbours in CURVE_LRS). Where an
 # arm's best is at its grid's edge, the next LR of CURVE_LRS past that edge is run too, until
 # the best is inside (rule added on 2026-12-03, before any seed beyond 0, when Dec-LoRA under
-# Dirichlet(0.5) peaked at 0.1, the top of its grid; it applies to every arm alike).
+# Dirichlet(0.5) peaked at 0.1, the top of its grid; it applies to every arm alike). Past the
+# ends of CURVE_LRS the step goes on along LR_LADDER, the same factor-2 ladder (extended on
+# 2026-12-03, before any seed beyond 0, when local-only under iid peaked at 0.025, the lowest
+# LR of CURVE_LRS); past the ladder's ends an arm's grid stops growing.
 CURVE_LRS = ("0.025", "0.05", "0.1", "0.2", "0.4")
+LR_LADDER = ("0.003125", "0.00625", "0.0125", *CURVE_LRS, "0.8")
 TUNE_WIDTH = 3
 SEEDS = (0, 1, 2, 3, 4)
 PEERS, BATCH = 10, 4  # 10 peers x 4 examples per step; centralized takes one step of 40
@@ -178,16 +182,16 @@ def tune_grid(best: str, width: int = TUNE_WIDTH) -> tuple[str, ...]:
 
 def arm_grid(scores: dict[str, float], base: Sequence[str]) -> tuple[str, ...]:
     """The LRs one arm is tuned at, given its validation scores so far: `base`, extended one
-    CURVE_LRS step past an edge while the best of the grid so far lies on that edge (a best at
+    LR_LADDER step past an edge while the best of the grid so far lies on that edge (a best at
     the edge of a grid is not known to be the best)."""
     grid = list(base)
     while set(grid) <= set(scores):
         best = pick_lr({lr: scores[lr] for lr in grid})
-        i = CURVE_LRS.index(best)
-        if best == grid[-1] and i + 1 < len(CURVE_LRS):
-            grid.append(CURVE_LRS[i + 1])
+        i = LR_LADDER.index(best)
+        if best == grid[-1] and i + 1 < len(LR_LADDER):
+            grid.append(LR_LADDER[i + 1])
         elif best == grid[0] and i > 0:
-            grid.insert(0, CURVE_LRS[i - 1])
+            grid.insert(0, LR_LADDER[i - 1])
         else:
             break
     return tuple(grid)
@@ -725,7 +729,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
         "",
     ]
     ran = {r["lr"] for r in rows if r["task"] == task and r["stage"] == "tune"}
-    columns = [x for x in CURVE_LRS if x in ran or x in tune_grid(lr)]
+    columns = [x for x in LR_LADDER if x in ran or x in tune_grid(lr)]
     lines += _tuning_table(rows, task, budget, columns)
     lines += _scores_table(rows, task)
     lines += _time_to_accuracy(rows, task)

@@ -300,12 +300,13 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     budget = pl.budget_of(rows, "binary")[0]
     for arm, part in pl.arm_settings():
         for lr in pl.tune_grid("0.025"):
+            val = 0.51 if lr == "0.05" else 0.5  # each arm's best inside its grid
             for seed in pl.SEEDS:
                 score = 0.85 + 0.001 * seed - (0.0 if arm == "centralized" else 0.01)
                 rows.append(dict(
                     task="binary", stage="tune" if seed == 0 else "main", arm=arm,
-                    partition=part, lr=lr, seed=seed, rounds=budget, val_best_accuracy=0.5,
-                    peers_val_accuracy=0.5, val_best_test_accuracy=score,
+                    partition=part, lr=lr, seed=seed, rounds=budget, val_best_accuracy=val,
+                    peers_val_accuracy=val, val_best_test_accuracy=score,
                     peers_test_accuracy=score,
                 ))  # fmt: skip
     lrs = pl.tuned_lrs(rows, "binary")
@@ -379,9 +380,14 @@ def test_an_arm_whose_best_lr_is_at_its_grids_edge_is_tuned_one_step_further(pl)
     up = {"0.025": 0.8, "0.05": 0.85, "0.1": 0.9}
     assert pl.arm_grid(up, base) == (*base, "0.2")  # best on the top edge: one more
     assert pl.arm_grid({**up, "0.2": 0.7}, base) == (*base, "0.2")  # 0.1 is inside now
-    assert pl.arm_grid({**up, "0.2": 0.95, "0.4": 0.96}, base) == pl.CURVE_LRS  # to the end
-    # the lowest LR of the grid cannot be extended below the smallest one of CURVE_LRS
-    assert pl.arm_grid({"0.025": 0.9, "0.05": 0.8, "0.1": 0.7}, base) == base
+    assert pl.arm_grid({**up, "0.2": 0.95, "0.4": 0.96}, base) == (*pl.CURVE_LRS, "0.8")
+    # below the smallest LR of CURVE_LRS the grid goes on down the factor-2 ladder
+    low = {"0.025": 0.9, "0.05": 0.8, "0.1": 0.7}
+    assert pl.arm_grid(low, base) == ("0.0125", *base)
+    assert pl.arm_grid({**low, "0.0125": 0.85}, base) == ("0.0125", *base)  # 0.025 inside
+    falling = {lr: 1 - float(lr) for lr in pl.LR_LADDER}  # better at every smaller LR
+    assert pl.arm_grid(falling, base) == (*pl.LR_LADDER[:3], *base)  # stops at the ladder's end
+    assert pl.arm_grid({**up, "0.2": 0.95, "0.4": 0.96, "0.8": 0.97}, base) == pl.LR_LADDER[3:]
     assert pl.arm_grid({"0.05": 0.9, "0.1": 0.8, "0.2": 0.7}, ("0.05", "0.1", "0.2")) == (
         "0.025", "0.05", "0.1", "0.2")  # fmt: skip
 
