@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 
 from declora.algorithms.registry import algorithm_class, names
+from declora.config.schema import robustness_key
 from declora.engine.plan import Plan, peer_weights
 from declora.errors import ConfigError
 from declora.network.mixing import LORA_FACTORS
@@ -126,17 +127,13 @@ class Algorithm:
                 f"privacy.mechanism=dp-sgd is not supported with {key} {self.name} yet "
                 f"(accepted: {supported})"
             )
-        c, f = cfg.comm, cfg.faults
+        c = cfg.comm
+        what = robustness_key(cfg)
         if (
-            (c.robust != "none" or c.robust_stale is not None or f.byzantine)
+            what is not None
             and (not self.gossips or self.mixing_rule != "average")
             and name_is_main(cfg, self.name)
         ):
-            what = (
-                f"comm.robust={c.robust}"
-                if c.robust != "none"
-                else ("comm.robust_stale" if c.robust_stale is not None else "faults.attack")
-            )
             raise ConfigError(
                 f"{what} needs a gossip algorithm that averages factors (dec-lora, ffa, fedsa, "
                 f"adf); algorithm.name={self.name} is not one"

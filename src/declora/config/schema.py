@@ -772,6 +772,17 @@ def _check_momentum_mixing(cfg: RunConfig) -> None:
         )
 
 
+def robustness_key(cfg: RunConfig) -> str | None:
+    """The setting that puts a run under robust gossip or attack, as an error message names it
+    (`comm.robust=...`, `comm.robust_stale`, `faults.attack`); None when none is set."""
+    c, f = cfg.comm, cfg.faults
+    if c.robust != "none":
+        return f"comm.robust={c.robust}"
+    if c.robust_stale is not None:
+        return "comm.robust_stale"
+    return "faults.attack" if f.byzantine else None
+
+
 def _check_robustness(cfg: RunConfig) -> None:
     """Refuse faults.* / comm.robust* settings that cannot work, one line each (ConfigError).
     What depends on the algorithm is its `check`; what depends on the built graph is
@@ -816,12 +827,8 @@ def _check_robustness(cfg: RunConfig) -> None:
             "is encoded differently at every exchange, so it could never fire; use "
             "comm.rounding=nearest or sign without error feedback, or leave comm.robust_stale unset"
         )
-    if (c.robust != "none" or c.robust_stale is not None or f.byzantine) and c.scheme != "plain":
-        what = (
-            f"comm.robust={c.robust}"
-            if c.robust != "none"
-            else ("comm.robust_stale" if c.robust_stale is not None else "faults.attack")
-        )
+    what = robustness_key(cfg)
+    if what is not None and c.scheme != "plain":
         raise ConfigError(f"{what} works with comm.scheme=plain only (got {c.scheme})")
 
 
