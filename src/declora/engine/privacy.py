@@ -23,8 +23,10 @@ covers.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,18 @@ def _accountant_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
 
 
+@contextlib.contextmanager
+def _quiet_prv_domain(accountant: str) -> Iterator[None]:
+    """Silence Opacus' "Optimal order is the largest alpha" while the PRV accountant works: it
+    comes from the RDP estimate, at Opacus' own orders, that only sizes the PRV's
+    discretisation domain. The epsilon returned is the PRV's upper bound, so the warning
+    says nothing about it and would mislead a user."""
+    with warnings.catch_warnings():
+        if accountant == "prv":
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
 def epsilon_spent(accountant: str, sigma: float, rate: float, steps: int, delta: float) -> float:
     """Epsilon of `steps` Poisson-subsampled Gaussian steps (Opacus' accountant)."""
     if steps <= 0:
@@ -66,7 +80,8 @@ def epsilon_spent(accountant: str, sigma: float, rate: float, steps: int, delta:
 
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(sigma), float(rate), int(steps))]
-    eps = float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
+    with _quiet_prv_domain(accountant):
+        eps = float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
     return max(0.0, eps)  # the RDP conversion can dip below 0 for a large delta
 
 
@@ -105,20 +120,21 @@ def calibrate(
         for i, (q, d) in enumerate(zip(rates, deltas, strict=True)):
             key = (float(q), float(d))
             if key not in found:
-                try:
-                    found[key] = get_noise_multiplier(
-                        target_epsilon=p.epsilon,
-                        target_delta=float(d),
-                        sample_rate=float(q),
-                        steps=steps,
-                        accountant=p.accountant,
-                        **_accountant_kwargs(p.accountant),
-                    )
-                except ValueError as exc:
-                    raise ConfigError(
-                        f"privacy.epsilon={p.epsilon} cannot be met by peer {i} ({sizes_a[i]} "
-                        f"examples, {steps} steps of batch {batch_size}): {exc}"
-                    ) from None
+                with _quiet_prv_domain(p.accountant):
+                    try:
+                        found[key] = get_noise_multiplier(
+                            target_epsilon=p.epsilon,
+                            target_delta=float(d),
+                            sample_rate=float(q),
+                            steps=steps,
+                            accountant=p.accountant,
+                            **_accountant_kwargs(p.accountant),
+                        )
+                    except ValueError as exc:
+                        raise ConfigError(
+                            f"privacy.epsilon={p.epsilon} cannot be met by peer {i} ({sizes_a[i]} "
+                            f"examples, {steps} steps of batch {batch_size}): {exc}"
+                        ) from None
             sigmas[i] = found[key]
     return Calibration(
         sigmas, rates, deltas, p.max_grad_norm, batch_size, p.epsilon, p.accountant, steps, seed
