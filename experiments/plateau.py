@@ -531,43 +531,78 @@ def machine() -> str:
 # ---------------------------------------------------------------- running
 
 
-def run_stage(cells: Iterable[PlannedCell], out: Path, rows_path: Path) -> list[str]:
+def run_stage(
+    cells: Iterable[PlannedCell], out: Path, rows_path: Path, *, poll_s: float = 60.0
+) -> list[str]:
     """Run each cell (one process at a time, ONE thread: the machine is shared) and append its
     row when it completes; a complete cell whose row is missing gets its row now. Returns the
-    failed cells."""
+    failed cells.
+
+    Several of these may work through one stage at once (the lanes of experiments/queue.sh):
+    a cell whose run directory another process holds is left to it, and once this one has
+    run everything else it waits for those cells' rows (or runs a cell itself, from its
+    checkpoints, if the other process stopped without finishing it). The lock is asked
+    before the status is read, so a cell is never started over a run that just finished."""
+    from declora.reporting.rundir import busy
     from declora.runners.sweep import cell_status, run_cell
 
-    rows = read_rows(rows_path)
-    done = {row_key(r) for r in rows}
-    failed = []
+    failed, elsewhere = [], []
     for pc in cells:
         c = pc.cell()
         job_out = out / pc.task
         folder = job_out / "cells" / c.name
-        if (pc.task, c.name) in done:
+        rows = read_rows(rows_path)  # again for every cell: another process may have added it
+        if (pc.task, c.name) in {row_key(r) for r in rows}:
             continue
         derived = truncated_curve_row(pc, rows)
         if derived is not None:  # the curve run already holds this run's whole result
-            rows_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(rows_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(derived) + "\n")
-            done.add((pc.task, c.name))
-            _echo(f"{c.name}: taken from {derived['derived_from']}")
+            if append_row(rows_path, derived):
+                _echo(f"{c.name}: taken from {derived['derived_from']}")
+            continue
+        holder = busy(folder) if folder.is_dir() else None
+        if holder is not None:
+            elsewhere.append(pc)
+            _echo(f"{c.name}: left to another process ({holder.split(';')[0]})")
             continue
         if cell_status(folder) != "complete":  # run_cell resumes an interrupted cell
             _echo(f"{pc.stage} {pc.arm} {pc.partition or ''} lr={pc.lr} seed={pc.seed}: start")
             start = time.perf_counter()
             _, code, tail = run_cell(c, None, base_sets(pc.task), job_out, 1)
             took = time.perf_counter() - start
+            if code != 0 and busy(folder) is not None:  # another process took it just now
+                elsewhere.append(pc)
+                _echo(f"{c.name}: left to another process, which started it first")
+                continue
             _echo(f"{c.name}: {'ok' if code == 0 else f'FAILED ({tail})'} ({took:.0f} s)")
             if code != 0:
                 failed.append(c.name)
         if cell_status(folder) == "complete":
-            rows_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(rows_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(cell_row(pc, folder)) + "\n")
-            done.add((pc.task, c.name))
+            append_row(rows_path, cell_row(pc, folder))
+    if elsewhere:
+        waiting = [out / pc.task / "cells" / pc.cell().name for pc in elsewhere]
+        while any(busy(f) is not None for f in waiting):
+            time.sleep(poll_s)
+        failed += run_stage(elsewhere, out, rows_path, poll_s=poll_s)
     return failed
+
+
+def append_row(rows_path: Path, row: dict[str, Any]) -> bool:
+    """Append `row` unless the file has a row of its cell already (False then). Under an
+    exclusive lock of the file, so processes sharing it neither interleave nor repeat rows."""
+    import fcntl
+
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(rows_path, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            if any(row_key(json.loads(x)) == row_key(row) for x in fh.read().splitlines() if x):
+                return False
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return True
 
 
 def _echo(msg: str) -> None:

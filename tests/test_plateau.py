@@ -414,3 +414,65 @@ def test_an_arm_whose_best_lr_is_at_its_grids_edge_is_tuned_one_step_further(pl)
     lrs = pl.tuned_lrs(rows, "binary")
     assert lrs[("fedavg", "iid")] == grid[-1] and lrs[("centralized", None)] == grid[1]
     assert f"lr {nxt} |" in pl.report(rows)  # the tuning table shows the extra column
+
+
+_HOLDER = """
+import json, sys, time
+from pathlib import Path
+from declora.reporting.rundir import lock
+folder, go, finish = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "finish"
+folder.mkdir(parents=True, exist_ok=True)
+lock(folder)
+(folder / "run.json").write_text(json.dumps({"status": "running"}))
+print("locked", flush=True)
+while not go.exists():
+    time.sleep(0.05)
+if finish:
+    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
+"""
+
+
+@pytest.mark.parametrize("other", ["finish", "die"])
+def test_two_processes_share_a_stage_without_running_a_cell_twice(pl, tmp_path, monkeypatch, other):
+    """A cell another process holds is left to it: this one runs the rest, then waits, and
+    takes the cell's row from the other's finished run ("finish") or, when the other stopped
+    without finishing it ("die"), runs it itself. Each cell gets exactly one row."""
+    import subprocess
+    import threading
+
+    from declora.runners import sweep
+
+    cells = [pl.PlannedCell("tune", "binary", "fedavg", "iid", lr, 36, 36, 0)
+             for lr in ("0.025", "0.05", "0.1")]  # fmt: skip
+    out, rows = tmp_path / "out", tmp_path / "runs.jsonl"
+    folder = lambda pc: out / "binary" / "cells" / pc.cell().name  # noqa: E731
+    ran = []
+
+    def fake_run_cell(cell, base, sets, job_out, threads):
+        ran.append(cell.name)
+        (job_out / "cells" / cell.name).mkdir(parents=True, exist_ok=True)
+        (job_out / "cells" / cell.name / "run.json").write_text('{"status": "complete"}')
+        return cell, 0, ""
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    monkeypatch.setattr(pl, "cell_row", lambda pc, f: {"task": pc.task, "cell": pc.cell().name})
+    go = tmp_path / "go"
+    held = cells[1]
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder(held)), str(go), other],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        release = threading.Timer(1.0, go.touch)  # the other process ends while this one waits
+        release.start()
+        failed = pl.run_stage(cells, out, rows, poll_s=0.1)
+        release.join()
+    finally:
+        go.touch()
+        proc.wait(timeout=30)
+    assert failed == []
+    want = [cells[0].cell().name, cells[2].cell().name]
+    assert ran == (want if other == "finish" else [*want, held.cell().name])
+    keys = [pl.row_key(r) for r in pl.read_rows(rows)]
+    assert sorted(keys) == sorted(("binary", pc.cell().name) for pc in cells)  # one row each
+    assert not pl.append_row(rows, {"task": "binary", "cell": held.cell().name})  # no repeat
+    assert len(pl.read_rows(rows)) == 3
