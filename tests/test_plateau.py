@@ -476,3 +476,18 @@ def test_two_processes_share_a_stage_without_running_a_cell_twice(pl, tmp_path, 
     assert sorted(keys) == sorted(("binary", pc.cell().name) for pc in cells)  # one row each
     assert not pl.append_row(rows, {"task": "binary", "cell": held.cell().name})  # no repeat
     assert len(pl.read_rows(rows)) == 3
+
+
+def test_the_3class_task_leaves_out_the_final_passes_no_table_reads(pl):
+    """3-class: no test pass of the final adapters, and the peers are scored on validation only
+    where the arm is tuned on them (local-only); the binary task's runs are made as before."""
+    for arm in pl.ARMS:
+        binary = load_config(None, [*pl.base_sets("binary", arm), *pl.ARMS[arm]])
+        assert binary.eval.final_test and binary.eval.peers == "final"
+        three = load_config(None, [*pl.base_sets("3class", arm), *pl.ARMS[arm]])
+        assert not three.eval.final_test and three.train.length_sort
+        assert three.eval.peers == ("final" if arm in pl.TUNE_KEY else "never")
+    assert pl.base_sets("binary") == pl.base_sets("binary", "local-only")  # unchanged
+    cell = pl.PlannedCell("main", "3class", "local-only", "iid", "0.05", 750, 75, 1)
+    cmd = pl.command(cell)
+    assert "eval.peers=never" not in cmd and "eval.final_test=false" in cmd

@@ -105,6 +105,40 @@ def test_validation_evaluator_scores_val_per_round_and_test_once(tmp_path):
     assert not (tmp_path / "best.pt").exists()
 
 
+def test_final_test_false_skips_only_the_final_adapters_test_pass(tmp_path):
+    """eval.final_test=false: the same record without `test_*` (one pass over test fewer); the
+    best-validation and the peers' test scores are unchanged."""
+    val = _examples(np.linspace(0, 1, 11), [1] * 6 + [0] * 5)
+    test = _examples(np.linspace(0, 1, 11), [1] * 9 + [0] * 2)
+    last = {}
+    for final_test in (True, False):
+        ev = ValidationEvaluator(val, test, 2, final_test=final_test)
+        calls = []
+        for w, t in [(0.55, 1), (0.75, 2)]:
+            engine = _Engine([w, w + 0.1])
+            engine.outputs_single = _counting(engine.outputs_single, calls)
+            last[final_test] = ev.average(engine, final=t == 2)
+        last[final_test]["passes"] = len(calls)
+    full, short = last[True], last[False]
+    assert {k for k in full if k.startswith("test_")} >= {"test_accuracy", "test_macro_f1"}
+    assert not any(k.startswith("test_") for k in short)
+    assert {k: v for k, v in full.items() if not k.startswith("test_") and k != "passes"} == {
+        k: v for k, v in short.items() if k != "passes"
+    }
+    assert full["passes"] - short["passes"] == 1  # one batch of 11 test examples fewer
+    with pytest.raises(ConfigError, match=r"eval\.final_test=false needs data\.val_size"):
+        load_config(None, ["eval.final_test=false"])
+    assert not load_config(None, ["eval.final_test=false", "data.val_size=0.1"]).eval.final_test
+
+
+def _counting(fn, calls):
+    def wrapped(values, batch):
+        calls.append(len(batch))
+        return fn(values, batch)
+
+    return wrapped
+
+
 def test_mark_best_round_leaves_runs_without_validation_alone():
     recs = [{"round": 1, "accuracy": 0.5}]
     assert not mark_best_round(recs) and "val_best_round" not in recs[-1]

@@ -257,6 +257,11 @@ class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     peers: Literal["final", "every", "never"] = "final"
     peer_max_examples: int | None = Field(150, ge=1)
+    final_test: bool = Field(
+        True,
+        description="with data.val_size: score the final round's averaged adapters on test "
+        "as well as the best-validation ones (false saves that pass over test)",
+    )
     monitor: bool = Field(
         True,
         description="distributed runs: evaluate the averaged model during training (all-reduce)",
@@ -557,6 +562,11 @@ class RunConfig(_Section):
             raise ValueError(
                 "train.length_sort needs train.engine=batched (LoRA); got "
                 f"train.engine={self.train.engine}{why}"
+            )
+        if not self.eval.final_test and self.data.val_size is None:
+            raise ValueError(
+                "eval.final_test=false needs data.val_size: without a validation split the "
+                "final adapters' test score is the run's only score"
             )
         if self.train.length_sort and self.privacy.on:
             raise ValueError(

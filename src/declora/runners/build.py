@@ -343,6 +343,7 @@ def make_evaluator(
             prep.data.num_classes,
             best_path=best_path,
             resume=resume,
+            final_test=e.final_test,
             **common,
         )
     return Evaluator(prep.test_examples, prep.data.num_classes, **common)

@@ -156,7 +156,11 @@ class ValidationEvaluator(Evaluator):
         label_mix: np.ndarray | None = None,
         best_path: Path | None = None,
         resume: bool = False,
+        final_test: bool = True,
     ) -> None:
+        """`final_test` False: the final adapters are scored on validation only (no `test_*`
+        keys); the best-validation ones and the peers are still scored on test."""
+        self.final_test = final_test
         common = dict(binary_f1=binary_f1, batch_size=batch_size, seed=seed, label_mix=label_mix)
         super().__init__(
             val,
@@ -195,7 +199,8 @@ class ValidationEvaluator(Evaluator):
         assert self.best_values is not None  # set by this or an earlier round
         idx = self.test_eval.final_idx
         out["val_best_accuracy"] = self.best_score
-        out.update(_prefixed("test_", self.test_eval.score(engine, values, idx)))
+        if self.final_test:
+            out.update(_prefixed("test_", self.test_eval.score(engine, values, idx)))
         best = self.test_eval.score(engine, self.best_values, idx)
         out.update(_prefixed("val_best_test_", best))
         if engine.n > 1:
