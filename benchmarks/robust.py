@@ -35,7 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "results" / "data" / "robust.jsonl"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "robustness.md")
 PLOT = ROOT / "docs" / "img" / "robust_regular4.png"
-RULES = ("none", "clip", "trimmed-mean", "median", "clip-exclude", "clip-exclude-stale")
+RULES = (
+    "none",
+    "clip",
+    "trimmed-mean",
+    "median",
+    "clip-exclude",
+    "clip-exclude-stale",
+    "clip-exclude-b2",
+)
 # a study rule name -> the comm.* keys it sets (the others set comm.robust=<name>)
 RULE_KEYS: dict[str, dict[str, object]] = {
     "clip-exclude": {"robust": "clip", "robust_exclude": 0.5, "robust_exclude_window": 10},
@@ -45,11 +53,22 @@ RULE_KEYS: dict[str, dict[str, object]] = {
         "robust_exclude_window": 10,
         "robust_stale": 3,
     },
+    "clip-exclude-b2": {
+        "robust": "clip",
+        "robust_exclude": 0.5,
+        "robust_exclude_window": 10,
+        "robust_trim": 2,
+    },
 }
 # rules measured against some attacks only: the staleness check changes nothing while every
 # message is new (tests/test_robust.py holds the run bit-identical), so elsewhere its cell
 # would repeat clip-exclude's
 ONLY_FOR: dict[str, set[str]] = {"clip-exclude-stale": {"stale"}}
+# rules measured on some (graph, attackers) only: b = 2 (comm.robust_trim) where a peer can
+# have two attacking neighbours (added after every rule at b = 1 lost to the scaled attack of
+# 2 attackers on the 4-regular graph, whose peer 1 neighbours both), and without an attacker
+# for its cost; a ring peer has only 2 neighbours
+ONLY_AT: dict[str, set[tuple[str, int]]] = {"clip-exclude-b2": {("regular4", 0), ("regular4", 2)}}
 ATTACKS = ("sign-flip", "scaled", "gaussian", "alie", "stale")
 GRAPHS: dict[str, dict[str, object]] = {
     "ring": {"kind": "ring"},
@@ -208,6 +227,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def measured(rule: str, graph: str, attackers: int, attack: str) -> bool:
+    """Whether the study runs `rule` in that cell (ONLY_FOR, ONLY_AT)."""
+    return attack in ONLY_FOR.get(rule, {attack}) and (graph, attackers) in ONLY_AT.get(
+        rule, {(graph, attackers)}
+    )
+
+
 def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
     """The cells (graph, attackers, attack, rule, seed) in the order that answers the issue's
     target first: the 4-regular graph without and with 1 attacker over all seeds, then the
@@ -219,7 +245,7 @@ def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
                 for n_att in (a for a in args.attackers if a in stage_attackers):
                     for attack in args.attacks if n_att else ["none"]:
                         out += [(graph, n_att, attack, rule, seed) for rule in args.rules
-                                if attack in ONLY_FOR.get(rule, {attack})]  # fmt: skip
+                                if measured(rule, graph, n_att, attack)]  # fmt: skip
                     if n_att and "none" in args.rules:  # the reference: attackers cut off
                         out.append((graph, n_att, ABSENT, "none", seed))
     return list(dict.fromkeys(out))  # `--attacks absent` names the reference cell only once
@@ -250,13 +276,14 @@ def target_lines(rows: list[dict]) -> list[str]:
     attacks = sorted({a for a, _ in cells} - {ABSENT})
     if not attacks:
         return []
+    rules = [r for r in RULES if any(k[1] == r for k in cells)]
     out = [
-        "| attack | " + " | ".join(f"`{r}`" for r in RULES) + " | shown within 2 points |",
-        "|---|" + "---|" * (len(RULES) + 1),
+        "| attack | " + " | ".join(f"`{r}`" for r in rules) + " | shown within 2 points |",
+        "|---|" + "---|" * (len(rules) + 1),
     ]
     for attack in attacks:
         texts, within = [], []
-        for rule in RULES:
+        for rule in rules:
             text, ok = shown(cells.get((attack, rule)))
             texts.append(text)
             if ok:
@@ -282,17 +309,20 @@ def tables(rows: list[dict]) -> str:
             if not attacks:
                 continue
             who = ", ".join(map(str, ATTACKERS[n_att]))
+            rules = [
+                r for r in RULES if any(k[:2] == (graph, n_att) and k[3] == r for k in summary)
+            ]
             out += [
                 f"**{graph}, {n_att} attacker{'s' if n_att > 1 else ''} (peer {who})**, "
                 "honest peers' averaged model, accuracy (mean ± std, seeds):",
                 "",
-                "| attack | " + " | ".join(f"`{r}`" for r in RULES) + " |",
-                "|---|" + "---|" * len(RULES),
+                "| attack | " + " | ".join(f"`{r}`" for r in rules) + " |",
+                "|---|" + "---|" * len(rules),
             ]
             attacks = [a for a in attacks if a != ABSENT] + [ABSENT] * (ABSENT in attacks)
             for attack in ["none", *attacks]:
                 cells = []
-                for rule in RULES:
+                for rule in rules:
                     s = summary.get((graph, 0 if attack == "none" else n_att, attack, rule))
                     cells.append(_cell(s))
                 label = {"none": "no attacker", ABSENT: "attacker(s) cut off (reference)"}.get(
@@ -363,16 +393,17 @@ def plot(rows: list[dict], out: Path) -> None:
     if not attacks:
         return
     fig, ax = plt.subplots(figsize=(8, 4.0))
-    width = 0.8 / len(RULES)
-    for i, rule in enumerate(RULES):
+    rules = [r for r in RULES if any(k[0] == 1 and k[2] == r for k in summary)]
+    width = 0.8 / len(rules)
+    for i, rule in enumerate(rules):
         xs, ys, es = [], [], []
         for j, attack in enumerate(attacks):
             s = summary.get((1, attack, rule))
             if s is not None and s["honest_accuracy"] is None:  # every seed diverged
-                ax.annotate("diverged", (j + (i - (len(RULES) - 1) / 2) * width, 0.02),
+                ax.annotate("diverged", (j + (i - (len(rules) - 1) / 2) * width, 0.02),
                             rotation=90, ha="center", va="bottom", fontsize=7)  # fmt: skip
             elif s is not None:
-                xs.append(j + (i - (len(RULES) - 1) / 2) * width)
+                xs.append(j + (i - (len(rules) - 1) / 2) * width)
                 ys.append(s["honest_accuracy"])
                 es.append(s["std"])
         ax.bar(xs, ys, width, yerr=es, label=rule, capsize=2)

@@ -17,13 +17,16 @@ def _row(attackers: int, attack: str, rule: str, seed: int, acc: float | None) -
 def test_the_plan_answers_the_target_first_and_has_the_cut_off_reference():
     cells = robust.planned(robust._defaults())
     # none, clip, trimmed-mean, median, clip-exclude against every attack and without one;
-    # clip-exclude-stale against the stale attack only
-    rules = len(robust.RULES) - 1
+    # clip-exclude-stale against the stale attack only; clip-exclude-b2 on the 4-regular graph
+    # with 2 attackers and without one
+    rules = len(robust.RULES) - 2
     per_graph_seed = rules + 2 * (5 * rules + 1 + 1)
-    assert len(cells) == len(set(cells)) == 2 * 3 * per_graph_seed
+    b2 = [c for c in cells if c[3] == "clip-exclude-b2"]
+    assert len(cells) == len(set(cells)) == 2 * 3 * per_graph_seed + len(b2)
+    assert len(b2) == 3 * (1 + 5) and {c[:2] for c in b2} == {("regular4", 0), ("regular4", 2)}
     stale_check = [c for c in cells if c[3] == "clip-exclude-stale"]
     assert len(stale_check) == 2 * 3 * 2 and {c[2] for c in stale_check} == {"stale"}
-    first = cells[: 3 * (rules + 5 * rules + 2)]  # the 4-regular graph, 0 and 1 attacker, 3 seeds
+    first = cells[: 3 * (rules + 1 + 5 * rules + 2)]  # the 4-regular graph, 0 and 1 attacker
     assert {(g, a) for g, a, *_ in first} == {("regular4", 0), ("regular4", 1)}
     assert ("regular4", 1, robust.ABSENT, "none", 0) in first
     assert all(c[1] == 2 for c in cells[-len(cells) // 3 :])  # 2 attackers last
@@ -38,10 +41,24 @@ def test_the_target_table_decides_from_paired_seeds():
     table = robust.target_lines(rows)
     flip = next(line for line in table if line.startswith("| sign-flip |"))
     cells = [c.strip() for c in flip.strip("|").split("|")]
+    # columns: the rules with a 1-attacker cell
+    assert table[0] == "| attack | `none` | `clip` | `median` | shown within 2 points |"
     assert cells[1] == "diverged in 1 of 3"  # plain gossip
     assert cells[2].startswith("-0.47 [") and cells[-1] == "clip"  # within 2 points: clip only
-    assert cells[4].startswith("-5.00 [")  # median: 5 points down on every seed
+    assert cells[3].startswith("-5.00 [")  # median: 5 points down on every seed
     assert "cut off from the start" in table[-1] and "-2.00" in table[-1]
     text = robust.tables(rows)
     assert "| sign-flip | 0.400 ± 0.000 (2); diverged in 1 |" in text
     assert "attacker(s) cut off (reference)" in text
+
+
+def test_a_rule_measured_in_some_tables_only_is_a_column_of_those_only():
+    rows = [_row(0, "none", r, s, 0.65) for r in ("none", "clip-exclude-b2") for s in range(2)]
+    rows += [_row(1, "scaled", "none", s, 0.5) for s in range(2)]
+    rows += [_row(2, "scaled", r, s, 0.4) for r in ("none", "clip-exclude-b2") for s in range(2)]
+    text = robust.tables(rows)
+    one = text.split("**regular4, 1 attacker")[1].split("**regular4, 2 attackers")[0]
+    two = text.split("**regular4, 2 attackers")[1].split("**The target")[0]
+    assert "| attack | `none` |\n" in one  # the only rule with a 1-attacker cell
+    assert "| attack | `none` | `clip-exclude-b2` |" in two
+    assert "| no attacker | 0.650 ± 0.000 (2) | 0.650 ± 0.000 (2) |" in two
