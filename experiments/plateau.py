@@ -544,17 +544,24 @@ def machine() -> str:
 
 
 def run_stage(
-    cells: Iterable[PlannedCell], out: Path, rows_path: Path, *, poll_s: float = 60.0
+    cells: Iterable[PlannedCell],
+    out: Path,
+    rows_path: Path,
+    *,
+    wait: bool = True,
+    poll_s: float = 60.0,
 ) -> list[str]:
     """Run each cell (one process at a time, ONE thread: the machine is shared) and append its
     row when it completes; a complete cell whose row is missing gets its row now. Returns the
     failed cells.
 
     Several of these may work through one stage at once (the lanes of experiments/queue.sh):
-    a cell whose run directory another process holds is left to it, and once this one has
-    run everything else it waits for those cells' rows (or runs a cell itself, from its
-    checkpoints, if the other process stopped without finishing it). The lock is asked
-    before the status is read, so a cell is never started over a run that just finished."""
+    a cell whose run directory another process holds is left to it. With `wait` (a later
+    stage needs this one's rows), once this one has run everything else it waits for those
+    cells' rows, or runs a cell itself, from its checkpoints, if the other process stopped
+    without finishing it; without, it returns and leaves them to the other process. The lock
+    is asked before the status is read, so a cell is never started over a run that just
+    finished."""
     from declora.reporting.rundir import busy
     from declora.runners.sweep import cell_status, run_cell
 
@@ -590,7 +597,9 @@ def run_stage(
                 failed.append(c.name)
         if cell_status(folder) == "complete":
             append_row(rows_path, cell_row(pc, folder))
-    if elsewhere:
+    if elsewhere and not wait:
+        _echo(f"{len(elsewhere)} run(s) left to the other process(es); not waiting for them")
+    elif elsewhere:
         waiting = [out / pc.task / "cells" / pc.cell().name for pc in elsewhere]
         while any(busy(f) is not None for f in waiting):
             time.sleep(poll_s)
@@ -1170,7 +1179,9 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
     def step(name: str, cells: list[PlannedCell]) -> None:
         nonlocal failed
         if not only or name == stage:
-            failed += run_stage(cells, out, rows_path)
+            # the budget needs every curve, the LRs every tuning run; the seeds and the
+            # ablations need only the LRs, so their runs held by another process are left to it
+            failed += run_stage(cells, out, rows_path, wait=name in ("curve", "tune"))
             return
         rows = read_rows(rows_path)
         done = {row_key(r) for r in rows}

@@ -12,8 +12,8 @@
 #         task's tuning and seeds, the 3-class task's curves, tuning and seeds (the main
 #         tables first), then the binary task's ablations.
 # Both lanes may work through the same plateau stage: a cell that the other lane's process
-# holds is left to it, and each waits for the other's cells before the next stage (run_stage
-# in experiments/plateau.py), so no cell runs twice and both cores stay busy.
+# holds is left to it, and where the next stage needs its row (curves, tuning) each waits for
+# it (run_stage in experiments/plateau.py), so no cell runs twice and both cores stay busy.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

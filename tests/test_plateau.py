@@ -432,11 +432,12 @@ if finish:
 """
 
 
-@pytest.mark.parametrize("other", ["finish", "die"])
+@pytest.mark.parametrize("other", ["finish", "die", "no-wait"])
 def test_two_processes_share_a_stage_without_running_a_cell_twice(pl, tmp_path, monkeypatch, other):
     """A cell another process holds is left to it: this one runs the rest, then waits, and
     takes the cell's row from the other's finished run ("finish") or, when the other stopped
-    without finishing it ("die"), runs it itself. Each cell gets exactly one row."""
+    without finishing it ("die"), runs it itself. Each cell gets exactly one row. A stage that
+    nothing after it waits for ("no-wait") returns at once, leaving the cell to the other."""
     import subprocess
     import threading
 
@@ -458,10 +459,14 @@ def test_two_processes_share_a_stage_without_running_a_cell_twice(pl, tmp_path, 
     monkeypatch.setattr(pl, "cell_row", lambda pc, f: {"task": pc.task, "cell": pc.cell().name})
     go = tmp_path / "go"
     held = cells[1]
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder(held)), str(go), other],
+    mode = "die" if other == "die" else "finish"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder(held)), str(go), mode],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "locked"
+        if other == "no-wait":
+            assert pl.run_stage(cells, out, rows, wait=False, poll_s=0.1) == []
+            assert not go.exists()  # it returned while the other still held the cell
         release = threading.Timer(1.0, go.touch)  # the other process ends while this one waits
         release.start()
         failed = pl.run_stage(cells, out, rows, poll_s=0.1)
@@ -471,7 +476,7 @@ def test_two_processes_share_a_stage_without_running_a_cell_twice(pl, tmp_path, 
         proc.wait(timeout=30)
     assert failed == []
     want = [cells[0].cell().name, cells[2].cell().name]
-    assert ran == (want if other == "finish" else [*want, held.cell().name])
+    assert ran == (want if mode == "finish" else [*want, held.cell().name])
     keys = [pl.row_key(r) for r in pl.read_rows(rows)]
     assert sorted(keys) == sorted(("binary", pc.cell().name) for pc in cells)  # one row each
     assert not pl.append_row(rows, {"task": "binary", "cell": held.cell().name})  # no repeat
