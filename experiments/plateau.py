@@ -1075,6 +1075,28 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- compute plan
 
 
+def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None, float | None, str]:
+    """(centralized, peer arms) examples per CPU-second, evaluation included, of the finished
+    curve, tuning and main runs that record CPU time: the task's own, else the other tasks'
+    (an estimate), and where they came from. A kind without any takes the other kind's."""
+
+    def speed(rs: list[dict[str, Any]]) -> float | None:
+        timed = [(r["rounds"] * PEERS * BATCH, r["curve"][-1][5]) for r in rs
+                 if r.get("ablation") is None and len(r["curve"][-1]) > 5
+                 and r["curve"][-1][5]]  # fmt: skip
+        return sum(e for e, _ in timed) / sum(c for _, c in timed) if timed else None
+
+    for mine, where in ((True, f"the {task} task's runs"), (False, "the other task's runs")):
+        rs = [r for r in rows if (r["task"] == task) == mine and not r.get("derived_from")]
+        central = speed([r for r in rs if r["arm"] == "centralized"])
+        peers = speed([r for r in rs if r["arm"] != "centralized"])
+        if central or peers:
+            if not (central and peers):
+                where += f"; {'centralized' if peers else 'the peer arms'} taken as the other"
+            return central or peers, peers or central, where
+    return None, None, ""
+
+
 def plan_text(
     task: str,
     size: int,
@@ -1084,7 +1106,11 @@ def plan_text(
 ) -> str:
     """How many runs and hours the study needs: with the budget and LRs the rows give, else
     a budget of one epoch and the grid's second LR. Centralized trains at `ex_per_s`, the
-    peer arms at `peer_ex_per_s` (examples per second, one thread, evaluation included)."""
+    peer arms at `peer_ex_per_s` (examples per second, one thread, evaluation included);
+    without them, at the speed the rows measured (`measured_speed`)."""
+    source = "given"
+    if not (ex_per_s and peer_ex_per_s):
+        ex_per_s, peer_ex_per_s, source = measured_speed(rows or [], task)
     every, rpe = eval_every(size), rounds_per_epoch(size)
     found = budget_of(rows or [], task)
     budget, best = (found[0], found[1]) if found else (every * EVALS_PER_EPOCH, CURVE_LRS[1])
@@ -1119,8 +1145,9 @@ def plan_text(
     tail = f"  total: {total_runs} runs, {total_epochs:.0f} epochs"
     if ex_per_s and peer_ex_per_s:
         tail += (
-            f", {total_h:.1f} h still to run in one process at {ex_per_s:g} ex/s (centralized) "
-            f"and {peer_ex_per_s:g} ex/s (peer arms), one thread"
+            f", {total_h:.1f} h still to run in one process (about {total_h / 2:.1f} h on two) "
+            f"at {ex_per_s:.3g} ex/s (centralized) and {peer_ex_per_s:.3g} ex/s (peer arms), "
+            f"one thread ({source})"
         )
     return "\n".join([*lines, tail])
 

@@ -257,6 +257,23 @@ def test_plan_text_counts_runs_and_hours(pl):
     assert "tune: 21 runs (18 to run), 34 epochs" in text  # centralized: read off its curves
 
 
+def test_the_plan_takes_its_speed_from_the_runs_that_recorded_cpu_time(pl):
+    text = pl.plan_text("binary", 14_400, None, None, [])
+    assert " h " not in text  # nothing measured, nothing given: runs and epochs only
+    # two 10-peer runs of 360 rounds (14,400 examples) at 1,200 and 1,680 CPU-s: 10 ex/s
+    point = [360, 1440, 0.8, 9.0, 0.0]
+    rows = [dict(task="binary", stage="tune", arm="fedavg", partition="iid", rounds=360,
+                 cell=f"c{i}", lr="0.05", seed=0, curve=[[*point, cpu]])
+            for i, cpu in enumerate((1200, 1680))]  # fmt: skip
+    text = pl.plan_text("binary", 14_400, None, None, rows)
+    assert "at 10 ex/s (centralized) and 10 ex/s (peer arms)" in text
+    assert "(the binary task's runs; centralized taken as the other)" in text
+    main = 28 * 14_400 / 10 / 3600  # seeds 1-4 of 7 settings, one epoch each
+    assert f"main: 28 runs (28 to run), 28 epochs, {main:.1f} h to run" in text
+    three = pl.plan_text("3class", 30_000, None, None, rows)  # no 3-class run yet
+    assert "(the other task's runs; centralized taken as the other)" in three
+
+
 def test_the_ablation_plan(pl):
     lrs = {k: "0.05" for k in pl.arm_settings()}
     cells = pl.ablation_cells("binary", 612, 36, lrs)
