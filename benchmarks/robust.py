@@ -462,7 +462,12 @@ def main() -> None:
     # (seeing different rows) still never share a cell
     todo = [c for c in planned(args)[index::count] if c not in done]
     if args.plan:
-        print(f"{len(done)} done, {len(todo)} to run (about 2-3 min each at one thread)")
+        took = sorted(r["seconds"] for r in rows if r.get("seconds"))
+        pace = ""
+        if took:
+            mid = took[len(took) // 2]
+            pace = f" ({mid / 60:.1f} min each, the median so far: {len(todo) * mid / 3600:.1f} h)"
+        print(f"{len(done)} done, {len(todo)} to run{pace}, one thread")
         for c in todo:
             print("  ", *c)
         return
