@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +46,15 @@ RULES = (
     "clip-exclude-b2",
 )
 # a study rule name -> the comm.* keys it sets (the others set comm.robust=<name>)
+CLIP_EXCLUDE: dict[str, object] = {
+    "robust": "clip",
+    "robust_exclude": 0.5,
+    "robust_exclude_window": 10,
+}
 RULE_KEYS: dict[str, dict[str, object]] = {
-    "clip-exclude": {"robust": "clip", "robust_exclude": 0.5, "robust_exclude_window": 10},
-    "clip-exclude-stale": {
-        "robust": "clip",
-        "robust_exclude": 0.5,
-        "robust_exclude_window": 10,
-        "robust_stale": 3,
-    },
-    "clip-exclude-b2": {
-        "robust": "clip",
-        "robust_exclude": 0.5,
-        "robust_exclude_window": 10,
-        "robust_trim": 2,
-    },
+    "clip-exclude": CLIP_EXCLUDE,
+    "clip-exclude-stale": {**CLIP_EXCLUDE, "robust_stale": 3},
+    "clip-exclude-b2": {**CLIP_EXCLUDE, "robust_trim": 2},
 }
 # rules measured against some attacks only: the staleness check changes nothing while every
 # message is new (tests/test_robust.py holds the run bit-identical), so elsewhere its cell
@@ -227,6 +223,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def rules_in(names: Iterable[str]) -> list[str]:
+    """The study's rules that occur in `names`, in RULES order (a table's columns)."""
+    seen = set(names)
+    return [r for r in RULES if r in seen]
+
+
 def measured(rule: str, graph: str, attackers: int, attack: str) -> bool:
     """Whether the study runs `rule` in that cell (ONLY_FOR, ONLY_AT)."""
     return attack in ONLY_FOR.get(rule, {attack}) and (graph, attackers) in ONLY_AT.get(
@@ -276,7 +278,7 @@ def target_lines(rows: list[dict]) -> list[str]:
     attacks = sorted({a for a, _ in cells} - {ABSENT})
     if not attacks:
         return []
-    rules = [r for r in RULES if any(k[1] == r for k in cells)]
+    rules = rules_in(k[1] for k in cells)
     out = [
         "| attack | " + " | ".join(f"`{r}`" for r in rules) + " | shown within 2 points |",
         "|---|" + "---|" * (len(rules) + 1),
@@ -309,9 +311,7 @@ def tables(rows: list[dict]) -> str:
             if not attacks:
                 continue
             who = ", ".join(map(str, ATTACKERS[n_att]))
-            rules = [
-                r for r in RULES if any(k[:2] == (graph, n_att) and k[3] == r for k in summary)
-            ]
+            rules = rules_in(k[3] for k in summary if k[:2] == (graph, n_att))
             out += [
                 f"**{graph}, {n_att} attacker{'s' if n_att > 1 else ''} (peer {who})**, "
                 "honest peers' averaged model, accuracy (mean ± std, seeds):",
@@ -393,7 +393,7 @@ def plot(rows: list[dict], out: Path) -> None:
     if not attacks:
         return
     fig, ax = plt.subplots(figsize=(8, 4.0))
-    rules = [r for r in RULES if any(k[0] == 1 and k[2] == r for k in summary)]
+    rules = rules_in(k[2] for k in summary if k[0] == 1)
     width = 0.8 / len(rules)
     for i, rule in enumerate(rules):
         xs, ys, es = [], [], []
