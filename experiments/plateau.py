@@ -79,7 +79,12 @@ TASK_SETS: dict[str, tuple[str, ...]] = {"binary": (), "3class": ("train.length_
 # except for the arms tuned on them (TUNE_KEY), the peers' own models on validation
 # (eval.peers=never; their test scores stay). About 24,000 forward passes, some 280 CPU-s of a
 # run at the binary runs' final-scoring pace (11.5 ms an example).
+# The binary task's ablation runs do the same (decided on 2026-12-04, before any ablation
+# run): no ablation table reads those passes, and neither pass changes what a run trains or
+# which round it keeps (both come after the last round). That saves some 190 CPU-s of a
+# 10-peer run, and about 1,000 of a 100-peer one (its peers' validation passes).
 LEAN_SCORING = {"3class"}
+LEAN_STAGES = {"ablation"}
 PARTITIONS = {"iid": ("data.partition=iid",), "dir0.5": ("data.partition=dirichlet",)}
 ARMS = {  # arm -> the algorithm's overrides; centralized pools the data (partition-free)
     "centralized": ("algorithm.name=centralized",),
@@ -105,11 +110,11 @@ COMPARISONS = (
 )
 
 
-def base_sets(task: str, arm: str | None = None) -> tuple[str, ...]:
-    """What every cell of a task (and `arm`) shares: data, validation, evaluation, the
-    constant LR."""
+def base_sets(task: str, arm: str | None = None, stage: str | None = None) -> tuple[str, ...]:
+    """What every cell of a task (and `arm`, in `stage`) shares: data, validation,
+    evaluation, the constant LR."""
     lean: tuple[str, ...] = ()
-    if task in LEAN_SCORING:
+    if task in LEAN_SCORING or stage in LEAN_STAGES:
         lean = ("eval.final_test=false", *(() if arm in TUNE_KEY else ("eval.peers=never",)))
     return (
         f"data.name={TASKS[task]}",
@@ -391,7 +396,7 @@ def cell_examples(c: PlannedCell) -> int:
     peers' batches), from the cell's own config."""
     from declora.config.schema import load_config
 
-    cfg = load_config(None, [*base_sets(c.task, c.arm), *c.sets])
+    cfg = load_config(None, [*base_sets(c.task, c.arm, c.stage), *c.sets])
     t = cfg.train
     return t.rounds * cfg.topology.peers * t.batch_size * t.local_steps
 
@@ -489,9 +494,10 @@ def cell_row(pc: PlannedCell, folder: Path) -> dict[str, Any]:
 def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """A centralized budget run at seed 0 is the first `pc.rounds` rounds of its longer curve
     run: the LR is constant and nothing else depends on the number of rounds (pinned by
-    tests/test_plateau_study.py). When the curve run's best validation round falls within
-    the budget, its best-round scores are this run's, and the run is not repeated. The final
-    round's test score is not known at the budget, so it is left empty."""
+    tests/test_plateau.py, test_a_shorter_constant_lr_run_is_the_start_of_the_longer_one).
+    When the curve run's best validation round falls within the budget, its best-round scores
+    are this run's, and the run is not repeated. The final round's test score is not known at
+    the budget, so it is left empty."""
     if pc.arm != "centralized" or pc.stage == "curve" or pc.extra:
         return None  # only the curve's own settings (an ablation's variant is another run)
     curve = next(
@@ -524,7 +530,7 @@ def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str
 
 
 def command(pc: PlannedCell) -> str:
-    sets = [*base_sets(pc.task, pc.arm), *pc.sets, f"seed={pc.seed}", "train.threads=1"]
+    sets = [*base_sets(pc.task, pc.arm, pc.stage), *pc.sets, f"seed={pc.seed}", "train.threads=1"]
     return "OMP_NUM_THREADS=1 declora run " + " ".join(f"--set '{s}'" for s in sets)
 
 
@@ -586,7 +592,7 @@ def run_stage(
         if cell_status(folder) != "complete":  # run_cell resumes an interrupted cell
             _echo(f"{pc.stage} {pc.arm} {pc.partition or ''} lr={pc.lr} seed={pc.seed}: start")
             start = time.perf_counter()
-            _, code, tail = run_cell(c, None, base_sets(pc.task, pc.arm), job_out, 1)
+            _, code, tail = run_cell(c, None, base_sets(pc.task, pc.arm, pc.stage), job_out, 1)
             took = time.perf_counter() - start
             if code != 0 and busy(folder) is not None:  # another process took it just now
                 elsewhere.append(pc)

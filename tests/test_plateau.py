@@ -513,3 +513,22 @@ def test_the_3class_task_leaves_out_the_final_passes_no_table_reads(pl):
     cell = pl.PlannedCell("main", "3class", "local-only", "iid", "0.05", 750, 75, 1)
     cmd = pl.command(cell)
     assert "eval.peers=never" not in cmd and "eval.final_test=false" in cmd
+
+
+def test_the_binary_ablations_leave_out_the_final_passes_no_table_reads(pl):
+    """The binary ablations score like the 3-class task (decided before any ablation run);
+    the binary task's curve, tuning and seed runs are made as before."""
+    lrs = {k: "0.05" for k in pl.arm_settings()}
+    cells = pl.ablation_cells("binary", 612, 36, lrs)
+    assert {c.stage for c in cells} == {"ablation"}
+    for c in cells:
+        cmd = pl.command(c)
+        assert "eval.final_test=false" in cmd and "train.length_sort" not in cmd
+        assert ("eval.peers=never" in cmd) == (c.arm not in pl.TUNE_KEY), c.variant
+        cfg = load_config(None, [*pl.base_sets(c.task, c.arm, c.stage), *c.cell().sets])
+        assert not cfg.eval.final_test
+    # the passes left out are not what any table compares
+    assert "test_accuracy" not in pl.SCORES.values()
+    for c in pl.main_cells("binary", 612, 36, lrs):
+        cmd = pl.command(c)
+        assert "eval.final_test" not in cmd and "eval.peers=never" not in cmd
