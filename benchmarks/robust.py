@@ -253,16 +253,17 @@ def planned(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
     return list(dict.fromkeys(out))  # `--attacks absent` names the reference cell only once
 
 
-def target_lines(rows: list[dict]) -> list[str]:
-    """Issue 16's target, computed, as a markdown table: with 1 attacker of 10 on the 4-regular
-    graph, each rule's honest accuracy minus plain gossip without any attacker, paired by seed
-    (points, 95% t-interval), and which rules are shown within 2 points (interval above -2)."""
+def target_lines(rows: list[dict], graph: str = "regular4", attackers: int = 1) -> list[str]:
+    """Gaps, computed, as a markdown table: each rule's honest accuracy minus plain gossip
+    without any attacker on the same graph, paired by seed (points, 95% t-interval), and which
+    rules are shown within 2 points (interval above -2). The first row is each rule's cost
+    without an attacker. Issue 16's target is the 4-regular graph with 1 attacker of 10."""
     clean = {r["seed"]: r["honest_accuracy"] for r in rows
-             if (r["graph"], r["attackers"], r["rule"]) == ("regular4", 0, "none")
+             if (r["graph"], r["attackers"], r["rule"]) == (graph, 0, "none")
              and r["honest_accuracy"] is not None}  # fmt: skip
     cells: dict[tuple[str, str], dict[int, float | None]] = {}
     for r in rows:
-        if r["graph"] == "regular4" and r["attackers"] == 1 and r["seed"] in clean:
+        if r["graph"] == graph and r["attackers"] in (0, attackers) and r["seed"] in clean:
             cells.setdefault((r["attack"], r["rule"]), {})[r["seed"]] = r["honest_accuracy"]
 
     def shown(by_seed: dict[int, float | None] | None) -> tuple[str, bool]:
@@ -275,27 +276,33 @@ def target_lines(rows: list[dict]) -> list[str]:
         gap = paired_gap([by_seed[k] for k in seeds], [clean[k] for k in seeds], margin=2.0)
         return gap.shown(), gap.n > 1 and gap.low > -2.0
 
-    attacks = sorted({a for a, _ in cells} - {ABSENT})
+    attacks = sorted({a for a, _ in cells} - {ABSENT, "none"})
     if not attacks:
         return []
-    rules = rules_in(k[1] for k in cells)
+    rules = rules_in(rule for attack, rule in cells if attack != "none")
     out = [
         "| attack | " + " | ".join(f"`{r}`" for r in rules) + " | shown within 2 points |",
         "|---|" + "---|" * (len(rules) + 1),
     ]
-    for attack in attacks:
+    for attack in ["none", *attacks]:
         texts, within = [], []
         for rule in rules:
+            if (attack, rule) == ("none", "none"):
+                texts.append("reference")
+                continue
             text, ok = shown(cells.get((attack, rule)))
             texts.append(text)
             if ok:
                 within.append(rule)
-        out.append(f"| {attack} | " + " | ".join(texts) + f" | {', '.join(within) or 'none'} |")
+        label = "no attacker (the rule's cost)" if attack == "none" else attack
+        out.append(f"| {label} | " + " | ".join(texts) + f" | {', '.join(within) or 'none'} |")
     if (ABSENT, "none") in cells:
+        them = "it" if attackers == 1 else "them"
         out += [
             "",
-            "Attacker cut off from the start (what ignoring it completely gives: its data is "
-            f"lost to the others): {shown(cells[(ABSENT, 'none')])[0]}.",
+            f"Attacker{'s' if attackers > 1 else ''} cut off from the start (what ignoring "
+            f"{them} completely gives: {'its' if attackers == 1 else 'their'} data is lost to "
+            f"the others): {shown(cells[(ABSENT, 'none')])[0]}.",
         ]
     return out
 
@@ -352,6 +359,20 @@ def tables(rows: list[dict]) -> str:
             "",
             *target,
         ]
+    for graph in GRAPHS:
+        for n_att in (1, 2):
+            if (graph, n_att) == ("regular4", 1):
+                continue
+            gaps = target_lines(rows, graph, n_att)
+            if gaps:
+                out += [
+                    "",
+                    f"**{graph}, {n_att} attacker{'s' if n_att > 1 else ''}, computed**: each "
+                    "rule's honest accuracy minus plain gossip without any attacker on this "
+                    "graph, paired by seed (points, 95% t-interval, seeds):",
+                    "",
+                    *gaps,
+                ]
     grid = set(planned(_defaults()))
     done = {key_of(r) for r in rows}
     extra = len(done - grid)

@@ -537,3 +537,20 @@ def test_a_killed_run_with_an_attacker_resumes_with_the_same_flags_and_adapters(
     assert [m.get("robust_stale") for m in run_metrics(whole)][-1] == ["1->0", "1->2"]
     a, b = run_adapters(whole), run_adapters(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exclusion_on_a_graph_it_can_split_is_warned_about(caplog):
+    from declora.network.robust import check_graph
+
+    ring = load_config(None, ["comm.robust=clip", "comm.robust_exclude=0.5"])
+    with caplog.at_level("WARNING", logger="declora.network"):
+        check_graph(ring, [2] * 10)  # every ring peer clips one of its 2 neighbours
+    assert "comm.robust_exclude with the adaptive radius on a sparse graph" in caplog.text
+    assert "10 of 10 peers (such as [0, 1, 2, 3]) have 2 neighbours" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="declora.network"):
+        check_graph(ring, [4] * 10)  # a 4-regular peer keeps 3 after cutting one off
+        check_graph(load_config(None, ["comm.robust=clip"]), [2] * 10)  # no exclusion
+        fixed = ["comm.robust=clip", "comm.robust_exclude=0.5", "comm.robust_radius=1.0"]
+        check_graph(load_config(None, fixed), [2] * 10)  # the radius does not follow them
+    assert caplog.text == ""

@@ -62,3 +62,22 @@ def test_a_rule_measured_in_some_tables_only_is_a_column_of_those_only():
     assert "| attack | `none` |\n" in one  # the only rule with a 1-attacker cell
     assert "| attack | `none` | `clip-exclude-b2` |" in two
     assert "| no attacker | 0.650 ± 0.000 (2) | 0.650 ± 0.000 (2) |" in two
+
+
+def test_every_setting_gets_its_gaps_with_each_rules_cost_without_an_attacker():
+    rows = [_row(0, "none", "none", s, 0.65 + 0.01 * s) for s in range(3)]
+    rows += [_row(0, "none", "clip", s, 0.62 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]
+    rows += [_row(1, "scaled", r, s, 0.60 + 0.01 * s) for r in ("none", "clip") for s in range(3)]
+    ring = [dict(r, graph="ring") for r in rows]
+    ring += [dict(_row(2, "scaled", "clip", s, 0.5 + 0.01 * s), graph="ring") for s in range(3)]
+    table = robust.target_lines(ring, "ring", 1)
+    cost = next(line for line in table if line.startswith("| no attacker (the rule's cost) |"))
+    cells = [c.strip() for c in cost.strip("|").split("|")]
+    assert cells[1] == "reference" and cells[2].startswith("-2.97 [")  # clip's cost: 3 points
+    assert cells[-1] == "none"  # not shown within 2 points
+    assert robust.target_lines(ring, "ring", 2)[2].startswith("| no attacker")
+    assert robust.target_lines(ring, "regular4", 1) == []  # no 4-regular row
+    text = robust.tables(rows + ring)
+    assert "**The target, computed**" in text  # the 4-regular graph, 1 attacker
+    assert "**ring, 1 attacker, computed**" in text and "**ring, 2 attackers, computed**" in text
+    assert "**regular4, 2 attackers, computed**" not in text  # nothing measured there
