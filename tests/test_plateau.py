@@ -532,3 +532,11 @@ def test_the_binary_ablations_leave_out_the_final_passes_no_table_reads(pl):
     for c in pl.main_cells("binary", 612, 36, lrs):
         cmd = pl.command(c)
         assert "eval.final_test" not in cmd and "eval.peers=never" not in cmd
+
+
+def test_the_generated_report_says_what_is_still_to_run(pl):
+    text = pl.report([], progress=True)
+    for task, size in pl.TRAIN_SIZES.items():
+        assert f"task {task}: {size} training examples" in text
+    assert "  curve: 5 runs (5 to run)" in text  # nothing measured yet
+    assert "Progress" not in pl.report([])  # only where asked (the docs, the CLI's report)
