@@ -9,9 +9,9 @@
 #
 # Lane a: the robust-gossip study (issue 16), then the plateau study (issue 15) as lane b.
 # Lane b: the binary privacy cells and half of the robust grid's last part (issue 16), then
-#         the plateau study (issue 15): the binary
-#         task's tuning and seeds, the 3-class task's curves, tuning and seeds (the main
-#         tables first), then the binary task's ablations.
+#         the plateau study (issue 15): the binary task's tuning and seeds, the 3-class
+#         task's curves, tuning and seeds (the main tables first), then the binary task's
+#         ablations.
 # Both lanes may work through the same plateau stage: a cell that the other lane's process
 # holds is left to it, and where the next stage needs its row (curves, tuning) each waits for
 # it (run_stage in experiments/plateau.py), so no cell runs twice and both cores stay busy.

@@ -546,7 +546,7 @@ def test_exclusion_on_a_graph_it_can_split_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="declora.network"):
         check_graph(ring, [2] * 10)  # every ring peer clips one of its 2 neighbours
     assert "comm.robust_exclude with the adaptive radius on a sparse graph" in caplog.text
-    assert "10 of 10 peers (such as [0, 1, 2, 3]) have 2 neighbours" in caplog.text
+    assert "10 of 10 peers (such as [0, 1, 2, 3]) have 2 neighbours, clip 1" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="declora.network"):
         check_graph(ring, [4] * 10)  # a 4-regular peer keeps 3 after cutting one off

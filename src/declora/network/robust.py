@@ -496,9 +496,9 @@ def rule_of(cfg: object) -> RobustRule | None:
 
 def check_graph(cfg: object, degrees: Sequence[int]) -> None:
     """A robust rule needs enough neighbours at every peer for its trimming (ConfigError).
-    Warns where exclusion can split the graph: with the adaptive radius a peer clips one of
-    its neighbours at every exchange, and a peer of b + 1 neighbours left with one after
-    cutting off b; under label skew the neighbour cut off is often an honest one."""
+    Warns where exclusion can split the graph: with the adaptive radius a peer clips b of
+    its neighbours at every exchange, a peer of b + 1 neighbours keeps one after cutting off
+    b, and under label skew the neighbours cut off are often honest ones."""
     from declora.errors import ConfigError
 
     rule = rule_of(cfg)
@@ -518,13 +518,14 @@ def check_graph(cfg: object, degrees: Sequence[int]) -> None:
     if rule.exclude is not None and rule.radius is None and few:
         log.warning(
             "warning: comm.robust_exclude with the adaptive radius on a sparse graph: %d of "
-            "%d peers (such as %s) have %d neighbours, clip one at every exchange and may cut "
-            "it off for good, which can split the graph (on the robust study's ring, without "
-            "any attacker, it cut 6 to 9 of the 20 directed links; docs/robustness.md). Prefer "
-            "comm.robust=clip without exclusion, a denser topology, or a fixed "
-            "comm.robust_radius",
+            "%d peers (such as %s) have %d neighbours, clip %d of them at every exchange and "
+            "may cut them off for good, which can split the graph (on the robust study's "
+            "ring, without any attacker, it cut 6 to 9 of the 20 directed links; "
+            "docs/robustness.md). Prefer comm.robust=clip without exclusion, a denser "
+            "topology, or a fixed comm.robust_radius",
             len(few),
             len(degrees),
             few[:4],
             min(degrees[i] for i in few),
+            rule.trim,
         )
