@@ -3,7 +3,15 @@
 Each job is a `declora run` command line on tiny local models and data that `write_inputs`
 makes; `adapter_digest` hashes every adapter tensor of the run directory. The pins in
 `digests.json` were written by the code before the package was split into subpackages (and are
-rewritten only by a change that means to move results, with the reason in its commit)."""
+rewritten only by a change that means to move results, with the reason in its commit).
+
+The jobs run under `PORTABLE_KERNELS`: the default kernels depend on the CPU (ATen's vector
+width, MKL's and oneDNN's code paths for the instruction set), so the same code gives other
+bits on another machine. Pinned to ATen's scalar kernels, MKL's conditional-numerical-
+reproducibility branch for all x86 CPUs and oneDNN's SSE4.1 kernels, a job's bits depend on
+the code only (on 2026-12-04 the pins were rewritten under them, by the code whose default-
+kernel digests had passed on the earlier machines, after a machine with AVX-512 and AMX gave
+other digests for every job under its default kernels)."""
 
 from __future__ import annotations
 
@@ -14,6 +22,14 @@ from pathlib import Path
 import numpy as np
 
 PIN_FILE = Path(__file__).with_name("digests.json")
+# set before torch starts (a fresh process): kernels whose results do not depend on the CPU
+PORTABLE_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 _COMMON = [
     "train.rounds=3",
