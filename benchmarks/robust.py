@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -444,6 +445,38 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def claim(folder: Path, cell: tuple) -> bool:
+    """Take `cell` for this process (`--claims`): a file named after it, created exclusively,
+    holding this process's id. A claim whose process is gone is taken over, so a lane that
+    was stopped leaves nothing blocked; a claim still being written counts as taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("__".join(map(str, cell)) + ".claim")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+        except (OSError, ValueError):
+            return False
+        if not pid or _alive(pid):
+            return False
+        path.unlink(missing_ok=True)
+        return claim(folder, cell)  # of two processes taking it over, one wins
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _shard(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
@@ -470,6 +503,12 @@ def parser() -> argparse.ArgumentParser:
         type=_shard,
         default=(0, 1),
         help="I/N: run every N-th cell of the plan from the I-th (one process per shard)",
+    )
+    ap.add_argument(
+        "--claims",
+        type=Path,
+        help="a folder of claims: processes that share it never run the same cell, whatever "
+        "their plans (two lanes can then run the whole plan side by side)",
     )
     return ap
 
@@ -502,6 +541,12 @@ def main() -> None:
         args.rows.parent.mkdir(parents=True, exist_ok=True)
         preps: dict[tuple[int, str], object] = {}
         for graph, n_att, attack, rule, seed in todo:
+            if args.claims is not None:
+                if not claim(args.claims, (graph, n_att, attack, rule, seed)):
+                    continue  # another process runs it
+                rows = [json.loads(x) for x in args.rows.read_text().splitlines()]
+                if (graph, n_att, attack, rule, seed) in {key_of(r) for r in rows}:
+                    continue  # another process has finished it since this one started
             base = load_config(None, [*args.overrides, f"seed={seed}"])
 
             def prep_for(g: str, base=base, seed=seed):

