@@ -8,10 +8,11 @@ rewritten only by a change that means to move results, with the reason in its co
 The jobs run under `PORTABLE_KERNELS`: the default kernels depend on the CPU (ATen's vector
 width, MKL's and oneDNN's code paths for the instruction set), so the same code gives other
 bits on another machine. Pinned to ATen's scalar kernels, MKL's conditional-numerical-
-reproducibility branch for all x86 CPUs and oneDNN's SSE4.1 kernels, a job's bits depend on
-the code only (on 2026-12-04 the pins were rewritten under them, by the code whose default-
-kernel digests had passed on the earlier machines, after a machine with AVX-512 and AMX gave
-other digests for every job under its default kernels)."""
+reproducibility branch for all x86 CPUs and oneDNN's SSE4.1 kernels, a job's bits should
+depend on the code only: narrowing MKL's instruction set further leaves them unchanged (not
+checked on another vendor's CPU). On 2026-12-04 the pins were rewritten under them, by the
+code whose default-kernel digests had passed on the earlier machines (AMD EPYC), after an
+Intel Xeon with AVX-512 and AMX gave other digests for every job under its default kernels."""
 
 from __future__ import annotations
 
