@@ -256,10 +256,12 @@ def tune_cells(
 def main_cells(
     task: str, budget_rounds: int, every: int, lrs: dict[tuple[str, str | None], str]
 ) -> list[PlannedCell]:
-    """Every arm at its tuned LR, every seed (seed 0 is the tuning run itself, reused)."""
+    """Every arm of `lrs` at its tuned LR, every seed (seed 0 is the tuning run itself,
+    reused); arms without an LR in `lrs` (still tuning) are left out."""
     return [
         PlannedCell("main", task, arm, part, lrs[(arm, part)], budget_rounds, every, seed)
         for arm, part in arm_settings()
+        if (arm, part) in lrs
         for seed in SEEDS
     ]
 
@@ -657,20 +659,27 @@ def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str
     return plateau_round(points, PLATEAU_GAIN_POINTS, SMOOTH), lr, row
 
 
-def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str] | None:
-    """Each arm's LR: the best validation accuracy (best round) of its seed-0 budget runs."""
+def settled_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str]:
+    """The LR of each arm whose tuning is over (every LR of its grid has its row, and the
+    grid grows no further): the best validation accuracy (best round) of its seed-0 budget
+    runs. Arms still tuning are absent."""
     found = budget_of(rows, task)
     if found is None:
-        return None
+        return {}
     budget, base = found[0], tune_grid(found[1])
     out = {}
     for arm, part in arm_settings():
         mine = tune_scores(rows, task, budget, arm, part)
         grid = arm_grid(mine, base)
-        if not set(grid) <= set(mine):
-            return None
-        out[(arm, part)] = pick_lr({lr: mine[lr] for lr in grid})
+        if set(grid) <= set(mine):
+            out[(arm, part)] = pick_lr({lr: mine[lr] for lr in grid})
     return out
+
+
+def tuned_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str] | None:
+    """Each arm's LR (`settled_lrs`), once every arm is tuned; None before."""
+    out = settled_lrs(rows, task)
+    return out if len(out) == len(arm_settings()) else None
 
 
 # ---------------------------------------------------------------- tables
@@ -1225,6 +1234,13 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
         if not only or name == stage:
             # the budget needs every curve, the LRs every tuning run; the seeds and the
             # ablations need only the LRs, so their runs held by another process are left to it
+            if name == "tune" and stage != "tune":
+                # before waiting for another process's tuning runs: the seeds of the arms
+                # whose tuning is over, so that no process sits idle (main runs only)
+                failed += run_stage(cells, out, rows_path, wait=False)
+                rows = read_rows(rows_path)
+                early = main_cells(task, found[0], every, settled_lrs(rows, task))
+                failed += run_stage(early, out, rows_path, wait=False)
             failed += run_stage(cells, out, rows_path, wait=name in ("curve", "tune"))
             return
         rows = read_rows(rows_path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -540,3 +541,46 @@ def test_the_generated_report_says_what_is_still_to_run(pl):
         assert f"task {task}: {size} training examples" in text
     assert "  curve: 5 runs (5 to run)" in text  # nothing measured yet
     assert "Progress" not in pl.report([])  # only where asked (the docs, the CLI's report)
+
+
+def test_the_seeds_of_tuned_arms_run_while_another_process_finishes_the_last_tuning(
+    pl, tmp_path, monkeypatch
+):
+    """Before waiting for a tuning run another process holds, a process runs the seeds of
+    the arms whose tuning is over (never of the arm still tuning), so no lane sits idle."""
+    rows = [dict(_curve_row(lr, 36), lr=lr) for lr in pl.CURVE_LRS]
+    budget, best, _ = pl.budget_of(rows, "binary")
+    grid = pl.tune_grid(best)
+    last = ("local-only", "dir0.5")
+    for arm, part in pl.arm_settings():
+        for i, lr in enumerate(grid):
+            if (arm, part) == last and i == 2:
+                continue  # its last tuning run: another process holds it
+            score = 0.8 - 0.01 * abs(i - 1)  # best in the middle: settled once all have rows
+            rows.append(dict(task="binary", stage="tune", arm=arm, partition=part, lr=lr,
+                             seed=0, rounds=budget, val_best_accuracy=score,
+                             peers_val_accuracy=score, cell=f"tune-{arm}-{part}-{lr}"))  # fmt: skip
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settled = pl.settled_lrs(rows, "binary")
+    assert last not in settled and len(settled) == len(pl.arm_settings()) - 1
+    assert pl.tuned_lrs(rows, "binary") is None
+    calls = []
+
+    def fake_run_stage(cells, out, rows_path, *, wait=True, poll_s=60.0):
+        cells = list(cells)
+        calls.append(({c.stage for c in cells}, {(c.arm, c.partition) for c in cells}, wait))
+        if wait and any(c.stage == "tune" for c in cells):  # the other process finishes it
+            pl.append_row(rows_path, dict(rows[-1], partition="dir0.5", arm="local-only",
+                                          lr=grid[2], val_best_accuracy=0.5,
+                                          peers_val_accuracy=0.5, cell="the-last"))  # fmt: skip
+        return []
+
+    monkeypatch.setattr(pl, "run_stage", fake_run_stage)
+    monkeypatch.setattr(pl, "train_size", lambda task: 14_371)
+    assert pl._run("binary", "main", tmp_path / "out", path) == []
+    stages = [(s, w) for s, _, w in calls]
+    i = stages.index(({"main"}, False))
+    assert stages[i - 1] == ({"tune"}, False) and stages[i + 1] == ({"tune"}, True)
+    assert calls[i][1] == set(settled)  # every tuned arm's seeds, not the one still tuning
+    assert calls[-1][0] == {"main"} and last in calls[-1][1]  # then the whole main stage
