@@ -164,6 +164,11 @@ class PlannedCell:
             *self.extra,
         )
 
+    @property
+    def base(self) -> tuple[str, ...]:
+        """The overrides its task, arm and stage share (`base_sets`)."""
+        return base_sets(self.task, self.arm, self.stage)
+
     def cell(self) -> Any:
         from declora.runners.sweep import Cell
 
@@ -398,7 +403,7 @@ def cell_examples(c: PlannedCell) -> int:
     peers' batches), from the cell's own config."""
     from declora.config.schema import load_config
 
-    cfg = load_config(None, [*base_sets(c.task, c.arm, c.stage), *c.sets])
+    cfg = load_config(None, [*c.base, *c.sets])
     t = cfg.train
     return t.rounds * cfg.topology.peers * t.batch_size * t.local_steps
 
@@ -532,7 +537,7 @@ def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str
 
 
 def command(pc: PlannedCell) -> str:
-    sets = [*base_sets(pc.task, pc.arm, pc.stage), *pc.sets, f"seed={pc.seed}", "train.threads=1"]
+    sets = [*pc.base, *pc.sets, f"seed={pc.seed}", "train.threads=1"]
     return "OMP_NUM_THREADS=1 declora run " + " ".join(f"--set '{s}'" for s in sets)
 
 
@@ -594,7 +599,7 @@ def run_stage(
         if cell_status(folder) != "complete":  # run_cell resumes an interrupted cell
             _echo(f"{pc.stage} {pc.arm} {pc.partition or ''} lr={pc.lr} seed={pc.seed}: start")
             start = time.perf_counter()
-            _, code, tail = run_cell(c, None, base_sets(pc.task, pc.arm, pc.stage), job_out, 1)
+            _, code, tail = run_cell(c, None, pc.base, job_out, 1)
             took = time.perf_counter() - start
             if code != 0 and busy(folder) is not None:  # another process took it just now
                 elsewhere.append(pc)

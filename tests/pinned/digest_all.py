@@ -21,9 +21,7 @@ from tests.pinned.jobs import PIN_FILE, PORTABLE_KERNELS, adapter_digest, jobs
 
 def digests(root: Path, names: list[str] | None = None) -> dict[str, str]:
     """Each job's adapter digest, the jobs run through the CLI in this process."""
-    from typer.testing import CliRunner
-
-    from declora.cli import app
+    from tests.conftest import run_in_process
 
     out: dict[str, str] = {}
     for name, sets in jobs(root).items():
@@ -33,9 +31,9 @@ def digests(root: Path, names: list[str] | None = None) -> dict[str, str]:
         args = ["run", "--quiet", "--out", str(run)]
         for kv in sets:
             args += ["--set", kv]
-        res = CliRunner().invoke(app, args)
-        if res.exit_code != 0:
-            raise SystemExit(f"{name}: exit {res.exit_code}\n{res.output[-2000:]}")
+        res = run_in_process(*args)  # every job sets train.threads=1
+        if res.returncode != 0:
+            raise SystemExit(f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}")
         out[name] = adapter_digest(run)
     return out
 
