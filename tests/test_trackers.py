@@ -251,6 +251,39 @@ def test_a_resumed_run_continues_the_same_tracker_runs(job, tmp_path):
     assert sorted(set(steps)) == [2, 4, 6, 8]  # round 6 twice: logged before the kill and after
 
 
+@pytest.mark.skipif(not _installed("tensorboard"), reason="needs the tensorboard extra")
+def test_a_resume_in_the_same_second_is_read_after_the_interrupted_attempt(tmp_path):
+    """TensorBoard reads event files in name order: whole second, then host, then pid. Here the
+    interrupted attempt's file is stamped this second with a pid that sorts after any real one
+    (what CI hit: a resume within the second, from a process with a smaller pid)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tmp_path / "tb" / "dec-lora"
+    old = SummaryWriter(str(folder))
+    for step in (2, 4, 6):
+        old.add_scalar("accuracy", step / 10, step)
+    old.close()
+    (written,) = folder.glob("events.out.tfevents.*")
+    parts = written.name.split(".")
+    parts[3], parts[5] = f"{int(time.time()):010d}", "999999999"
+    written.rename(folder / ".".join(parts))
+
+    info = tr.RunInfo("dec-lora", "run/dec-lora", "run", {}, {}, {}, ("accuracy",), resumed=True)
+    tb = tr.TensorBoardTracker(tmp_path / "tb")
+    tb.start(info, {})
+    tb.log("dec-lora", {"accuracy": 0.65}, 6)  # round 6 again, recomputed after the resume
+    tb.log("dec-lora", {"accuracy": 0.8}, 8)
+    tb.finish(failed=False)
+
+    ea = EventAccumulator(str(folder))
+    ea.Reload()
+    got = [(p.step, round(p.value, 2)) for p in ea.Scalars("accuracy")]
+    assert got == [(2, 0.2), (4, 0.4), (6, 0.65), (8, 0.8)]
+
+
 def test_sweep_cells_carry_their_grid_values_as_tags():
     from declora.runners.sweep import cell_tags, cells
 

@@ -119,10 +119,9 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
     for r in rows:
         vals = ["-" if r[c] is None else f"{r[c]:.4f}" for c in columns]
         mb = "-" if r["bytes_per_peer"] is None else f"{r['bytes_per_peer'] / 1e6:.2f}"
-        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']}"
-        lines.append(
-            f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {r['wall_seconds']} | {cpu} |"
-        )
+        wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.1f}"
+        cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
+        lines.append(f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {wall} | {cpu} |")
     table = "\n".join(lines) + "\n"
     text = (
         f"# Comparison of {len(runs)} runs\n\n{table}\n"

@@ -57,8 +57,9 @@ def summary_rows(
                 row[col] = res.last(f"{prefix}{col}")
             row[f"best_{primary}"] = res.best(primary, higher_is_better) if not prefix else None
             row["bytes_per_peer"] = res.last("bytes_sent")
-            row["wall_seconds"] = round(res.wall_seconds, 1)
-            row["cpu_seconds"] = None if res.cpu_seconds is None else round(res.cpu_seconds, 1)
+            # as metrics.jsonl has them: at one decimal, a short loop on a fast machine showed 0
+            row["wall_seconds"] = round(res.wall_seconds, 3)
+            row["cpu_seconds"] = None if res.cpu_seconds is None else round(res.cpu_seconds, 3)
             row["dir"] = where
             rows.append(row)
     return rows
@@ -107,8 +108,8 @@ def table_markdown(rows: list[dict[str, Any]], columns: Sequence[str] | None = N
     for r in rows:
         cells = [_fmt(r.get(c)) for c in cols] + ([_fmt(r.get(best))] if best else [])
         body += f"| {r['label']} | " + " | ".join(cells)
-        cpu = r.get("cpu_seconds")
-        body += f" | {_mb(r['bytes_per_peer'])} | {r['wall_seconds']} | {_fmt(cpu, '.1f')} |\n"
+        wall, cpu = _fmt(r["wall_seconds"], ".1f"), _fmt(r.get("cpu_seconds"), ".1f")
+        body += f" | {_mb(r['bytes_per_peer'])} | {wall} | {cpu} |\n"
     return head + body
 
 

@@ -147,6 +147,8 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams
 
         run = self.runs[key]
+        if run.resumed:
+            _after_existing_event_files(self.root / key)
         # resumed: drop what the interrupted attempt logged from this round on (it is recomputed)
         w = SummaryWriter(str(self.root / key), purge_step=step if run.resumed else None)
         if not run.resumed:
@@ -189,6 +191,26 @@ class TensorBoardTracker:
         for w in self.writers.values():
             w.close()
         self.writers.clear()
+
+
+def _after_existing_event_files(folder: Path, longest_wait: float = 2.0) -> None:
+    """Wait, if needed, into the second after the newest event file of `folder`.
+
+    TensorBoard reads a folder's event files in name order, and a name is
+    `events.out.tfevents.<whole second>.<host>.<pid>...`. A resume within the same second as the
+    interrupted attempt's file would sort by host and pid, which can put the new file (and the
+    purge it starts with) first, so the dropped rounds come back. A file stamped more than
+    `longest_wait` ahead (another host's clock) is not waited for.
+    """
+    stamps = []
+    for f in folder.glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3]
+        if part.isdigit():
+            stamps.append(int(part))
+    if stamps:
+        wait = max(stamps) + 1 - time.time()
+        if 0 < wait <= longest_wait:
+            time.sleep(wait)
 
 
 class MlflowTracker:
