@@ -254,8 +254,8 @@ def test_a_resumed_run_continues_the_same_tracker_runs(job, tmp_path):
 @pytest.mark.skipif(not _installed("tensorboard"), reason="needs the tensorboard extra")
 def test_a_resume_in_the_same_second_is_read_after_the_interrupted_attempt(tmp_path):
     """TensorBoard reads event files in name order: whole second, then host, then pid. Here the
-    interrupted attempt's file is stamped this second with a pid that sorts after any real one
-    (what CI hit: a resume within the second, from a process with a smaller pid)."""
+    interrupted attempt's file is stamped this second with a host and pid that sort after any
+    real ones (what CI hit: a resume within the second, from a process with a smaller pid)."""
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -267,9 +267,7 @@ def test_a_resume_in_the_same_second_is_read_after_the_interrupted_attempt(tmp_p
         old.add_scalar("accuracy", step / 10, step)
     old.close()
     (written,) = folder.glob("events.out.tfevents.*")
-    parts = written.name.split(".")
-    parts[3], parts[5] = f"{int(time.time()):010d}", "999999999"
-    written.rename(folder / ".".join(parts))
+    written.rename(folder / f"events.out.tfevents.{int(time.time()):010d}.zzzz.999999999.0")
 
     info = tr.RunInfo("dec-lora", "run/dec-lora", "run", {}, {}, {}, ("accuracy",), resumed=True)
     tb = tr.TensorBoardTracker(tmp_path / "tb")
