@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -563,6 +563,7 @@ def run_stage(
     *,
     wait: bool = True,
     poll_s: float = 60.0,
+    filler: Callable[[], bool] | None = None,
 ) -> list[str]:
     """Run each cell (one process at a time, ONE thread: the machine is shared) and append its
     row when it completes; a complete cell whose row is missing gets its row now. Returns the
@@ -572,9 +573,10 @@ def run_stage(
     a cell whose run directory another process holds is left to it. With `wait` (a later
     stage needs this one's rows), once this one has run everything else it waits for those
     cells' rows, or runs a cell itself, from its checkpoints, if the other process stopped
-    without finishing it; without, it returns and leaves them to the other process. The lock
-    is asked before the status is read, so a cell is never started over a run that just
-    finished."""
+    without finishing it; without, it returns and leaves them to the other process. While it
+    waits, `filler` (if given) runs one cell of other, ready work at a time (`filler_cells`);
+    it returns False when it has none left. The lock is asked before the status is read, so a
+    cell is never started over a run that just finished."""
     from declora.reporting.rundir import busy
     from declora.runners.sweep import cell_status, run_cell
 
@@ -615,9 +617,45 @@ def run_stage(
     elif elsewhere:
         waiting = [out / pc.task / "cells" / pc.cell().name for pc in elsewhere]
         while any(busy(f) is not None for f in waiting):
-            time.sleep(poll_s)
+            if filler is None or not filler():
+                time.sleep(poll_s)
         failed += run_stage(elsewhere, out, rows_path, poll_s=poll_s)
     return failed
+
+
+def filler_cells(task: str, rows: list[dict[str, Any]]) -> list[PlannedCell]:
+    """Runs of the other tasks that nothing blocks any more (their LRs are all tuned): the
+    main seeds, then the ablations. What a lane runs instead of waiting for the last curve or
+    tuning run of `task`, which another lane holds."""
+    cells: list[PlannedCell] = []
+    for other in TASKS:
+        found = budget_of(rows, other) if other != task else None
+        lrs = tuned_lrs(rows, other) if found is not None else None
+        if found is None or lrs is None:
+            continue
+        every = eval_every(train_size(other))
+        cells += main_cells(other, found[0], every, lrs)
+        cells += ablation_cells(other, found[0], every, lrs)
+    return cells
+
+
+def run_next(cells: Sequence[PlannedCell], out: Path, rows_path: Path, tried: set[str]) -> bool:
+    """Run the first of `cells` with no row, not held by another process and not tried by this
+    one yet (a failed cell is not retried in a loop). False if there is none."""
+    from declora.reporting.rundir import busy
+
+    done = {row_key(r) for r in read_rows(rows_path)}
+    for pc in cells:
+        name = pc.cell().name
+        folder = out / pc.task / "cells" / name
+        if (pc.task, name) in done or f"{pc.task}/{name}" in tried:
+            continue
+        if folder.is_dir() and busy(folder) is not None:
+            continue
+        tried.add(f"{pc.task}/{name}")
+        run_stage([pc], out, rows_path, wait=False)
+        return True
+    return False
 
 
 def append_row(rows_path: Path, row: dict[str, Any]) -> bool:
@@ -643,6 +681,7 @@ def _echo(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
+@functools.cache
 def train_size(task: str) -> int:
     """Training examples of a task after the validation split (what one epoch passes over)."""
     from declora.data.classification import load_classification_data
@@ -1233,6 +1272,11 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
     size = train_size(task)
     every = eval_every(size)
     failed: list[str] = []
+    tried: set[str] = set()
+
+    def filler() -> bool:
+        """One run of another task's ready work (`filler_cells`), instead of idling."""
+        return run_next(filler_cells(task, read_rows(rows_path)), out, rows_path, tried)
 
     def step(name: str, cells: list[PlannedCell]) -> None:
         nonlocal failed
@@ -1246,7 +1290,8 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
                 rows = read_rows(rows_path)
                 early = main_cells(task, found[0], every, settled_lrs(rows, task))
                 failed += run_stage(early, out, rows_path, wait=False)
-            failed += run_stage(cells, out, rows_path, wait=name in ("curve", "tune"))
+            waits = name in ("curve", "tune")
+            failed += run_stage(cells, out, rows_path, wait=waits, filler=filler if waits else None)
             return
         rows = read_rows(rows_path)
         done = {row_key(r) for r in rows}

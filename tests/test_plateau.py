@@ -567,7 +567,7 @@ def test_the_seeds_of_tuned_arms_run_while_another_process_finishes_the_last_tun
     assert pl.tuned_lrs(rows, "binary") is None
     calls = []
 
-    def fake_run_stage(cells, out, rows_path, *, wait=True, poll_s=60.0):
+    def fake_run_stage(cells, out, rows_path, *, wait=True, poll_s=60.0, filler=None):
         cells = list(cells)
         calls.append(({c.stage for c in cells}, {(c.arm, c.partition) for c in cells}, wait))
         if wait and any(c.stage == "tune" for c in cells):  # the other process finishes it
@@ -584,3 +584,83 @@ def test_the_seeds_of_tuned_arms_run_while_another_process_finishes_the_last_tun
     assert stages[i - 1] == ({"tune"}, False) and stages[i + 1] == ({"tune"}, True)
     assert calls[i][1] == set(settled)  # every tuned arm's seeds, not the one still tuning
     assert calls[-1][0] == {"main"} and last in calls[-1][1]  # then the whole main stage
+
+
+def _tuned_rows(pl, task: str) -> list[dict]:
+    """Curve and tuning rows of `task` with every arm tuned (best LR in the middle of its grid)."""
+    rows = [dict(_curve_row(lr, 36), task=task, cell=f"{task}-curve-{lr}") for lr in pl.CURVE_LRS]
+    budget, best, _ = pl.budget_of(rows, task)
+    for arm, part in pl.arm_settings():
+        for i, lr in enumerate(pl.tune_grid(best)):
+            score = 0.8 - 0.01 * abs(i - 1)
+            rows.append(dict(task=task, stage="tune", arm=arm, partition=part, lr=lr, seed=0,
+                             rounds=budget, val_best_accuracy=score, peers_val_accuracy=score,
+                             cell=f"{task}-tune-{arm}-{part}-{lr}"))  # fmt: skip
+    assert pl.tuned_lrs(rows, task) is not None
+    return rows
+
+
+def test_a_lane_waiting_on_a_held_run_does_the_other_tasks_ready_work(pl, tmp_path, monkeypatch):
+    """While another process holds the last curve (or tuning) run of one task, a lane runs the
+    other task's ready cells one at a time (main seeds first, then ablations), never a cell that
+    has a row, that another process holds or that it tried already; then it goes on waiting."""
+    monkeypatch.setattr(pl, "train_size", lambda task: 14_371)
+    rows = _tuned_rows(pl, "binary")
+    assert pl.filler_cells("binary", rows) == []  # the task itself: never filler
+    assert pl.filler_cells("3class", []) == []  # nothing tuned anywhere: nothing ready
+    ready = pl.filler_cells("3class", rows)
+    assert {c.task for c in ready} == {"binary"} and ready[0].stage == "main"
+    assert {c.stage for c in ready} == {"main", "ablation"}
+    stages = [c.stage for c in ready]
+    assert stages == sorted(stages, key=["main", "ablation"].index)  # the main seeds first
+
+    path, out = tmp_path / "runs.jsonl", tmp_path / "out"
+    done = ready[0]
+    rows.append(dict(task="binary", stage="main", cell=done.cell().name))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_folder = out / "binary" / "cells" / ready[1].cell().name
+    held_folder.mkdir(parents=True)
+    ran = []
+
+    def fake_run_stage(cells, out, rows_path, *, wait=True, poll_s=60.0, filler=None):
+        ran.extend(c.cell().name for c in cells)
+        return []
+
+    import declora.reporting.rundir as rd
+
+    monkeypatch.setattr(rd, "busy", lambda folder: "pid 1" if folder == held_folder else None)
+    monkeypatch.setattr(pl, "run_stage", fake_run_stage)
+    tried: set[str] = set()
+    assert pl.run_next(ready, out, path, tried)
+    assert pl.run_next(ready, out, path, tried)
+    assert ran == [ready[2].cell().name, ready[3].cell().name]  # not the done one, not the held
+    tried |= {f"binary/{c.cell().name}" for c in ready}
+    assert not pl.run_next(ready, out, path, tried) and len(ran) == 2  # all tried: none again
+
+
+def test_run_stage_fills_its_wait_and_sleeps_only_when_there_is_nothing_to_fill(
+    pl, tmp_path, monkeypatch
+):
+    """The waiting loop of run_stage: a filler that has work is called instead of sleeping; once
+    the other process has written the held cell's row, the stage ends without running it."""
+    import declora.reporting.rundir as rd
+
+    cell = pl.PlannedCell("curve", "3class", "centralized", None, "0.05", 720, 36, 0)
+    path, out = tmp_path / "runs.jsonl", tmp_path / "out"
+    path.write_text("")
+    folder = out / "3class" / "cells" / cell.cell().name
+    folder.mkdir(parents=True)
+    held = {"yes": True}
+    monkeypatch.setattr(rd, "busy", lambda f: "pid 1" if held["yes"] and f == folder else None)
+    sleeps, fills = [], []
+
+    def filler() -> bool:
+        fills.append(len(sleeps))
+        if len(fills) == 3:  # the other process finishes while this one runs its third filler
+            pl.append_row(path, dict(task="3class", stage="curve", cell=cell.cell().name))
+            held["yes"] = False
+        return len(fills) != 2  # the second call finds nothing ready: it sleeps once
+
+    monkeypatch.setattr(pl.time, "sleep", lambda s: sleeps.append(s))
+    assert pl.run_stage([cell], out, path, poll_s=7.0, filler=filler) == []
+    assert fills == [0, 0, 1] and sleeps == [7.0]
