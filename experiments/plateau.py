@@ -1148,15 +1148,29 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
 def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None, float | None, str]:
     """(centralized, peer arms) examples per CPU-second, evaluation included, of the finished
     curve, tuning and main runs that record CPU time: the task's own, else the other tasks'
-    (an estimate), and where they came from. A kind without any takes the other kind's."""
+    (an estimate), and where they came from. A kind without any takes the other kind's. Only
+    the runs of the machine that made the newest timed run count, where it made any: machines
+    differ by up to 1.7x, and the rest of the study runs on the newest."""
+
+    def timed(r: dict[str, Any]) -> bool:
+        return bool(
+            r.get("ablation") is None and r.get("curve") and len(r["curve"][-1]) > 5
+            and r["curve"][-1][5] and not r.get("derived_from")
+        )  # fmt: skip
 
     def speed(rs: list[dict[str, Any]]) -> float | None:
-        timed = [(r["rounds"] * PEERS * BATCH, r["curve"][-1][5]) for r in rs
-                 if r.get("ablation") is None and r.get("curve")
-                 and len(r["curve"][-1]) > 5 and r["curve"][-1][5]]  # fmt: skip
-        return sum(e for e, _ in timed) / sum(c for _, c in timed) if timed else None
+        pairs = [(r["rounds"] * PEERS * BATCH, r["curve"][-1][5]) for r in rs if timed(r)]
+        return sum(e for e, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
-    for mine, where in ((True, f"the {task} task's runs"), (False, "the other task's runs")):
+    newest = max((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "", default=None)
+    machine = newest.get("machine") if newest else None
+    if machine:
+        rows = [r for r in rows if r.get("machine") == machine]
+    on = f" on {machine.split(',')[0]}" if machine else ""
+    for mine, where in (
+        (True, f"the {task} task's runs{on}"),
+        (False, f"the other task's runs{on}"),
+    ):
         rs = [r for r in rows if (r["task"] == task) == mine and not r.get("derived_from")]
         central = speed([r for r in rs if r["arm"] == "centralized"])
         peers = speed([r for r in rs if r["arm"] != "centralized"])

@@ -275,6 +275,35 @@ def test_the_plan_takes_its_speed_from_the_runs_that_recorded_cpu_time(pl):
     assert "(the other task's runs; centralized taken as the other)" in three
 
 
+def test_the_plan_takes_the_speed_of_the_machine_that_ran_last(pl):
+    """Rows of two machines: the estimate uses the newest timed run's machine only (where it
+    has both kinds of run) and names it; a kind it has not run yet comes from the other kind."""
+    point = [360, 1440, 0.8, 9.0, 0.0]
+
+    def row(arm, cpu, machine, finished):
+        return dict(task="binary", stage="tune", arm=arm, partition="iid", rounds=360, seed=0,
+                    cell=f"{arm}-{cpu}", lr="0.05", curve=[[*point, cpu]], machine=machine,
+                    finished=finished)  # fmt: skip
+
+    slow, fast = "AMD EPYC, 2 cores, Linux x86_64, 1 thread", "Intel Xeon, 2 cores, 1 thread"
+    rows = [
+        row("fedavg", 1440, slow, "2026-12-03T10:00:00+0000"),  # 10 ex/s
+        row("centralized", 720, slow, "2026-12-03T11:00:00+0000"),  # 20 ex/s
+        row("fedavg", 720, fast, "2026-12-04T10:00:00+0000"),  # 20 ex/s
+    ]
+    text = pl.plan_text("binary", 14_400, None, None, rows)
+    assert "at 20 ex/s (centralized) and 20 ex/s (peer arms)" in text
+    assert "(the binary task's runs on Intel Xeon; centralized taken as the other)" in text
+    rows.append(row("centralized", 360, fast, "2026-12-04T11:00:00+0000"))  # 40 ex/s
+    text = pl.plan_text("binary", 14_400, None, None, rows)
+    assert "at 40 ex/s (centralized) and 20 ex/s (peer arms)" in text
+    assert "one thread (the binary task's runs on Intel Xeon)" in text
+    rows[-1]["finished"] = rows[-2]["finished"] = "2026-12-02T00:00:00+0000"  # AMD is newest
+    assert "at 20 ex/s (centralized) and 10 ex/s (peer arms)" in pl.plan_text(
+        "binary", 14_400, None, None, rows
+    )
+
+
 def test_the_ablation_plan(pl):
     lrs = {k: "0.05" for k in pl.arm_settings()}
     cells = pl.ablation_cells("binary", 612, 36, lrs)
