@@ -1013,46 +1013,71 @@ TTA_BELOW_POINTS = 2.0  # time to accuracy: to within this of centralized's best
 
 
 def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
-    """Examples, bytes and seconds each arm's seed-0 run (tuned LR) took to first reach, on
-    validation, centralized LoRA's best validation accuracy minus TTA_BELOW_POINTS."""
+    """Examples, bytes and CPU seconds each arm's runs at its tuned LR (every seed so far) took
+    to first reach, on validation, centralized LoRA's best validation accuracy (mean over its
+    seeds) minus TTA_BELOW_POINTS: medians over the seeds that reach it. Seconds compare only
+    within one machine: those of the machine that ran most of the timed runs, else (older
+    runs) the run's own, marked."""
     found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
     if found is None or lrs is None:
         return []
-    picked = {
-        (arm, part): next(
-            (r for r in main_runs(rows, task, arm, part, lr, found[0], False) if r["seed"] == 0),
-            None,
-        )
+    runs = {
+        (arm, part): [
+            r for r in main_runs(rows, task, arm, part, lr, found[0], False) if r.get("curve")
+        ]
         for (arm, part), lr in lrs.items()
     }
-    central = picked.get(("centralized", None))
-    if central is None or not central.get("curve"):
+    central = runs.get(("centralized", None))
+    if not central:
         return []
-    target = max(p[2] for p in central["curve"]) - TTA_BELOW_POINTS / 100
+    target = float(np.mean([max(p[2] for p in r["curve"]) for r in central]))
+    target -= TTA_BELOW_POINTS / 100
+    timed = [r.get("machine") for rs in runs.values() for r in rs if _cpu(r["curve"][-1])]
+    machine = max(set(timed), key=timed.count) if timed else None
+    on = f", on {machine.split(',')[0]}" if machine else ""
     lines = [
-        f"Time to accuracy (seed 0): first evaluation at validation accuracy >= {target:.3f} "
-        f"(centralized's best minus {TTA_BELOW_POINTS:g} points); seconds are the run's own "
-        "CPU time at one thread (evaluations included; pauses and the other lane's load left "
-        "out), or, marked (wall), its wall clock on the shared machine, pauses included (runs "
-        "from before CPU time was recorded).",
+        f"Time to accuracy: the first evaluation at validation accuracy >= {target:.3f} "
+        f"(centralized's best, mean of its {len(central)} seed(s), minus "
+        f"{TTA_BELOW_POINTS:g} points); medians over the seeds that reach it. Seconds are the "
+        f"runs' own CPU time at one thread{on} (evaluations included; pauses and the other "
+        "lane's load left out); where an arm has no such run, seed 0's, marked (wall) for its "
+        "wall clock on the shared machine, pauses included (runs from before CPU time was "
+        "recorded), or (other machine).",
         "",
-        "| arm | round | examples | bytes sent (all peers) | seconds |",
-        "|---|---:|---:|---:|---:|",
+        "| arm | seeds reaching it | round | examples | bytes sent (all peers) | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for (arm, part), r in picked.items():
-        if r is None or not r.get("curve"):
+    for (arm, part), rs in runs.items():
+        if not rs:
             continue
-        hit = next((p for p in r["curve"] if p[2] is not None and p[2] >= target), None)
-        if hit is None:
-            lines.append(f"| {_label(arm, part)} | not reached | | | |")
+        hits = [(r, _first_at(r["curve"], target)) for r in rs]
+        hits = [(r, p) for r, p in hits if p is not None]
+        reached = f"{len(hits)}/{len(rs)}"
+        if not hits:
+            lines.append(f"| {_label(arm, part)} | {reached} | not reached | | | |")
             continue
-        sent = hit[4] if len(hit) > 4 and hit[4] is not None else None
-        mb = "" if sent is None else f"{sent / 1e6:,.1f} MB"
-        secs = _seconds(hit)
+        rnd = float(np.median([p[0] for _, p in hits]))
+        sent = [p[4] for _, p in hits if len(p) > 4 and p[4]]  # none: it sends nothing
+        mb = f"{float(np.median(sent)) / 1e6:,.1f} MB" if sent else ""
+        cpu = [_cpu(p) for r, p in hits if r.get("machine") == machine and _cpu(p)]
+        if cpu:
+            secs = f"{float(np.median(cpu)):,.0f}"
+        else:
+            _, p0 = min(hits, key=lambda h: h[0]["seed"])
+            secs = _seconds(p0) + (" (other machine)" if _cpu(p0) else "")
         lines.append(
-            f"| {_label(arm, part)} | {hit[0]} | {hit[0] * PEERS * BATCH:,} | {mb} | {secs} |"
+            f"| {_label(arm, part)} | {reached} | {rnd:g} | {rnd * PEERS * BATCH:,.0f} | {mb} "
+            f"| {secs} |"
         )
     return [*lines, ""]
+
+
+def _first_at(curve: list[list[Any]], target: float) -> list[Any] | None:
+    return next((p for p in curve if p[2] is not None and p[2] >= target), None)
+
+
+def _cpu(point: list[Any]) -> float | None:
+    return point[5] if len(point) > 5 and point[5] else None
 
 
 def _seconds(point: list[Any]) -> str:
