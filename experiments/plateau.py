@@ -859,21 +859,56 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     lines += _tuning_table(rows, task, budget, columns)
     lines += _scores_table(rows, task)
     lines += _time_to_accuracy(rows, task)
-    table = main_table(rows, task)
-    if table:
-        lines += ["| partition | gap | seeds | mean (points) | 95% CI | verdict |"]
-        lines += ["|---|---|---:|---:|---|---|"]
-        for t in table:
+    gaps = [t for t in main_table(rows, task) if t["gap"].n >= 2]
+    if gaps:
+        lines += [
+            "Paired gaps (test accuracy points, seed by seed) with their 95% t-intervals and "
+            "computed verdicts:",
+            "",
+            "| partition | gap | seeds | mean (points) | 95% CI | verdict |",
+            "|---|---|---:|---:|---|---|",
+        ]
+        for t in gaps:
             g = t["gap"]
-            if g.n < 2:
-                continue
             lines.append(
                 f"| {t['partition']} | {t['arm']} - {t['reference']} | {g.n} | "
                 f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} |"
             )
         lines.append("")
+    elif tuned_lrs(rows, task) is not None:
+        lines += ["Paired gaps: none yet (each needs 2 seeds of both of its arms).", ""]
     lines += ablation_tables(rows, task, sub)
+    lines += compute_table(rows, task)
     return lines
+
+
+def compute_table(rows: list[dict[str, Any]], task: str) -> list[str]:
+    """What each stage of `task` has cost so far, and where: runs, their recorded CPU-hours
+    (the training loop with its evaluations, one thread), the wall-hours of runs from before
+    CPU time was recorded, and the machines. Runs read off a curve run cost nothing."""
+    ran = [r for r in rows if r["task"] == task and not r.get("derived_from")]
+    if not ran:
+        return []
+    lines = [
+        "Compute so far (one thread a run; CPU time of the loop with its evaluations, where "
+        "recorded; else the run's wall clock, pauses included):",
+        "",
+        "| stage | runs | CPU hours | wall hours (runs without CPU time) | machines |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for stage in ("curve", "tune", "main", "ablation"):
+        mine = [r for r in ran if r["stage"] == stage]
+        if not mine:
+            continue
+        cpu = [_cpu(r["curve"][-1]) if r.get("curve") else None for r in mine]
+        wall = [r.get("wall_seconds") or 0.0 for r, c in zip(mine, cpu, strict=True) if not c]
+        names = [(r.get("machine") or "not recorded").split(",")[0] for r in mine]
+        where = ", ".join(f"{m} ({names.count(m)})" for m in sorted(set(names)))
+        lines.append(
+            f"| {stage} | {len(mine)} | {sum(c for c in cpu if c) / 3600:.1f} | "
+            f"{sum(wall) / 3600:.1f} | {where} |"
+        )
+    return [*lines, ""]
 
 
 def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:

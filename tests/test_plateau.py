@@ -707,3 +707,24 @@ def test_run_stage_fills_its_wait_and_sleeps_only_when_there_is_nothing_to_fill(
     monkeypatch.setattr(pl.time, "sleep", lambda s: sleeps.append(s))
     assert pl.run_stage([cell], out, path, poll_s=7.0, filler=filler) == []
     assert fills == [0, 0, 1] and sleeps == [7.0]
+
+
+def test_the_report_says_what_each_stage_cost_and_on_which_machines(pl):
+    """Per stage: runs made (not those read off a curve), recorded CPU-hours, the wall-hours of
+    runs without CPU time, and the machines with their run counts."""
+    amd, intel = "AMD EPYC, 2 cores, Linux x86_64, 1 thread", "Intel Xeon, 2 cores, 1 thread"
+    pts = [[36, 144, 0.8, 100.0, 0.0]]
+    rows = [
+        dict(task="binary", stage="curve", curve=pts, wall_seconds=7200.0, machine=amd),
+        dict(task="binary", stage="tune", curve=[[*pts[0], 1800.0]], wall_seconds=1.0,
+             machine=amd),
+        dict(task="binary", stage="tune", curve=[[*pts[0], 5400.0]], wall_seconds=1.0,
+             machine=intel),
+        dict(task="binary", stage="tune", curve=pts, derived_from="curve-0.05"),  # not run
+        dict(task="3class", stage="main", curve=[[*pts[0], 3600.0]], machine=intel),
+    ]  # fmt: skip
+    lines = pl.compute_table(rows, "binary")
+    assert "| curve | 1 | 0.0 | 2.0 | AMD EPYC (1) |" in lines
+    assert "| tune | 2 | 2.0 | 0.0 | AMD EPYC (1), Intel Xeon (1) |" in lines
+    assert not any(x.startswith("| main") for x in lines)  # the other task's run is not here
+    assert pl.compute_table(rows, "nothing") == []
