@@ -14,6 +14,7 @@ from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
 from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
 from declora.tasks.evaluate import Evaluator
+from declora.tasks.metrics import classification_metrics
 from tests.conftest import synthetic_examples, tiny_bert
 
 N_PEERS = 4
@@ -398,3 +399,42 @@ def test_bad_masks_and_factors_are_rejected(tokenizer, task):
         eng.train_step(_peer_batches(tokenizer, 0), active=[1, 0, 1, 1])
     with pytest.raises(ValueError, match="unknown LoRA factor"):
         eng.set_trainable({"lora_C"})
+
+
+@pytest.mark.parametrize("engine_class", [BatchedEngine, ReferenceEngine])
+def test_peers_holding_the_same_adapters_are_run_once_with_the_same_scores(
+    engine_class, tokenizer, task, monkeypatch
+):
+    """FedAvg's peers hold one model after each average: the peers' evaluation runs the first
+    peer only and gives every peer the scores a run of each would. Peers that differ (here in
+    one tensor of one peer) are each run."""
+    model = tiny_bert()
+    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
+    init = initial_state(model, spec, seed=0)
+    examples = synthetic_examples(tokenizer, 60)
+    eng = engine_class(model, spec, N_PEERS, init, task, lr=5e-2)
+    eng.train_step([examples[i * 5 : (i + 1) * 5] for i in range(N_PEERS)])
+    first = {k: v[:1].expand_as(v).clone() for k, v in eng.stacked().items()}
+    eng.load_stacked(first)  # every peer: peer 0's trained adapters
+    ev = Evaluator(synthetic_examples(tokenizer, 40, seed=5), 3, batch_size=16)
+    asked = []
+    run_peers = engine_class.outputs_all_peers
+
+    def spy(self, batch, peers=None):
+        asked.append(peers)
+        return run_peers(self, batch, peers)
+
+    monkeypatch.setattr(engine_class, "outputs_all_peers", spy)
+    once = ev.peers(eng)
+    assert set(asked) == {1}
+    every = [
+        classification_metrics(p, ev._labels(ev.peer_idx), 3)
+        for p in torch.cat([run_peers(eng, b) for b in ev._batches(ev.peer_idx, 16 // N_PEERS)], 1)
+        .argmax(-1)
+        .numpy()
+    ]
+    assert once == every and len(once) == N_PEERS
+    lora_a = next(k for k in first if k.endswith("lora_A"))
+    eng.load_stacked({lora_a: first[lora_a] + torch.eye(N_PEERS)[:, 2].reshape(-1, 1, 1)})
+    asked.clear()
+    assert len(ev.peers(eng)) == N_PEERS and set(asked) == {None}

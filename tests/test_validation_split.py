@@ -67,8 +67,8 @@ class _Engine:
         pos = (values["w"].reshape(()) > t).float()
         return torch.stack([1 - pos, pos], dim=1)
 
-    def outputs_all_peers(self, batch):
-        return torch.stack([self.outputs_single({"w": w}, batch) for w in self.w])
+    def outputs_all_peers(self, batch, peers=None):
+        return torch.stack([self.outputs_single({"w": w}, batch) for w in self.w[:peers]])
 
 
 def _examples(thresholds, labels):

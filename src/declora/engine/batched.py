@@ -177,9 +177,9 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
         for layer in self.layers:
             layer.peers = peers
 
-    def _chunks(self) -> list[tuple[int, int]]:
-        c = self.peer_chunk
-        return [(lo, min(lo + c, self.n)) for lo in range(0, self.n, c)]
+    def _chunks(self, upto: int | None = None) -> list[tuple[int, int]]:
+        c, n = self.peer_chunk, min(self.n, upto or self.n)
+        return [(lo, min(lo + c, n)) for lo in range(0, n, c)]
 
     def set_trainable(self, factors: Iterable[str]) -> None:
         """Only these LoRA factors ('lora_A', 'lora_B') and the head get gradients from now on.
@@ -493,12 +493,15 @@ class BatchedEngine(SingleAdapterOutputs, TrainingState):
                 layer.single = None
 
     @torch.inference_mode()
-    def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
-        """Each peer's own model on the same examples: [n, len(examples), ...]."""
+    def outputs_all_peers(
+        self, examples: Sequence[Example], peers: int | None = None
+    ) -> torch.Tensor:
+        """Each peer's own model on the same examples: [n, len(examples), ...]; with `peers`,
+        only the first `peers` of them."""
         self.model.eval()
         out = []
         try:
-            for lo, hi in self._chunks():
+            for lo, hi in self._chunks(peers):
                 self._select(slice(lo, hi))
                 batch = self.task.collate(list(examples) * (hi - lo))
                 res = self.task.outputs(self.model, batch)

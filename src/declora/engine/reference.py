@@ -279,11 +279,13 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
                     self.peer_params[0][k].copy_(v)
 
     @torch.inference_mode()
-    def outputs_all_peers(self, examples: Sequence[Example]) -> torch.Tensor:
+    def outputs_all_peers(
+        self, examples: Sequence[Example], peers: int | None = None
+    ) -> torch.Tensor:
         self.model.eval()
         batch = self.task.collate(examples)
         out = []
-        for i in range(self.n):
+        for i in range(min(self.n, peers or self.n)):
             self.model.set_adapter(peer_name(i))
             out.append(self.task.outputs(self.model, batch))
         return torch.stack(out)

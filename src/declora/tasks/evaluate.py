@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from declora.engine.round_loop import Engine
 
 
+def peers_outputs(engine: Engine, batches: Sequence[Sequence[Example]]) -> torch.Tensor:
+    """Each peer's own model on `batches`, concatenated over examples: [n, examples, ...].
+
+    Where every peer holds the same adapters (FedAvg after its exact average), the first peer
+    alone is run and its outputs stand for all: n times less work for the same model. Outputs
+    can differ from a run of every peer only in float rounding (other batch shapes)."""
+    same = engine.n > 1 and all(
+        bool(torch.equal(v, v[:1].expand_as(v))) for v in engine.stacked().values()
+    )
+    out = torch.cat([engine.outputs_all_peers(b, peers=1 if same else None) for b in batches], 1)
+    return out.expand(engine.n, *out.shape[1:]) if same else out
+
+
 class Evaluator:
     """Held-out classification metrics of the averaged model and of each peer's own model."""
 
@@ -78,8 +91,8 @@ class Evaluator:
 
     def peers(self, engine: Engine) -> list[dict[str, float]]:
         size = max(1, self.batch_size // max(1, min(engine.n, 8)))
-        logits = [engine.outputs_all_peers(b) for b in self._batches(self.peer_idx, size)]
-        preds = torch.cat(logits, dim=1).argmax(-1).numpy()
+        logits = peers_outputs(engine, self._batches(self.peer_idx, size))
+        preds = logits.argmax(-1).numpy()
         labels = self._labels(self.peer_idx)
         out = [
             classification_metrics(p, labels, self.num_classes, binary_f1=self.binary_f1)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from declora.model.adapters import average
+from declora.tasks.evaluate import peers_outputs
 from declora.tasks.task import CausalLMTask, Example
 
 if TYPE_CHECKING:
@@ -109,9 +110,7 @@ class LMEvaluator:
 
     def peers(self, engine: Engine) -> list[dict[str, float]]:
         size = max(1, self.batch_size // max(1, min(engine.n, 8)))
-        out = torch.cat(
-            [engine.outputs_all_peers(b) for b in self._batches(self.peer_idx, size)], dim=1
-        )
+        out = peers_outputs(engine, self._batches(self.peer_idx, size))
         return [
             {
                 k: v
