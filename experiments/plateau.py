@@ -1075,9 +1075,9 @@ def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
         f"(centralized's best, mean of its {len(central)} seed(s), minus "
         f"{TTA_BELOW_POINTS:g} points); medians over the seeds that reach it. Seconds are the "
         f"runs' own CPU time at one thread{on} (evaluations included; pauses and the other "
-        "lane's load left out); where an arm has no such run, seed 0's, marked (wall) for its "
-        "wall clock on the shared machine, pauses included (runs from before CPU time was "
-        "recorded), or (other machine).",
+        "lane's load left out); where an arm has no such run, its lowest seed's, marked (wall) "
+        "for its wall clock on the shared machine, pauses included (runs from before CPU time "
+        "was recorded), or (other machine).",
         "",
         "| arm | seeds reaching it | round | examples | bytes sent (all peers) | seconds |",
         "|---|---:|---:|---:|---:|---:|",
