@@ -254,3 +254,21 @@ def netns_hosts():
     yield make
     for hosts in made:
         hosts.close()
+
+
+def assert_equal_up_to_a_level(
+    a: torch.Tensor, b: torch.Tensor, *, bits: int, atol: float = 1e-5, msg: str = ""
+) -> None:
+    """One run made two ways (simulation and real peers) with `bits`-bit gossip. Their float
+    rounding differs (batched against per-process arithmetic), and a value that sits on a
+    quantization boundary can land one level apart (seen once: 1 of 256 values, in the two-host
+    test on an Intel Xeon with AVX-512). So: at most 1% of the elements (at least one) beyond
+    `atol`, and none beyond one level of the tensor's whole range (a bound on any block's
+    level). A wrong scale, a missing error feedback or a misrouted message moves far more."""
+    diff = (a.float() - b.float()).abs()
+    far = int((diff > atol).sum())
+    assert far <= max(1, 0.01 * diff.numel()), f"{msg}: {far} of {diff.numel()} beyond {atol}"
+    span = max(float(a.max() - a.min()), float(b.max() - b.min()))
+    level = span / (2**bits - 1)
+    worst = float(diff.max())
+    assert worst <= level + atol, f"{msg}: {worst:.3g} beyond one {bits}-bit level ({level:.3g})"

@@ -295,3 +295,18 @@ def test_one_bit_settings_that_cannot_work_are_refused():
         load_config(None, ["comm.bits=4", "comm.rounding=sign"])
     ok = load_config(None, ["comm.bits=1", "comm.rounding=sign", "comm.error_feedback=true"])
     assert ok.comm.rounding == "sign"
+
+
+def test_the_real_peer_checks_allow_one_4bit_level_on_a_boundary_and_nothing_more():
+    """`assert_equal_up_to_a_level` (the simulation-vs-real-peer checks of quantized gossip)
+    lets one value land a level apart, and refuses a scale error or several moved values."""
+    from tests.conftest import assert_equal_up_to_a_level
+
+    a = torch.linspace(-0.1, 0.1, 256)
+    flipped = a.clone()
+    flipped[10] += 0.2 / 15  # one 4-bit level of the tensor's range
+    assert_equal_up_to_a_level(a, flipped, bits=4)
+    with pytest.raises(AssertionError, match="beyond one 4-bit level"):
+        assert_equal_up_to_a_level(a, a.clone().index_fill_(0, torch.tensor([3]), 0.5), bits=4)
+    with pytest.raises(AssertionError, match="of 256 beyond"):
+        assert_equal_up_to_a_level(a, a * 1.01, bits=4)  # a scale error moves nearly all

@@ -23,7 +23,7 @@ from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
 from declora.network.topology import build_topology
-from tests.conftest import run_in_process, write_ring_job
+from tests.conftest import assert_equal_up_to_a_level, run_in_process, write_ring_job
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
 
@@ -151,7 +151,10 @@ def test_four_processes_give_the_simulations_adapters(runs, name):
     for a, b in zip(_peer_adapters(sim), _peer_adapters(distributed), strict=True):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+            if name.startswith("q4"):  # a value on a 4-bit boundary may land a level apart
+                assert_equal_up_to_a_level(a[k], b[k], bits=4, msg=k)
+            else:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     ms = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
     md = [json.loads(x) for x in (distributed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in ms] == [r["round"] for r in md] == [2, 4, 6]
