@@ -471,7 +471,7 @@ SLOW_CASES = {"gaussian+trimmed-mean"}
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in sorted(CASES)],
 )
 def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, tmp_path, name):
-    from tests.test_distributed_algorithms import assert_same_adapters
+    from tests.test_distributed_algorithms import assert_same_adapters, gossip_bits
 
     sets = ["faults.byzantine=[2]", *CASES[name]]
     args = ["--quiet", "--config", str(job / "job.yaml")]
@@ -483,7 +483,7 @@ def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, t
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli("launch", "--peers", str(PEERS), "--", *args, "--out", str(dist), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_adapters(sim, dist)
+    assert_same_adapters(sim, dist, bits=gossip_bits(CASES[name]))
     last = json.loads((sim / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["robust_flagged_share"] > 0  # a neighbour cut off counts as flagged too
     flagged = {k for k, v in last["robust_flags"].items() if v}
