@@ -728,3 +728,40 @@ def test_the_report_says_what_each_stage_cost_and_on_which_machines(pl):
     assert "| tune | 2 | 2.0 | 0.0 | AMD EPYC (1), Intel Xeon (1) |" in lines
     assert not any(x.startswith("| main") for x in lines)  # the other task's run is not here
     assert pl.compute_table(rows, "nothing") == []
+
+
+def test_the_3class_curve_stage_fills_its_wait_with_binary_seeds(pl, tmp_path, monkeypatch):
+    """The wiring in `_run`: with the last 3-class curve held by another process, this one runs
+    binary seeds (the first ready ones, in order) until that curve's row lands, never the held
+    curve itself, and never sleeps while there is work."""
+    import declora.reporting.rundir as rd
+    import declora.runners.sweep as sweep
+
+    monkeypatch.setattr(pl, "train_size", lambda task: 14_371)
+    rows = _tuned_rows(pl, "binary")
+    curves = pl.curve_cells("3class", 14_371)
+    rows += [dict(_curve_row(c.lr, 36), task="3class", cell=c.cell().name) for c in curves[:-1]]
+    path, out = tmp_path / "runs.jsonl", tmp_path / "out"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = out / "3class" / "cells" / curves[-1].cell().name
+    held.mkdir(parents=True)
+    state = {"held": True}
+    ran: list[tuple[str, str]] = []
+
+    def fake_run_cell(cell, base, base_sets, job_out, threads):
+        ran.append((job_out.name, cell.name))
+        if len(ran) == 2:  # the other process finishes the held curve meanwhile
+            last = curves[-1]
+            pl.append_row(path, dict(_curve_row(last.lr, 36), task="3class", cell=last.cell().name))
+            state["held"] = False
+        return cell, 0, ""
+
+    monkeypatch.setattr(rd, "busy", lambda f: "pid 1" if state["held"] and f == held else None)
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    monkeypatch.setattr(sweep, "cell_status", lambda folder: None)  # no run finishes here
+    monkeypatch.setattr(pl.time, "sleep", lambda s: pytest.fail("slept while work was ready"))
+    pl._run("3class", "curve", out, path)
+    ready = {c.cell().name: (i, c.stage) for i, c in enumerate(pl.filler_cells("3class", rows))}
+    assert [job for job, _ in ran] == ["binary", "binary"]
+    assert [ready[name][1] for _, name in ran] == ["main", "main"]
+    assert ready[ran[0][1]][0] < ready[ran[1][1]][0]  # in the plan's order
