@@ -765,3 +765,14 @@ def test_the_3class_curve_stage_fills_its_wait_with_binary_seeds(pl, tmp_path, m
     assert [job for job, _ in ran] == ["binary", "binary"]
     assert [ready[name][1] for _, name in ran] == ["main", "main"]
     assert ready[ran[0][1]][0] < ready[ran[1][1]][0]  # in the plan's order
+
+
+def test_the_ablations_run_on_the_binary_task_only(pl):
+    """The issue asks for both tasks in the main table only: no 3-class ablation is planned,
+    run as filler or counted in the hours still to run."""
+    lrs = {k: "0.05" for k in pl.arm_settings()}
+    assert pl.ablation_cells("3class", 750, 75, lrs) == []
+    assert len(pl.ablation_cells("binary", 612, 36, lrs)) == 60
+    text = pl.plan_text("3class", 30_166, 20.0, 10.0)
+    assert "  ablations: none (they run on binary only)" in text
+    assert "total: 54 runs" in text  # curves 5, tuning 21, seeds 28
