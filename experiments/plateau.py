@@ -1182,10 +1182,12 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
         if not arms:
             break
         ax = axes[0][i + 1]
-        for label, r in arms:
+        for k, (label, r) in enumerate(arms):  # one colour per arm in every panel
             pts = [(pick(p), p[2]) for p in r["curve"] if pick(p) is not None]
+            if i == 1 and not any(x for x, _ in pts):
+                continue  # sends nothing (centralized, local-only): no bytes curve
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=label)
+                ax.plot(*zip(*pts, strict=True), label=label, color=f"C{k}")
         ax.set_xlabel(xlabel)
         ax.set_title("each arm at its tuned LR, seed 0")
         if i == 0:

@@ -776,3 +776,32 @@ def test_the_ablations_run_on_the_binary_task_only(pl):
     text = pl.plan_text("3class", 30_166, 20.0, 10.0)
     assert "  ablations: none (they run on binary only)" in text
     assert "total: 54 runs" in text  # curves 5, tuning 21, seeds 28
+
+
+def test_the_time_to_accuracy_plot_keeps_one_colour_per_arm_in_every_panel(
+    pl, tmp_path, monkeypatch
+):
+    """The bytes panel leaves out the arms that send nothing; the others keep their colour
+    (before, leaving centralized out shifted every colour of that panel)."""
+    import matplotlib.pyplot as plt
+
+    rows = _tuned_rows(pl, "binary")
+    budget = pl.budget_of(rows, "binary")[0]
+    lrs = pl.tuned_lrs(rows, "binary")
+    for (arm, part), lr in lrs.items():
+        sends = arm not in ("centralized", "local-only")
+        pts = [[36 * i, 144 * i, 0.8, 10.0 * i, 1e6 * i if sends else 0.0, 5.0 * i]
+               for i in range(1, 4)]  # fmt: skip
+        for r in rows:
+            if (r["arm"], r.get("partition"), r["lr"], r.get("rounds")) == (arm, part, lr, budget):
+                r["curve"] = pts
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert pl.plot_curves(rows, "binary", tmp_path / "plot.png")
+    (fig,) = figures
+    colours = [{ln.get_label(): ln.get_color() for ln in ax.get_lines()} for ax in fig.axes[1:]]
+    examples, sent, seconds = colours
+    assert examples == seconds and len(examples) == len(pl.arm_settings())
+    assert set(sent) == {"dec-lora-ring (iid)", "dec-lora-ring (dir0.5)", "fedavg (iid)",
+                         "fedavg (dir0.5)"}  # fmt: skip
+    assert all(sent[k] == examples[k] for k in sent)
