@@ -647,20 +647,20 @@ def filler_cells(task: str, rows: list[dict[str, Any]]) -> list[PlannedCell]:
     return cells
 
 
-def run_next(cells: Sequence[PlannedCell], out: Path, rows_path: Path, tried: set[str]) -> bool:
+def run_next(
+    cells: Sequence[PlannedCell], out: Path, rows_path: Path, tried: set[tuple[str, str]]
+) -> bool:
     """Run the first of `cells` with no row, not held by another process and not tried by this
     one yet (a failed cell is not retried in a loop). False if there is none."""
     from declora.reporting.rundir import busy
 
     done = {row_key(r) for r in read_rows(rows_path)}
     for pc in cells:
-        name = pc.cell().name
-        folder = out / pc.task / "cells" / name
-        if (pc.task, name) in done or f"{pc.task}/{name}" in tried:
+        key = (pc.task, pc.cell().name)  # as `row_key` has it
+        folder = out / pc.task / "cells" / key[1]
+        if key in done or key in tried or (folder.is_dir() and busy(folder) is not None):
             continue
-        if folder.is_dir() and busy(folder) is not None:
-            continue
-        tried.add(f"{pc.task}/{name}")
+        tried.add(key)
         run_stage([pc], out, rows_path, wait=False)
         return True
     return False
@@ -1120,18 +1120,21 @@ def _first_at(curve: list[list[Any]], target: float) -> list[Any] | None:
 
 
 def _cpu(point: list[Any]) -> float | None:
+    """A curve point's CPU seconds; None for runs from before CPU time was recorded."""
     return point[5] if len(point) > 5 and point[5] else None
 
 
 def _seconds(point: list[Any]) -> str:
     """A curve point's seconds: CPU time where the run recorded it, else wall clock, marked."""
-    if len(point) > 5 and point[5] is not None:
-        return f"{point[5]:,.0f}"
+    cpu = _cpu(point)
+    if cpu is not None:
+        return f"{cpu:,.0f}"
     return "" if point[3] is None else f"{point[3]:,.0f} (wall)"
 
 
 def _plot_seconds(point: list[Any]) -> float | None:
-    return point[5] if len(point) > 5 and point[5] is not None else point[3]
+    cpu = _cpu(point)
+    return point[3] if cpu is None else cpu
 
 
 def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
@@ -1224,12 +1227,12 @@ def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None,
 
     def timed(r: dict[str, Any]) -> bool:
         return bool(
-            r.get("ablation") is None and r.get("curve") and len(r["curve"][-1]) > 5
-            and r["curve"][-1][5] and not r.get("derived_from")
+            r.get("ablation") is None and r.get("curve") and _cpu(r["curve"][-1])
+            and not r.get("derived_from")
         )  # fmt: skip
 
     def speed(rs: list[dict[str, Any]]) -> float | None:
-        pairs = [(r["rounds"] * PEERS * BATCH, r["curve"][-1][5]) for r in rs if timed(r)]
+        pairs = [(r["rounds"] * PEERS * BATCH, _cpu(r["curve"][-1])) for r in rs if timed(r)]
         return sum(e for e, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
     newest = max((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "", default=None)
@@ -1359,7 +1362,7 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
     size = train_size(task)
     every = eval_every(size)
     failed: list[str] = []
-    tried: set[str] = set()
+    tried: set[tuple[str, str]] = set()
 
     def filler() -> bool:
         """One run of another task's ready work (`filler_cells`), instead of idling."""

@@ -673,11 +673,11 @@ def test_a_lane_waiting_on_a_held_run_does_the_other_tasks_ready_work(pl, tmp_pa
 
     monkeypatch.setattr(rd, "busy", lambda folder: "pid 1" if folder == held_folder else None)
     monkeypatch.setattr(pl, "run_stage", fake_run_stage)
-    tried: set[str] = set()
+    tried: set[tuple[str, str]] = set()
     assert pl.run_next(ready, out, path, tried)
     assert pl.run_next(ready, out, path, tried)
     assert ran == [ready[2].cell().name, ready[3].cell().name]  # not the done one, not the held
-    tried |= {f"binary/{c.cell().name}" for c in ready}
+    tried |= {("binary", c.cell().name) for c in ready}
     assert not pl.run_next(ready, out, path, tried) and len(ran) == 2  # all tried: none again
 
 
