@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -254,6 +256,11 @@ def netns_hosts():
     yield make
     for hosts in made:
         hosts.close()
+
+
+def gossip_bits(sets: Sequence[str]) -> int | None:
+    """The `comm.bits` a case's overrides set (None: full precision)."""
+    return next((int(s.split("=", 1)[1]) for s in sets if s.startswith("comm.bits=")), None)
 
 
 def assert_equal_up_to_a_level(

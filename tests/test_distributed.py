@@ -23,7 +23,12 @@ from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
 from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
 from declora.network.topology import build_topology
-from tests.conftest import assert_equal_up_to_a_level, run_in_process, write_ring_job
+from tests.conftest import (
+    assert_equal_up_to_a_level,
+    gossip_bits,
+    run_in_process,
+    write_ring_job,
+)
 from tests.dist_workers import SETTINGS, _gossip_worker, _silent_worker, _values
 
 
@@ -119,6 +124,14 @@ def _launch(job: Path, out: Path, *sets: str, env: dict | None = None, restarts:
     return _cli(*args, env=env)
 
 
+Q4 = ["comm.bits=4", "comm.error_feedback=true"]
+RUN_SETTINGS = {  # 4-bit synchronous runs with the momentum buffers gossiped too
+    "fp32": [],
+    "q4-momentum": [*Q4, "comm.mix_momentum=true"],
+    "q4-overlap": [*Q4, "comm.overlap=true"],
+}
+
+
 @pytest.fixture(scope="module")
 def runs(job, tmp_path_factory):
     """Simulation and 4-process runs of the same job: fp32; 4-bit with error feedback,
@@ -126,13 +139,7 @@ def runs(job, tmp_path_factory):
     (comm.overlap: the exchange runs in a thread during compute)."""
     base = tmp_path_factory.mktemp("distruns")
     out = {}
-    q4 = ["comm.bits=4", "comm.error_feedback=true"]
-    settings = {  # 4-bit synchronous runs with the momentum buffers gossiped too
-        "fp32": [],
-        "q4-momentum": [*q4, "comm.mix_momentum=true"],
-        "q4-overlap": [*q4, "comm.overlap=true"],
-    }
-    for name, sets in settings.items():
+    for name, sets in RUN_SETTINGS.items():
         sim = base / f"sim-{name}"
         args = ["run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(sim)]
         for s in sets:
@@ -151,8 +158,9 @@ def test_four_processes_give_the_simulations_adapters(runs, name):
     for a, b in zip(_peer_adapters(sim), _peer_adapters(distributed), strict=True):
         assert a.keys() == b.keys()
         for k in a:
-            if name.startswith("q4"):  # a value on a 4-bit boundary may land a level apart
-                assert_equal_up_to_a_level(a[k], b[k], bits=4, msg=k)
+            bits = gossip_bits(RUN_SETTINGS[name])
+            if bits is not None:  # a value on a level boundary may land a level apart
+                assert_equal_up_to_a_level(a[k], b[k], bits=bits, msg=k)
             else:
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     ms = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]

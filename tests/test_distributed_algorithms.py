@@ -4,7 +4,6 @@ per peer through `declora launch`) and ends equal to the simulation of the same 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import assert_equal_up_to_a_level, run_cli, run_in_process, write_tiny_job
+from tests.conftest import (
+    assert_equal_up_to_a_level,
+    gossip_bits,
+    run_cli,
+    run_in_process,
+    write_tiny_job,
+)
 
 PEERS = 4
 EF4 = ["comm.bits=4", "comm.error_feedback=true"]
@@ -85,11 +90,6 @@ def simulate_and_launch(job: Path, base: Path, sets: list[str], env: dict | None
     res = run_cli("launch", "--peers", str(PEERS), "--", *_args(job, dist, sets), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return sim, dist
-
-
-def gossip_bits(sets: Sequence[str]) -> int | None:
-    """The `comm.bits` a case's overrides set (None: full precision)."""
-    return next((int(s.split("=", 1)[1]) for s in sets if s.startswith("comm.bits=")), None)
 
 
 def assert_same_adapters(

@@ -471,7 +471,8 @@ SLOW_CASES = {"gaussian+trimmed-mean"}
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in sorted(CASES)],
 )
 def test_an_attacker_and_a_robust_rule_on_real_peers_equal_the_simulation(job, tmp_path, name):
-    from tests.test_distributed_algorithms import assert_same_adapters, gossip_bits
+    from tests.conftest import gossip_bits
+    from tests.test_distributed_algorithms import assert_same_adapters
 
     sets = ["faults.byzantine=[2]", *CASES[name]]
     args = ["--quiet", "--config", str(job / "job.yaml")]
