@@ -873,21 +873,34 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
             "Paired gaps (test accuracy points, seed by seed) with their 95% t-intervals and "
             "computed verdicts:",
             "",
-            "| partition | gap | seeds | mean (points) | 95% CI | verdict |",
-            "|---|---|---:|---:|---|---|",
+            "| partition | gap | seeds | mean (points) | 95% CI | verdict | interval excludes 0 |",
+            "|---|---|---:|---:|---|---|---|",
         ]
         for t in gaps:
             g = t["gap"]
             lines.append(
                 f"| {t['partition']} | {t['arm']} - {t['reference']} | {g.n} | "
-                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} |"
+                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} | "
+                f"{_excludes_zero(g.low, g.high)} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "An interval can lie inside the margin and exclude 0 at once: the verdict is then "
+            '"equivalent" (the question the claim asks), and the last column says on which '
+            "side of 0 it lies.",
+            "",
+        ]
     elif tuned_lrs(rows, task) is not None:
         lines += ["Paired gaps: none yet (each needs 2 seeds of both of its arms).", ""]
     lines += ablation_tables(rows, task, sub)
     lines += compute_table(rows, task)
     return lines
+
+
+def _excludes_zero(low: float, high: float) -> str:
+    """Whether a gap's interval lies wholly above or below 0 (a verdict of "equivalent" can
+    hide it)."""
+    return "yes, above" if low > 0 else "yes, below" if high < 0 else "no"
 
 
 def compute_table(rows: list[dict[str, Any]], task: str) -> list[str]:

@@ -223,7 +223,12 @@ def test_main_table_from_rows(pl):
     assert by[("iid", "dec-lora-ring", "centralized")].verdict == "worse"
     assert by[("iid", "dec-lora-ring", "centralized")].mean == pytest.approx(-3.0)
     assert by[("dir0.5", "dec-lora-ring", "fedavg")].verdict == "equivalent"
-    assert "verdict" in pl.report(rows)
+    text = pl.report(rows)
+    assert "| iid | dec-lora-ring - centralized | 5 | -3.00 |" in text
+    gap_lines = {x.split(" | ")[1]: x for x in text.splitlines() if x.startswith("| dir0.5 | ")}
+    assert gap_lines["dec-lora-ring - centralized"].endswith("| worse | yes, below |")
+    assert gap_lines["dec-lora-ring - fedavg"].endswith("| equivalent | no |")
+    assert pl._excludes_zero(0.05, 0.58) == "yes, above"  # equivalent, and above 0
     # time to accuracy: CPU seconds where a run recorded them, its wall clock (marked) if not
     for r in rows:
         if r["stage"] == "tune":
