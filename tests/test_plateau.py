@@ -229,6 +229,14 @@ def test_main_table_from_rows(pl):
     assert gap_lines["dec-lora-ring - centralized"].endswith("| worse | yes, below |")
     assert gap_lines["dec-lora-ring - fedavg"].endswith("| equivalent | no |")
     assert pl._excludes_zero(0.05, 0.58) == "yes, above"  # equivalent, and above 0
+    # the main table leads the report: both tasks, each arm's score and its gap to centralized
+    head = text.split("## The main table")[1].split("Progress")[0].split("\n## ")[0]
+    by_arm = {x.split(" | ")[1]: x for x in head.splitlines() if x.startswith("| binary | ")}
+    assert by_arm["centralized"].startswith("| binary | centralized | 0.1 | 5 | 0.852 ± 0.002 |")
+    assert "| 0.822 ± 0.002 | 0.822 ± 0.002 | -3.00 |" in by_arm["fedavg (iid)"]
+    assert by_arm["fedavg (iid)"].endswith("| worse |")
+    assert "| 3class | not yet: waiting for its learning curves |" in head
+    assert text.index("## The main table") < text.index("Learning curves")
     # time to accuracy: CPU seconds where a run recorded them, its wall clock (marked) if not
     for r in rows:
         if r["stage"] == "tune":
