@@ -1051,8 +1051,8 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
     seeds so far, and for the peer arms the mean of the peers' own models), and its paired gap
     to centralized LoRA with the computed verdict. A task still before its tuning says so."""
     lines = [
-        "| task | arm | lr | seeds | test accuracy (mean ± std) | each peer's own model | "
-        "gap to centralized (points) | 95% CI | verdict |",
+        "| task | arm | lr | seeds | test accuracy (mean ± std) | "
+        "each peer's own model (final round) | gap to centralized (points) | 95% CI | verdict |",
         "|---|---|---:|---:|---|---|---:|---|---|",
     ]
 
@@ -1239,7 +1239,8 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
 
 
 def write_docs(rows: list[dict[str, Any]]) -> None:
-    """The report into docs/results.md (between the `plateau-report` markers) and the plots."""
+    """The report into docs/results.md (between the `plateau-report` markers), the plots, and
+    the main table into the README and the results overview (`plateau-main`)."""
     from declora.reporting.generated import write_between
 
     body = report(rows, top="##", progress=True).split("\n", 2)[2]  # the page has its own title
@@ -1249,6 +1250,17 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
         if plot_curves(rows, task, out):
             pics.append(f"![{task}: learning curves and time to accuracy](img/{out.name})")
     write_between([ROOT / "docs" / "results.md"], "plateau-report", "\n\n".join([body, *pics]))
+    # the main table alone, on the front pages (README, the results overview)
+    head = [
+        f"Test accuracy of the best-validation round; gaps paired by seed, 95% t-intervals, "
+        f"verdicts computed against the {MARGIN_POINTS:g}-point margin declared before the runs "
+        "(equivalent: interval inside it; better/worse: interval excludes 0; else "
+        "inconclusive). Local-only: the mean of its peers' own models.",
+        "",
+        *main_table_text(rows),
+    ]
+    pages = [ROOT / "README.md", ROOT / "docs" / "results" / "overview.md"]
+    write_between(pages, "plateau-main", "\n".join(head))
 
 
 # ---------------------------------------------------------------- compute plan
