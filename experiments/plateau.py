@@ -1240,7 +1240,8 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
 
 def write_docs(rows: list[dict[str, Any]]) -> None:
     """The report into docs/results.md (between the `plateau-report` markers), the plots, and
-    the main table into the README and the results overview (`plateau-main`)."""
+    the main table into the README, the site's home page and the results overview
+    (`plateau-main`)."""
     from declora.reporting.generated import write_between
 
     body = report(rows, top="##", progress=True).split("\n", 2)[2]  # the page has its own title
@@ -1250,7 +1251,7 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
         if plot_curves(rows, task, out):
             pics.append(f"![{task}: learning curves and time to accuracy](img/{out.name})")
     write_between([ROOT / "docs" / "results.md"], "plateau-report", "\n\n".join([body, *pics]))
-    # the main table alone, on the front pages (README, the results overview)
+    # the main table alone, on the front pages (README, the site's home, the results overview)
     head = [
         f"Test accuracy of the best-validation round; gaps paired by seed, 95% t-intervals, "
         f"verdicts computed against the {MARGIN_POINTS:g}-point margin declared before the runs "
@@ -1259,7 +1260,11 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
         "",
         *main_table_text(rows),
     ]
-    pages = [ROOT / "README.md", ROOT / "docs" / "results" / "overview.md"]
+    pages = [
+        ROOT / "README.md",
+        ROOT / "docs" / "index.md",
+        ROOT / "docs" / "results" / "overview.md",
+    ]
     write_between(pages, "plateau-main", "\n".join(head))
 
 

@@ -821,23 +821,24 @@ def test_the_time_to_accuracy_plot_keeps_one_colour_per_arm_in_every_panel(
 
 
 def test_write_docs_puts_the_main_table_on_the_front_pages(pl, tmp_path, monkeypatch):
-    pages = [tmp_path / "README.md", tmp_path / "docs" / "results" / "overview.md"]
-    pages.append(tmp_path / "docs" / "results.md")
+    pages = [tmp_path / "README.md", tmp_path / "docs" / "index.md"]
+    pages += [tmp_path / "docs" / "results" / "overview.md", tmp_path / "docs" / "results.md"]
     for page in pages:
         page.parent.mkdir(parents=True, exist_ok=True)
         mark = "plateau-report" if page.name == "results.md" else "plateau-main"
         page.write_text(f"before\n<!-- {mark} -->\nold\n<!-- /{mark} -->\nafter\n")
     monkeypatch.setattr(pl, "ROOT", tmp_path)
     pl.write_docs([])
-    for page in pages[:2]:
+    for page in pages[:3]:
         text = page.read_text()
         assert text.startswith("before\n<!-- plateau-main -->\n") and text.endswith("after\n")
         assert "old" not in text and "| binary | not yet: waiting for its learning curves |" in text
 
 
 def test_the_front_pages_show_the_committed_rows(pl):
-    """README and the results overview carry the main table of the rows committed beside them
-    (`make results-docs` after every commit of rows)."""
+    """README, the site's home and the results overview carry the main table of the rows
+    committed beside them (`make results-docs` after every commit of rows)."""
     table = "\n".join(pl.main_table_text(pl.read_rows()))
-    for page in (ROOT / "README.md", ROOT / "docs" / "results" / "overview.md"):
+    docs = ROOT / "docs"
+    for page in (ROOT / "README.md", docs / "index.md", docs / "results" / "overview.md"):
         assert table.strip() in page.read_text(), f"{page.name}: run make results-docs"
