@@ -234,8 +234,8 @@ def test_resume_from_a_damaged_checkpoint_says_which_and_why(job, tmp_path):
 def test_checkpoints_of_older_versions_resume_and_other_configs_do_not(tmp_path):
     """The fingerprint covers the keys set to other than their defaults, so a key added later
     with a default that changes nothing keeps a run resumable; checkpoints written before the
-    change (the whole config, before comm.mix_momentum existed) are still accepted; a real
-    difference in the config is refused by both."""
+    change (the whole config, before comm.mix_momentum and comm.final_gossip existed) are still
+    accepted; a real difference in the config is refused by both."""
     from declora.config.schema import load_config
     from declora.engine.checkpoint import fingerprint_of
     from declora.runners.build import checkpointing
@@ -245,7 +245,8 @@ def test_checkpoints_of_older_versions_resume_and_other_configs_do_not(tmp_path)
     whole = cfg.model_dump(mode="json")
     whole["train"].pop("threads")
     assert mine.fingerprint == fingerprint_of([{"train": {"lr": 0.1}}, "dec-lora"])
-    del whole["comm"]["mix_momentum"]  # what a checkpoint of 2026-12-01 carries
+    for key in ("mix_momentum", "final_gossip"):  # what a checkpoint of 2026-12-01 carries
+        del whole["comm"][key]
     legacy = fingerprint_of([whole, "dec-lora"])
     assert mine.also_accepted == (legacy,)
     ckpt.save(tmp_path, 2, {"round": 2}, fingerprint=legacy, keep=1)

@@ -127,7 +127,8 @@ def _launch(job: Path, out: Path, *sets: str, env: dict | None = None, restarts:
 Q4 = ["comm.bits=4", "comm.error_feedback=true"]
 RUN_SETTINGS = {  # 4-bit synchronous runs with the momentum buffers gossiped too
     "fp32": [],
-    "q4-momentum": [*Q4, "comm.mix_momentum=true"],
+    # and 3 exchanges after the last round (comm.final_gossip)
+    "q4-momentum-final": [*Q4, "comm.mix_momentum=true", "comm.final_gossip=3"],
     "q4-overlap": [*Q4, "comm.overlap=true"],
 }
 
@@ -135,7 +136,8 @@ RUN_SETTINGS = {  # 4-bit synchronous runs with the momentum buffers gossiped to
 @pytest.fixture(scope="module")
 def runs(job, tmp_path_factory):
     """Simulation and 4-process runs of the same job: fp32; 4-bit with error feedback,
-    synchronous with the momentum buffers mixed too (comm.mix_momentum), and overlapped
+    synchronous with the momentum buffers mixed too (comm.mix_momentum) and 3 exchanges after
+    the last round (comm.final_gossip), and overlapped
     (comm.overlap: the exchange runs in a thread during compute)."""
     base = tmp_path_factory.mktemp("distruns")
     out = {}
@@ -152,7 +154,7 @@ def runs(job, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["fp32", "q4-momentum", "q4-overlap"])
+@pytest.mark.parametrize("name", ["fp32", "q4-momentum-final", "q4-overlap"])
 def test_four_processes_give_the_simulations_adapters(runs, name):
     sim, distributed = runs[name]
     for a, b in zip(_peer_adapters(sim), _peer_adapters(distributed), strict=True):

@@ -1,7 +1,8 @@
 """comm.mix_momentum: each peer's SGD momentum buffers are gossiped with the tensors they
 belong to (issue 15's momentum confound: an unmixed buffer keeps pushing a peer towards its own
 data after every mix). What is mixed, the two engines agreeing, bytes, exact resume and what is
-refused; real peers equal to the simulation are in test_distributed (the "q4-momentum" run)."""
+refused; real peers equal to the simulation are in test_distributed (the "q4-momentum-final"
+run)."""
 
 from __future__ import annotations
 

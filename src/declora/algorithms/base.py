@@ -140,6 +140,13 @@ class Algorithm:
             )
         if c.overlap:
             self._check_overlap(cfg)
+        if c.final_gossip and not self.gossips and name_is_main(cfg, self.name):
+            raise ConfigError(
+                f"comm.final_gossip is for gossip algorithms (dec-lora, ffa, fedsa, adf, decaf); "
+                f"algorithm.name={self.name} does not gossip (its peers already hold "
+                f"{'one average' if self.server_average else 'their own models'}); use "
+                "comm.final_gossip=0"
+            )
         if c.mix_momentum and self.gossips and self.mixing_rule != "average":
             raise ConfigError(
                 f"comm.mix_momentum needs a combine rule that averages factors; algorithm "
@@ -173,10 +180,21 @@ class Algorithm:
                 f"comm.overlap makes one exchange a round; comm.gossip_steps="
                 f"{cfg.comm.gossip_steps} is not supported with it (use 1)"
             )
+        if self.gossips and cfg.comm.final_gossip:
+            raise ConfigError(
+                f"comm.overlap makes one exchange a round; comm.final_gossip="
+                f"{cfg.comm.final_gossip} is not supported with it (use 0)"
+            )
 
     def gossip_steps(self) -> int:
         """Exchanges per round: `comm.gossip_steps` for gossip, one server average otherwise."""
         return self.cfg.comm.gossip_steps if self.gossips else 1
+
+    def final_gossip_steps(self) -> int:
+        """Exchanges after the last round's, with no training (`comm.final_gossip`): they
+        bring each peer's own model towards the average; none for algorithms that do not
+        gossip."""
+        return self.cfg.comm.final_gossip if self.gossips else 0
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name}>"

@@ -314,6 +314,14 @@ class CommConfig(_Section):
     gossip_steps: int = Field(
         1, ge=1, le=100, description="gossip exchanges per round (each costs its bytes)"
     )
+    final_gossip: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="gossip exchanges after the last round's, with no training between them, so "
+        "that each peer's own model nears the network average (each costs its bytes); gossip "
+        "algorithms only",
+    )
     overlap: bool = Field(
         False,
         description="gossip overlaps compute: a peer sends the value a round starts from and "

@@ -98,6 +98,7 @@ class LoopSettings:
     eval_peers: str = "final"  # evaluate each peer's own model: final, every, never
     lora_modules: tuple[str, ...] = ()  # for the consensus distance
     gossip_steps: int = 1  # exchanges per round
+    final_gossip_steps: int = 0  # more exchanges after the last round's, no training between
     lora_scale: float = 1.0  # s in s B A, for the consensus distance
     poisson: bool = False  # Poisson sampling of each step's batch (DP-SGD)
     ranks: tuple[int, ...] | None = None  # lora.ranks of this process's peers (bytes per peer)
@@ -112,6 +113,7 @@ class LoopSettings:
         lora_modules: tuple[str, ...] = (),
         gossip_steps: int = 1,
         lora_scale: float = 1.0,
+        final_gossip_steps: int = 0,
     ) -> LoopSettings:
         """From a RunConfig's `train` and `eval` sections (one peer evaluates no peers)."""
         return cls(
@@ -122,6 +124,7 @@ class LoopSettings:
             eval_peers=cfg.eval.peers if n_peers > 1 else "never",
             lora_modules=lora_modules,
             gossip_steps=gossip_steps,
+            final_gossip_steps=final_gossip_steps,
             lora_scale=lora_scale,
             poisson=cfg.privacy.on,
             mix_momentum=cfg.comm.mix_momentum,
@@ -366,7 +369,8 @@ def train(
         if plan.schedule is not None and not overlapped:  # this round's graph, online peers
             gossip.set_mixing(plan.mixing_at(t))
         sent_per_round = plan.messages_at(t)[local] * values_sent * BYTES_PER_VALUE
-        for _ in range(settings.gossip_steps):
+        exchanges = settings.gossip_steps + (settings.final_gossip_steps if t == rounds else 0)
+        for _ in range(exchanges):  # after the last round, comm.final_gossip more
             shared = gossip.mix(shared)
             measured = gossip.last_bytes
             bytes_sent += sent_per_round if measured is None else measured

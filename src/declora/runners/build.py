@@ -504,10 +504,11 @@ def _fingerprinted(dumped: dict[str, Any]) -> dict[str, Any]:
 
 def _legacy_fingerprinted(cfg: RunConfig) -> dict[str, Any]:
     """The whole configuration as declora fingerprinted it up to 2026-12-02, before
-    comm.mix_momentum existed: checkpoints written then still resume."""
+    comm.mix_momentum and comm.final_gossip existed: checkpoints written then still resume."""
     dumped = _fingerprinted(cfg.model_dump(mode="json"))
-    if not cfg.comm.mix_momentum:
-        dumped["comm"].pop("mix_momentum", None)
+    for key in ("mix_momentum", "final_gossip"):  # keys added since: absent at their default
+        if not getattr(cfg.comm, key):
+            dumped["comm"].pop(key, None)
     return dumped
 
 
@@ -567,6 +568,7 @@ def build_algorithm(
         n_peers=plan.n,
         lora_modules=prep.spec.lora_modules,
         gossip_steps=algorithm.gossip_steps(),
+        final_gossip_steps=algorithm.final_gossip_steps(),
         lora_scale=prep.spec.scaling if prep.spec.lora_modules else 1.0,
     )
     ranks = plan_ranks(cfg, plan.n, None if side is None else side.rank)

@@ -1,0 +1,167 @@
+"""comm.final_gossip: exchanges after the last round, with no training between them, so that
+each peer's own model nears the network average before it is scored and saved. What they do to
+the factors (W^k, the average kept), their bytes, the peers' scores, and what is refused; real
+peers equal to the simulation are in test_distributed (the "q4-momentum-final" run)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from declora.algorithms import make_plan
+from declora.data.partition import partition
+from declora.engine.batched import BatchedEngine
+from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
+from declora.model.adapters import build_spec, initial_state
+from declora.network.topology import build_topology
+from declora.tasks.evaluate import Evaluator
+from declora.tasks.task import ClassificationTask
+from tests.conftest import (
+    TIMINGS,
+    assert_refused,
+    run_in_process,
+    synthetic_examples,
+    tiny_bert,
+    write_ring_job,
+)
+
+ROUNDS = 3
+
+
+def _train(tokenizer, task, final: int):
+    model = tiny_bert()
+    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
+    init = initial_state(model, spec, seed=0)
+    examples = synthetic_examples(tokenizer, 120)
+    labels = np.array([e["label"] for e in examples])
+    parts = partition(labels, 4, "dirichlet", seed=0, alpha=0.5, min_size=4)
+    plan = make_plan("dec-lora", build_topology("ring", 4, "laplacian"), parts, batch_size=5)
+    engine = BatchedEngine(
+        model, spec, plan.n, init, task, peer_weights=plan.weights,
+        optimizer="sgd", momentum=0.9, lr=0.5, schedule="constant", max_grad_norm=1.0,
+    )  # fmt: skip
+    res = train(
+        LoopParts(engine, plan, Evaluator(examples[:40], 3, batch_size=16)),
+        examples,
+        LoopSettings(
+            rounds=ROUNDS,
+            local_steps=2,
+            seed=0,
+            eval_every=1,
+            eval_peers="final",
+            lora_modules=spec.lora_modules,
+            lora_scale=spec.scaling,
+            final_gossip_steps=final,
+        ),
+        LoopHooks(progress=False),
+    )
+    return res, plan
+
+
+@pytest.fixture(scope="module")
+def pair(tokenizer):
+    task = ClassificationTask(tokenizer)
+    return _train(tokenizer, task, 0), _train(tokenizer, task, 20)
+
+
+def test_the_final_exchanges_apply_w_to_the_last_rounds_factors_and_keep_their_mean(pair):
+    (plain, plan), (settled, _) = pair
+    W = torch.tensor(np.linalg.matrix_power(plan.mixing, 20), dtype=torch.float32)
+    deviation = {"before": 0.0, "after": 0.0}  # squared distance of the peers to their mean
+    for k, before in plain.final.items():
+        expected = torch.einsum("ij,j...->i...", W, before)
+        torch.testing.assert_close(settled.final[k], expected, rtol=1e-4, atol=1e-6)
+        # the average of the peers, the paper's model, is what it was
+        torch.testing.assert_close(settled.final[k].mean(0), before.mean(0), rtol=1e-4, atol=1e-6)
+        deviation["before"] += float((before - before.mean(0)).pow(2).sum())
+        deviation["after"] += float((settled.final[k] - before.mean(0)).pow(2).sum())
+    assert deviation["before"] > 0 and deviation["after"] < 0.25 * deviation["before"]
+
+
+def test_the_final_exchanges_are_counted_and_bring_the_peers_together(pair):
+    (plain, _), (settled, _) = pair
+    a, b = plain.records, settled.records
+    assert [r["round"] for r in a] == [r["round"] for r in b] == [1, 2, 3]
+    for x, y in zip(a[:-1], b[:-1], strict=True):  # the rounds before the last are untouched
+        assert x["bytes_sent"] == y["bytes_sent"] and x["train_loss"] == y["train_loss"]
+    per_exchange = a[0]["bytes_sent"]
+    assert per_exchange > 0 and b[-1]["bytes_sent"] == (ROUNDS + 20) * per_exchange
+    assert b[-1]["consensus_distance"] < 0.5 * a[-1]["consensus_distance"]
+    assert b[-1]["accuracy"] == pytest.approx(a[-1]["accuracy"], abs=1 / 40)
+    spread = []
+    for r in (plain, settled):
+        scores = [p["accuracy"] for p in r.peer_metrics]
+        spread.append(max(scores) - min(scores))
+    assert spread[1] <= spread[0]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tokenizer):
+    return write_ring_job(tmp_path_factory.mktemp("finalgossipjob"), tokenizer, seed=5, rounds=4)
+
+
+def test_a_run_with_final_gossip_reports_its_bytes_and_settled_peers(job, tmp_path):
+    runs = {}
+    for k in (0, 6):
+        out = tmp_path / f"final{k}"
+        res = run_in_process(
+            "run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out),
+            "--set", f"comm.final_gossip={k}", threads=1,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        runs[k] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    plain, settled = runs[0][-1], runs[6][-1]
+    assert settled["bytes_sent"] == plain["bytes_sent"] * (4 + 6) / 4
+    assert settled["consensus_distance"] < plain["consensus_distance"]
+    untimed = [[{k: v for k, v in r.items() if k not in TIMINGS} for r in runs[k]] for k in runs]
+    assert untimed[0][:-1] == untimed[1][:-1]  # the rounds before the last are untouched
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["algorithm.name=fedavg"], "does not gossip (its peers already hold one average)"),
+        (["algorithm.name=local-only"], "does not gossip (its peers already hold their own"),
+        (["comm.overlap=true"], "comm.final_gossip=3 is not supported with it (use 0)"),
+    ],
+)
+def test_what_final_gossip_cannot_do_is_refused_before_any_run_directory(
+    job, tmp_path, sets, message
+):
+    assert_refused(job, tmp_path, [*sets, "comm.final_gossip=3"], "comm.final_gossip", message)
+
+
+def test_a_negative_count_of_final_exchanges_is_refused(job, tmp_path):
+    assert_refused(job, tmp_path, ["comm.final_gossip=-1"], "comm.final_gossip")
+
+
+def test_the_benchmark_settles_a_finished_run_as_the_loop_does(job, tmp_path):
+    """benchmarks/final_gossip.py makes its exchanges on a finished run's saved adapters; they
+    give what a run with comm.final_gossip gives: the same peers' scores and disagreement."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fg", root / "benchmarks" / "final_gossip.py")
+    fg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fg)
+    runs = {}
+    for k in (0, 3):
+        out = tmp_path / f"final{k}"
+        res = run_in_process(
+            "run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out),
+            "--set", "data.val_size=0.2", "--set", f"comm.final_gossip={k}", threads=1,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        runs[k] = out
+    rows = {r["exchanges_after"]: r for r in fg.settle(runs[0], [0, 3], set())}
+    (last,) = [json.loads(x) for x in (runs[3] / "metrics.jsonl").read_text().splitlines()][-1:]
+    assert rows[0]["peers_test_accuracy"] == pytest.approx(rows[0]["run_peers_test_accuracy"])
+    assert rows[3]["peers_test_accuracy"] == pytest.approx(last["peers_test_accuracy"])
+    assert rows[3]["consensus_distance"] == pytest.approx(last["consensus_distance"], rel=1e-4)
+    assert rows[3]["consensus_distance"] < rows[0]["consensus_distance"]
+    spent = last["bytes_sent"] - rows[0]["bytes_per_peer_training"]
+    assert rows[3]["bytes_per_peer"] == pytest.approx(spent)
