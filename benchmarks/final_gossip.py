@@ -12,6 +12,7 @@ run's test tweets (the same `eval.peer_max_examples` as the run), with the conse
 and the bytes the exchanges cost.
 
     .venv/bin/python benchmarks/final_gossip.py RUN_DIR [RUN_DIR ...] --exchanges 0 10 30 100
+    .venv/bin/python benchmarks/final_gossip.py --write-docs   # the table in docs/results.md
 
 One JSON row per run and count, appended to `--rows` (resumable: a (run, count) with a row is
 skipped). Exchanges 0 give the run's own `peers_test_accuracy` (printed beside it).
@@ -38,6 +39,7 @@ ROWS = ROOT / "docs" / "results" / "data" / "final_gossip.jsonl"
 def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]:
     """Rows for `counts` (not in `done`) exchanges after `run`'s last round."""
     from declora.config.schema import load_config
+    from declora.model.adapters import average
     from declora.network.simulated import consensus_distance
     from declora.runners.build import build_algorithm, prepare
     from declora.runners.posthoc import peer_adapters
@@ -54,6 +56,9 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
     engine.load_stacked({k: torch.stack([a[k].float() for a in adapters]) for k in prep.init})
     per_exchange = float(last["bytes_sent"]) / cfg.train.rounds  # one peer's, on average
     test = parts.evaluator.test_eval  # type: ignore[attr-defined]
+    # the averaged model (the mean of the factors, which the exchanges keep) on the same tweets
+    # as the peers: the run scored it on all of test, the peers on a subset
+    averaged = test.score(engine, average(engine.stacked()), test.peer_idx)["accuracy"]
     rows, made = [], 0
     for k in sorted(counts):
         shared = {n: v for n, v in engine.stacked().items() if keys is None or n in keys}
@@ -80,6 +85,7 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
                 "peers_test_accuracy_max": float(np.max(scores)),
                 "run_peers_test_accuracy": last.get("peers_test_accuracy"),
                 "run_test_accuracy": last.get("test_accuracy"),
+                "averaged_model_test_accuracy": averaged,  # on the peers' test tweets
                 "consensus_distance": consensus_distance(
                     engine.stacked(), spec.lora_modules, spec.scaling
                 ),
@@ -94,12 +100,54 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
     return rows
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per setting and count of exchanges, the peers' own test accuracy (mean over
+    runs of the mean over peers, with its std over runs), the worst peer (mean over runs), the
+    averaged model on the same test tweets, the consensus distance and the bytes per peer."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(
+            (r["partition"], r["topology"], r["peers"], r["exchanges_after"]), []
+        ).append(r)
+    out = [
+        "| partition | graph | exchanges after the last round | runs (seeds) | each peer's own "
+        "model (mean ± std over runs) | worst peer (mean) | averaged model, same tweets | "
+        "consensus distance | MB per peer (of the training's) |",
+        "|---|---|---:|---|---|---:|---:|---:|---|",
+    ]
+    for (part, graph, n, k), rs in sorted(groups.items()):
+        own = [r["peers_test_accuracy"] for r in rs]
+        sd = f" ± {np.std(own, ddof=1):.3f}" if len(own) > 1 else ""
+        avg = [r["averaged_model_test_accuracy"] for r in rs]
+        mb, train_mb = (
+            np.mean([r["bytes_per_peer"] for r in rs]) / 1e6,
+            np.mean([r["bytes_per_peer_training"] for r in rs]) / 1e6,
+        )
+        out.append(
+            f"| {part} | {graph}, {n} peers | {k} | {len(rs)} "
+            f"({', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}) | "
+            f"{np.mean(own):.3f}{sd} | {np.mean([r['peers_test_accuracy_min'] for r in rs]):.3f} | "
+            f"{np.mean(avg):.3f} | {np.mean([r['consensus_distance'] for r in rs]):.4f} | "
+            f"{mb:.1f} ({100 * mb / train_mb:.1f}% of {train_mb:.0f}) |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="finished run directories")
+    ap.add_argument("runs", nargs="*", type=Path, help="finished run directories")
     ap.add_argument("--exchanges", nargs="+", type=int, default=[0, 10, 30, 100])
     ap.add_argument("--rows", type=Path, default=ROWS)
+    ap.add_argument(
+        "--write-docs", action="store_true", help="only write the rows' table into the docs"
+    )
     args = ap.parse_args(argv)
+    if args.write_docs:
+        from declora.reporting.generated import write_between
+
+        rows = [json.loads(x) for x in args.rows.read_text().splitlines() if x]
+        write_between([ROOT / "docs" / "results.md"], "final-gossip", table(rows))
+        return 0
     if any(k < 0 for k in args.exchanges):
         print("error: --exchanges takes counts of 0 or more", file=sys.stderr)
         return 2

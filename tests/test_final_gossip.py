@@ -165,3 +165,8 @@ def test_the_benchmark_settles_a_finished_run_as_the_loop_does(job, tmp_path):
     assert rows[3]["consensus_distance"] < rows[0]["consensus_distance"]
     spent = last["bytes_sent"] - rows[0]["bytes_per_peer_training"]
     assert rows[3]["bytes_per_peer"] == pytest.approx(spent)
+    lines = fg.table(list(rows.values())).splitlines()
+    assert len(lines) == 4 and "each peer's own model" in lines[0]
+    for line, k in zip(lines[2:], (0, 3), strict=True):  # one line per count, in order
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == str(k) and cells[4] == f"{rows[k]['peers_test_accuracy']:.3f}"
