@@ -141,8 +141,9 @@ class Algorithm:
         if c.overlap:
             self._check_overlap(cfg)
         if c.final_gossip and not self.gossips and name_is_main(cfg, self.name):
+            gossiping = ", ".join(n for n in names() if algorithm_class(n).gossips)
             raise ConfigError(
-                f"comm.final_gossip is for gossip algorithms (dec-lora, ffa, fedsa, adf, decaf); "
+                f"comm.final_gossip is for gossip algorithms ({gossiping}); "
                 f"algorithm.name={self.name} does not gossip (its peers already hold "
                 f"{'one average' if self.server_average else 'their own models'}); use "
                 "comm.final_gossip=0"
