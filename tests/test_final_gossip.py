@@ -103,16 +103,28 @@ def job(tmp_path_factory, tokenizer):
     return write_ring_job(tmp_path_factory.mktemp("finalgossipjob"), tokenizer, seed=5, rounds=4)
 
 
-def test_a_run_with_final_gossip_reports_its_bytes_and_settled_peers(job, tmp_path):
+@pytest.fixture(scope="module")
+def cli_runs(job, tmp_path_factory):
+    """The job through `declora run`, with a validation split, without and with 6 exchanges
+    after its 4 rounds."""
     runs = {}
     for k in (0, 6):
-        out = tmp_path / f"final{k}"
+        out = tmp_path_factory.mktemp("finalgossipruns") / f"final{k}"
         res = run_in_process(
             "run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out),
-            "--set", f"comm.final_gossip={k}", threads=1,
+            "--set", "data.val_size=0.2", "--set", f"comm.final_gossip={k}", threads=1,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
-        runs[k] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[k] = out
+    return runs
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_with_final_gossip_reports_its_bytes_and_settled_peers(cli_runs):
+    runs = {k: _metrics(out) for k, out in cli_runs.items()}
     plain, settled = runs[0][-1], runs[6][-1]
     assert settled["bytes_sent"] == plain["bytes_sent"] * (4 + 6) / 4
     assert settled["consensus_distance"] < plain["consensus_distance"]
@@ -138,7 +150,7 @@ def test_a_negative_count_of_final_exchanges_is_refused(job, tmp_path):
     assert_refused(job, tmp_path, ["comm.final_gossip=-1"], "comm.final_gossip")
 
 
-def test_the_benchmark_settles_a_finished_run_as_the_loop_does(job, tmp_path):
+def test_the_benchmark_settles_a_finished_run_as_the_loop_does(cli_runs):
     """benchmarks/final_gossip.py makes its exchanges on a finished run's saved adapters; they
     give what a run with comm.final_gossip gives: the same peers' scores and disagreement."""
     import importlib.util
@@ -148,25 +160,17 @@ def test_the_benchmark_settles_a_finished_run_as_the_loop_does(job, tmp_path):
     spec = importlib.util.spec_from_file_location("fg", root / "benchmarks" / "final_gossip.py")
     fg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fg)
-    runs = {}
-    for k in (0, 3):
-        out = tmp_path / f"final{k}"
-        res = run_in_process(
-            "run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out),
-            "--set", "data.val_size=0.2", "--set", f"comm.final_gossip={k}", threads=1,
-        )  # fmt: skip
-        assert res.returncode == 0, res.stderr
-        runs[k] = out
-    rows = {r["exchanges_after"]: r for r in fg.settle(runs[0], [0, 3], set())}
-    (last,) = [json.loads(x) for x in (runs[3] / "metrics.jsonl").read_text().splitlines()][-1:]
+    runs = cli_runs
+    rows = {r["exchanges_after"]: r for r in fg.settle(runs[0], [0, 6], set())}
+    last = _metrics(runs[6])[-1]
     assert rows[0]["peers_test_accuracy"] == pytest.approx(rows[0]["run_peers_test_accuracy"])
-    assert rows[3]["peers_test_accuracy"] == pytest.approx(last["peers_test_accuracy"])
-    assert rows[3]["consensus_distance"] == pytest.approx(last["consensus_distance"], rel=1e-4)
-    assert rows[3]["consensus_distance"] < rows[0]["consensus_distance"]
+    assert rows[6]["peers_test_accuracy"] == pytest.approx(last["peers_test_accuracy"])
+    assert rows[6]["consensus_distance"] == pytest.approx(last["consensus_distance"], rel=1e-4)
+    assert rows[6]["consensus_distance"] < rows[0]["consensus_distance"]
     spent = last["bytes_sent"] - rows[0]["bytes_per_peer_training"]
-    assert rows[3]["bytes_per_peer"] == pytest.approx(spent)
+    assert rows[6]["bytes_per_peer"] == pytest.approx(spent)
     lines = fg.table(list(rows.values())).splitlines()
     assert len(lines) == 4 and "each peer's own model" in lines[0]
-    for line, k in zip(lines[2:], (0, 3), strict=True):  # one line per count, in order
+    for line, k in zip(lines[2:], (0, 6), strict=True):  # one line per count, in order
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[2] == str(k) and cells[4] == f"{rows[k]['peers_test_accuracy']:.3f}"
