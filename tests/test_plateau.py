@@ -821,24 +821,32 @@ def test_the_time_to_accuracy_plot_keeps_one_colour_per_arm_in_every_panel(
 
 
 def test_write_docs_puts_the_main_table_on_the_front_pages(pl, tmp_path, monkeypatch):
-    pages = [tmp_path / "README.md", tmp_path / "docs" / "index.md"]
-    pages += [tmp_path / "docs" / "results" / "overview.md", tmp_path / "docs" / "results.md"]
+    docs = tmp_path / "docs"
+    pages = [tmp_path / "README.md", docs / "index.md", docs / "results" / "overview.md"]
     for page in pages:
         page.parent.mkdir(parents=True, exist_ok=True)
-        mark = "plateau-report" if page.name == "results.md" else "plateau-main"
-        page.write_text(f"before\n<!-- {mark} -->\nold\n<!-- /{mark} -->\nafter\n")
+        page.write_text("before\n<!-- plateau-main -->\nold\n<!-- /plateau-main -->\nafter\n")
+    results = docs / "results.md"  # the main table above the reading, the details below
+    results.write_text(
+        "<!-- plateau-main -->\n<!-- /plateau-main -->\nreading\n"
+        "<!-- plateau-report -->\n<!-- /plateau-report -->\n"
+    )
     monkeypatch.setattr(pl, "ROOT", tmp_path)
     pl.write_docs([])
-    for page in pages[:3]:
+    for page in pages:
         text = page.read_text()
         assert text.startswith("before\n<!-- plateau-main -->\n") and text.endswith("after\n")
         assert "old" not in text and "| binary | not yet: waiting for its learning curves |" in text
+    head, rest = results.read_text().split("reading\n")
+    assert "| binary | not yet: waiting for its learning curves |" in head
+    assert "Margin declared" in rest and "not yet: waiting" not in rest
 
 
 def test_the_front_pages_show_the_committed_rows(pl):
-    """README, the site's home and the results overview carry the main table of the rows
-    committed beside them (`make results-docs` after every commit of rows)."""
+    """README, the site's home, the results overview and the results page carry the main table
+    of the rows committed beside them (`make results-docs` after every commit of rows)."""
     table = "\n".join(pl.main_table_text(pl.read_rows()))
     docs = ROOT / "docs"
-    for page in (ROOT / "README.md", docs / "index.md", docs / "results" / "overview.md"):
+    pages = (ROOT / "README.md", docs / "index.md", docs / "results" / "overview.md")
+    for page in (*pages, docs / "results.md"):
         assert table.strip() in page.read_text(), f"{page.name}: run make results-docs"
