@@ -174,3 +174,27 @@ def test_the_benchmark_settles_a_finished_run_as_the_loop_does(cli_runs):
     for line, k in zip(lines[2:], (0, 6), strict=True):  # one line per count, in order
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[2] == str(k) and cells[4] == f"{rows[k]['peers_test_accuracy']:.3f}"
+
+
+def test_the_report_says_how_to_close_a_gap_between_the_peers_and_the_average():
+    from declora.config.schema import load_config
+    from declora.engine.round_loop import Result
+    from declora.network.topology import gossip_rounds_to
+    from declora.reporting.report import _peers_markdown
+
+    ring = build_topology("ring", 10, "laplacian")
+
+    def note(own: float, *sets: str) -> str:
+        res = Result(
+            "x", records=[{"accuracy": 0.9, "peers_accuracy": own, "consensus_distance": 2.0}]
+        )
+        return _peers_markdown(load_config(None, list(sets)), ring, res)
+
+    text = note(0.8)
+    tenfold = gossip_rounds_to(0.1, ring.spectral_gap)
+    assert tenfold == 36  # the 10-ring's |lambda_2| = 0.936
+    assert "10.0 points below the averaged model**: the peers had not agreed" in text
+    assert f"about {tenfold} exchanges cut the disagreement tenfold" in text
+    assert "after the 30 exchanges" in note(0.8, "comm.final_gossip=30")
+    assert note(0.895) == ""  # within a point: nothing to say
+    assert note(0.8, "algorithm.name=fedavg") == ""  # its peers hold the average

@@ -204,6 +204,43 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
     return out
 
 
+#: a gap (points of accuracy) between the averaged model and the mean of the peers' own models
+#: past which the report says how to close it
+PEERS_BEHIND_POINTS = 1.0
+
+
+def _peers_markdown(cfg: Any, topology: Any, main: Result) -> str:
+    """A note when the peers' own models end well below the averaged model (the peers had not
+    agreed at the last round; usual under label skew on a slowly mixing graph): what
+    `comm.final_gossip` does about it, and how many exchanges this graph needs."""
+    from declora.algorithms.registry import algorithm_class
+    from declora.network.topology import gossip_rounds_to
+
+    avg, own = main.last("accuracy"), main.last("peers_accuracy")
+    if avg is None or own is None or not algorithm_class(cfg.algorithm.name).gossips:
+        return ""
+    behind = 100 * (avg - own)
+    if behind < PEERS_BEHIND_POINTS:
+        return ""
+    tenfold = gossip_rounds_to(0.1, topology.spectral_gap)
+    made = cfg.comm.final_gossip
+    after = f" after the {made} exchanges that followed the last round" if made else ""
+    how = (
+        f"on this graph (|lambda_2| = {topology.second_eigenvalue_modulus:.3f}) about {tenfold} "
+        "exchanges cut the disagreement tenfold"
+        if tenfold
+        else "this graph's mixing matrix never brings the peers together (spectral gap 0)"
+    )
+    apart = main.last("consensus_distance") or 0.0
+    return (
+        f"\n**Each peer's own model is {behind:.1f} points below the averaged model**{after}: "
+        f"the peers had not agreed (consensus distance {apart:.4g}). No peer holds the "
+        "averaged model. `comm.final_gossip=k` makes k more exchanges after the last round, "
+        "with no training, which leave the average as it is and bring each peer towards it, "
+        f"each at the bytes of a round's exchange; {how}.\n"
+    )
+
+
 def _privacy_markdown(cfg: Any, results: dict[str, Result]) -> str:
     """DP-SGD per peer: the target, and the epsilon each algorithm's peers spent."""
     p = cfg.privacy
@@ -270,6 +307,7 @@ def write_report(
     best = "lowest perplexity" if causal else "best averaged-model accuracy"
     skew = f" (alpha={cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""
     privacy_md = _privacy_markdown(cfg, results)
+    samples_md = _samples_markdown(results, cfg.algorithm.name)
     text = f"""# declora run: {cfg.name}
 
 {label(cfg.algorithm.name)} with {topo.n} peers on a {topo.kind} graph
@@ -288,7 +326,7 @@ Final round: the averaged model on {final_n} {unit}, each peer's own model on {p
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
 evaluation); "mean of peers" averages each peer's own model's metric.
-{_samples_markdown(results, cfg.algorithm.name)}{_robust_markdown(cfg, main)}{privacy_md}
+{_peers_markdown(cfg, topo, main)}{samples_md}{_robust_markdown(cfg, main)}{privacy_md}
 ![{primary}]({primary}.png)
 ![consensus](consensus.png)
 ![train loss](train_loss.png)
