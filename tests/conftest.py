@@ -107,6 +107,42 @@ def task(tokenizer) -> ClassificationTask:
     return ClassificationTask(tokenizer)
 
 
+def train_tiny_ring(tokenizer, task, engine_cls=None, **settings):
+    """The round loop on 4 peers of the tiny BERT on a ring (LoRA r=4 on query and value, the
+    head trained), Dirichlet(0.5) over 120 synthetic examples, batches of 5, 2 local steps of
+    SGD with momentum 0.9 at LR 0.5; `settings` are LoopSettings fields (rounds and eval_every
+    at least). Returns (result, engine, plan)."""
+    from declora.algorithms import make_plan
+    from declora.data.partition import partition
+    from declora.engine.batched import BatchedEngine
+    from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
+    from declora.model.adapters import build_spec, initial_state
+    from declora.network.topology import build_topology
+    from declora.tasks.evaluate import Evaluator
+
+    model = tiny_bert()
+    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
+    init = initial_state(model, spec, seed=0)
+    examples = synthetic_examples(tokenizer, 120)
+    labels = np.array([e["label"] for e in examples])
+    parts = partition(labels, 4, "dirichlet", seed=0, alpha=0.5, min_size=4)
+    plan = make_plan("dec-lora", build_topology("ring", 4, "laplacian"), parts, batch_size=5)
+    engine = (engine_cls or BatchedEngine)(
+        model, spec, plan.n, init, task, peer_weights=plan.weights,
+        optimizer="sgd", momentum=0.9, lr=0.5, schedule="constant", max_grad_norm=1.0,
+    )  # fmt: skip
+    res = train(
+        LoopParts(engine, plan, Evaluator(examples[:40], 3, batch_size=16)),
+        examples,
+        LoopSettings(
+            **{"local_steps": 2, "seed": 0, "lora_modules": spec.lora_modules, **settings},
+            **({} if "lora_scale" in settings else {"lora_scale": spec.scaling}),
+        ),
+        LoopHooks(progress=False),
+    )
+    return res, engine, plan
+
+
 def write_tiny_job(
     d, tokenizer, *, rows: int = 200, seed: int = 1, words: int = 6
 ) -> tuple[object, object]:

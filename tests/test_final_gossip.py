@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from declora.algorithms import make_plan
-from declora.data.partition import partition
-from declora.engine.batched import BatchedEngine
-from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
-from declora.model.adapters import build_spec, initial_state
 from declora.network.topology import build_topology
-from declora.tasks.evaluate import Evaluator
 from declora.tasks.task import ClassificationTask
 from tests.conftest import (
     TIMINGS,
     assert_refused,
     run_in_process,
-    synthetic_examples,
-    tiny_bert,
+    train_tiny_ring,
     write_ring_job,
 )
 
@@ -32,31 +25,13 @@ ROUNDS = 3
 
 
 def _train(tokenizer, task, final: int):
-    model = tiny_bert()
-    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
-    init = initial_state(model, spec, seed=0)
-    examples = synthetic_examples(tokenizer, 120)
-    labels = np.array([e["label"] for e in examples])
-    parts = partition(labels, 4, "dirichlet", seed=0, alpha=0.5, min_size=4)
-    plan = make_plan("dec-lora", build_topology("ring", 4, "laplacian"), parts, batch_size=5)
-    engine = BatchedEngine(
-        model, spec, plan.n, init, task, peer_weights=plan.weights,
-        optimizer="sgd", momentum=0.9, lr=0.5, schedule="constant", max_grad_norm=1.0,
-    )  # fmt: skip
-    res = train(
-        LoopParts(engine, plan, Evaluator(examples[:40], 3, batch_size=16)),
-        examples,
-        LoopSettings(
-            rounds=ROUNDS,
-            local_steps=2,
-            seed=0,
-            eval_every=1,
-            eval_peers="final",
-            lora_modules=spec.lora_modules,
-            lora_scale=spec.scaling,
-            final_gossip_steps=final,
-        ),
-        LoopHooks(progress=False),
+    res, _, plan = train_tiny_ring(
+        tokenizer,
+        task,
+        rounds=ROUNDS,
+        eval_every=1,
+        eval_peers="final",
+        final_gossip_steps=final,
     )
     return res, plan
 

@@ -6,57 +6,32 @@ run)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from declora.algorithms import make_plan
-from declora.data.partition import partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.reference import ReferenceEngine
-from declora.engine.round_loop import LoopHooks, LoopParts, LoopSettings, train
-from declora.model.adapters import build_spec, initial_state
-from declora.network.topology import build_topology
-from declora.tasks.evaluate import Evaluator
 from tests.conftest import (
     assert_refused,
     run_adapters,
     run_cli,
     run_job,
     run_metrics,
-    synthetic_examples,
-    tiny_bert,
+    train_tiny_ring,
     write_ring_job,
 )
 
 
 def _train(engine_cls, tokenizer, task, *, mix: bool, rounds: int):
-    model = tiny_bert()
-    spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
-    init = initial_state(model, spec, seed=0)
-    examples = synthetic_examples(tokenizer, 120)
-    labels = np.array([e["label"] for e in examples])
-    parts = partition(labels, 4, "dirichlet", seed=0, alpha=0.5, min_size=4)
-    plan = make_plan("dec-lora", build_topology("ring", 4, "laplacian"), parts, batch_size=5)
-    engine = engine_cls(
-        model, spec, plan.n, init, task, peer_weights=plan.weights,
-        optimizer="sgd", momentum=0.9, lr=0.5, schedule="constant", max_grad_norm=1.0,
-    )  # fmt: skip
-    res = train(
-        LoopParts(engine, plan, Evaluator(examples[:40], 3, batch_size=16)),
-        examples,
-        LoopSettings(
-            rounds=rounds,
-            local_steps=2,
-            seed=0,
-            eval_every=rounds,
-            eval_peers="never",
-            lora_modules=spec.lora_modules,
-            mix_momentum=mix,
-        ),
-        LoopHooks(progress=False),
+    return train_tiny_ring(
+        tokenizer,
+        task,
+        engine_cls,
+        rounds=rounds,
+        eval_every=rounds,
+        eval_peers="never",
+        mix_momentum=mix,
     )
-    return res, engine, plan
 
 
 def test_a_round_mixes_the_buffers_with_w_and_the_factors_as_without(tokenizer, task):
