@@ -64,6 +64,10 @@ TUNE_WIDTH = 3
 SEEDS = (0, 1, 2, 3, 4)
 PEERS, BATCH = 10, 4  # 10 peers x 4 examples per step; centralized takes one step of 40
 EVALS_PER_EPOCH = 10
+CURVE_EPOCHS_LONG = 4  # the best LR's curve again, this long, where 2 epochs do not show the
+# plateau: fewer than SMOOTH evaluations after the budget round (rule added on 2026-12-04,
+# session 14, before any 3-class run; the binary budget, 612 rounds with 3 evaluations of its
+# 720-round curve after it, is shown and unchanged)
 CURVE_EPOCHS = 2
 VAL_SIZE = 0.1  # of the training part; ~1,600 tweets (binary): 0.9-point standard error
 
@@ -192,6 +196,23 @@ def curve_cells(task: str, train_size: int) -> list[PlannedCell]:
     return [
         PlannedCell("curve", task, "centralized", None, lr, rounds, every, 0) for lr in CURVE_LRS
     ]
+
+
+def long_curve_cell(task: str, train_size: int, lr: str) -> PlannedCell:
+    """The curve of `lr` run CURVE_EPOCHS_LONG epochs (where 2 do not show the plateau)."""
+    every = eval_every(train_size)
+    return PlannedCell(
+        "curve", task, "centralized", None, lr, every * EVALS_PER_EPOCH * CURVE_EPOCHS_LONG,
+        every, 0,
+    )  # fmt: skip
+
+
+def curve_cells_for(rows: list[dict[str, Any]], task: str, train_size: int) -> list[PlannedCell]:
+    """The curve stage's cells: every LR of the grid, and once they have their rows, the best
+    LR's long curve where the plateau is not shown within the grid's curves."""
+    cells = curve_cells(task, train_size)
+    need = long_curve_needed(rows, task)
+    return cells if need is None else [*cells, long_curve_cell(task, train_size, need)]
 
 
 def tune_grid(best: str, width: int = TUNE_WIDTH) -> tuple[str, ...]:
@@ -515,14 +536,7 @@ def truncated_curve_row(pc: PlannedCell, rows: list[dict[str, Any]]) -> dict[str
     the budget, so it is left empty."""
     if pc.arm != "centralized" or pc.stage == "curve" or pc.extra:
         return None  # only the curve's own settings (an ablation's variant is another run)
-    curve = next(
-        (
-            r
-            for r in rows
-            if (r["task"], r["stage"], r["lr"], r["seed"]) == (pc.task, "curve", pc.lr, pc.seed)
-        ),
-        None,
-    )
+    curve = curve_rows([r for r in rows if r["seed"] == pc.seed], pc.task).get(pc.lr)
     if curve is None or curve["rounds"] < pc.rounds or curve["val_best_round"] > pc.rounds:
         return None
     if not curve["curve"] or curve["curve"][0][0] != pc.eval_every:
@@ -698,17 +712,54 @@ def train_size(task: str) -> int:
     return len(data.train_labels)
 
 
-def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str, Any]] | None:
-    """(budget rounds, LR of the curve, its row) once every curve cell of `task` has its row."""
-    curves = [r for r in rows if r["task"] == task and r["stage"] == "curve"]
-    if not set(CURVE_LRS) <= {r["lr"] for r in curves}:
+def curve_rows(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """{LR: its curve row} of `task`; the longest where an LR has two (the long curve)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["task"] != task or r["stage"] != "curve":
+            continue
+        if r["lr"] not in out or r["rounds"] > out[r["lr"]]["rounds"]:
+            out[r["lr"]] = r
+    return out
+
+
+def plateau_shown(points: Sequence[tuple[int, float]], budget: int) -> bool:
+    """Whether a curve evaluated at least SMOOTH more times after its budget round: fewer
+    cannot show that it stopped gaining."""
+    return sum(1 for rnd, _ in points if rnd > budget) >= SMOOTH
+
+
+def _curve_budget(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict, bool] | None:
+    """(budget, best LR, its longest curve row, plateau shown) once every LR of the grid has
+    its curve; the best LR by the best validation point of any of its curves."""
+    curves = curve_rows(rows, task)
+    if not set(CURVE_LRS) <= set(curves):
         return None
-    curves = [r for r in curves if r["lr"] in CURVE_LRS]
-    best = {r["lr"]: max(p[2] for p in r["curve"]) for r in curves}
+    best = {lr: max(p[2] for p in curves[lr]["curve"]) for lr in CURVE_LRS}
     lr = pick_lr(best)
-    row = next(r for r in curves if r["lr"] == lr)
-    points = [(p[0], p[2]) for p in row["curve"]]
-    return plateau_round(points, PLATEAU_GAIN_POINTS, SMOOTH), lr, row
+    points = [(p[0], p[2]) for p in curves[lr]["curve"]]
+    budget = plateau_round(points, PLATEAU_GAIN_POINTS, SMOOTH)
+    return budget, lr, curves[lr], plateau_shown(points, budget)
+
+
+def long_curve_needed(rows: list[dict[str, Any]], task: str) -> str | None:
+    """The LR whose long curve the budget waits for (its grid curve does not show the
+    plateau, and it has no long curve yet); None otherwise."""
+    found = _curve_budget(rows, task)
+    if found is None or found[3]:
+        return None
+    row = found[2]
+    every = row["curve"][0][0]  # the curves evaluate every `every` rounds from the first
+    return found[1] if row["rounds"] < every * EVALS_PER_EPOCH * CURVE_EPOCHS_LONG else None
+
+
+def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str, Any]] | None:
+    """(budget rounds, LR of the curve, its row) once every curve cell of `task` has its row
+    (and the long curve, where the grid's curves do not show the plateau)."""
+    found = _curve_budget(rows, task)
+    if found is None or long_curve_needed(rows, task) is not None:
+        return None
+    return found[0], found[1], found[2]
 
 
 def settled_lrs(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, str | None], str]:
@@ -841,7 +892,7 @@ def report(
 
 
 def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
-    curves = {r["lr"]: r for r in rows if r["task"] == task and r["stage"] == "curve"}
+    curves = curve_rows(rows, task)
     if not curves:
         return []
     lrs_run = sorted(curves, key=float)
@@ -1186,10 +1237,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = sorted(
-        (r for r in rows if r["task"] == task and r["stage"] == "curve"),
-        key=lambda r: float(r["lr"]),
-    )
+    curves = sorted(curve_rows(rows, task).values(), key=lambda r: float(r["lr"]))
     if not curves:
         return False
     found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
@@ -1333,7 +1381,7 @@ def plan_text(
     budget, best = (found[0], found[1]) if found else (every * EVALS_PER_EPOCH, CURVE_LRS[1])
     lrs = tuned_lrs(rows or [], task) or {k: best for k in arm_settings()}
     stages = {
-        "curve": curve_cells(task, size),
+        "curve": curve_cells_for(rows or [], task, size),
         "tune": tune_cells(task, budget, every, tune_grid(best), rows),
         "main": [c for c in main_cells(task, budget, every, lrs) if c.seed != 0],
         "ablations": ablation_cells(task, budget, every, lrs),
@@ -1456,6 +1504,9 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
             )
 
     step("curve", curve_cells(task, size))
+    longer = curve_cells_for(read_rows(rows_path), task, size)[len(CURVE_LRS) :]
+    if longer:  # 2 epochs did not show the plateau: the best LR's long curve first
+        step("curve", longer)
     if stage == "curve":
         return failed
     found = budget_of(read_rows(rows_path), task)

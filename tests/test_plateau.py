@@ -850,3 +850,75 @@ def test_the_front_pages_show_the_committed_rows(pl):
     pages = (ROOT / "README.md", docs / "index.md", docs / "results" / "overview.md")
     for page in (*pages, docs / "results.md"):
         assert table.strip() in page.read_text(), f"{page.name}: run make results-docs"
+
+
+def _rising(lr: str, every: int, n: int, top: int, base: float = 0.7) -> dict:
+    """A centralized curve row of `n` evaluations that gains a point each until the `top`-th."""
+    acc = [base + 0.01 * min(i, top) for i in range(n)]
+    pts = [[every * (i + 1), 40 * every * (i + 1), a, 1.0, 0.0] for i, a in enumerate(acc)]
+    return dict(
+        task="binary", stage="curve", arm="centralized", partition=None, lr=lr, seed=0,
+        rounds=every * n, cell=f"curve-{lr}-{every * n}", curve=pts,
+        val_best_round=every * min(n, top + 1), val_best_accuracy=pts[-1][2],
+        val_best_test_accuracy=0.8, test_accuracy=0.8,
+    )  # fmt: skip
+
+
+def test_a_curve_still_gaining_at_its_end_is_run_longer_before_the_budget(pl):
+    """Fewer than SMOOTH evaluations after the budget round do not show a plateau: the best LR's
+    curve runs CURVE_EPOCHS_LONG epochs, and the budget comes from that curve."""
+    rows = [
+        dict(_rising(c.lr, 36, 20, 19 if c.lr == "0.05" else 0), cell=c.cell().name)
+        for c in pl.curve_cells("binary", 14_371)
+    ]
+    assert pl.plateau_round([(p[0], p[2]) for p in rows[1]["curve"]], 0.5, 3) == 720  # the end
+    assert pl.budget_of(rows, "binary") is None
+    assert pl.long_curve_needed(rows, "binary") == "0.05"
+    cells = pl.curve_cells_for(rows, "binary", 14_371)
+    assert len(cells) == 6 and (cells[-1].lr, cells[-1].rounds) == ("0.05", 36 * 10 * 4)
+    assert "curve: 6 runs (1 to run)" in pl.plan_text("binary", 14_371, 20.0, 10.0, rows)
+    long = dict(_rising("0.05", 36, 40, 25), cell=cells[-1].cell().name)
+    rows.append(long)
+    budget, lr, row = pl.budget_of(rows, "binary")
+    assert (lr, row["rounds"]) == ("0.05", 1440) and budget < 1440 - 3 * 36
+    assert pl.long_curve_needed(rows, "binary") is None
+    assert len(pl.curve_cells_for(rows, "binary", 14_371)) == 5  # nothing more to run
+    assert "| 1440 | 57600 |" in pl.report(rows)  # the long curve is the one shown
+    # a budget run is read off the long curve, not the 2-epoch one
+    tune = pl.tune_cells("binary", budget, 36, ("0.05",))
+    central = next(c for c in tune if c.arm == "centralized")
+    assert pl.truncated_curve_row(central, rows)["derived_from"] == long["cell"]
+
+
+def test_the_binary_budget_is_shown_by_its_curve_and_needs_no_long_run(pl):
+    rows = [r for r in pl.read_rows() if r["task"] == "binary" and r["stage"] == "curve"]
+    budget, lr, row = pl.budget_of(rows, "binary")
+    assert (budget, lr, row["rounds"]) == (612, "0.05", 720)
+    assert pl.long_curve_needed(rows, "binary") is None
+
+
+def test_the_curve_stage_runs_the_long_curve_once_the_grid_shows_no_plateau(
+    pl, tmp_path, monkeypatch
+):
+    import declora.reporting.rundir as rd
+    import declora.runners.sweep as sweep
+
+    monkeypatch.setattr(pl, "train_size", lambda task: 14_371)
+    rows = [
+        dict(_rising(c.lr, 36, 20, 19 if c.lr == "0.05" else 0), cell=c.cell().name)
+        for c in pl.curve_cells("binary", 14_371)
+    ]
+    path, out = tmp_path / "runs.jsonl", tmp_path / "out"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ran = []
+
+    def fake_run_cell(cell, base, base_sets, job_out, threads):
+        ran.append(cell.name)
+        return cell, 1, "not run here"
+
+    monkeypatch.setattr(rd, "busy", lambda f: None)
+    monkeypatch.setattr(sweep, "run_cell", fake_run_cell)
+    monkeypatch.setattr(sweep, "cell_status", lambda folder: None)
+    failed = pl._run("binary", "curve", out, path)
+    assert ran == [pl.long_curve_cell("binary", 14_371, "0.05").cell().name]
+    assert failed  # it did not finish here, so the stage says so
