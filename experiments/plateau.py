@@ -718,9 +718,14 @@ def curve_rows(rows: list[dict[str, Any]], task: str) -> dict[str, dict[str, Any
     for r in rows:
         if r["task"] != task or r["stage"] != "curve":
             continue
-        if r["lr"] not in out or r["rounds"] > out[r["lr"]]["rounds"]:
+        if r["lr"] not in out or _curve_end(r) > _curve_end(out[r["lr"]]):
             out[r["lr"]] = r
     return out
+
+
+def _curve_end(row: dict[str, Any]) -> int:
+    """The last round a curve row evaluated (its run's rounds)."""
+    return int(row["curve"][-1][0])
 
 
 def plateau_shown(points: Sequence[tuple[int, float]], budget: int) -> bool:
@@ -750,7 +755,7 @@ def long_curve_needed(rows: list[dict[str, Any]], task: str) -> str | None:
         return None
     row = found[2]
     every = row["curve"][0][0]  # the curves evaluate every `every` rounds from the first
-    return found[1] if row["rounds"] < every * EVALS_PER_EPOCH * CURVE_EPOCHS_LONG else None
+    return found[1] if _curve_end(row) < every * EVALS_PER_EPOCH * CURVE_EPOCHS_LONG else None
 
 
 def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str, Any]] | None:
@@ -915,16 +920,25 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     found = budget_of(rows, task)
     if found is None:
         missing = [lr for lr in CURVE_LRS if lr not in curves]
-        lines += [f"Budget: not yet (curves still to run: lr {', '.join(missing)}).", ""]
+        longer = long_curve_needed(rows, task)
+        why = (
+            f"curves still to run: lr {', '.join(missing)}"
+            if missing
+            else f"lr {longer}'s curve is still gaining near its end, so it runs "
+            f"{CURVE_EPOCHS_LONG} epochs before the budget is read"
+        )
+        lines += [f"Budget: not yet ({why}).", ""]
         return lines
-    budget, lr, _ = found
+    budget, lr, row = found
     size = TRAIN_SIZES.get(task)
     epochs = f" ({budget * PEERS * BATCH / size:.2f} epochs)" if size else ""
+    after = sum(1 for p in row["curve"] if p[0] > budget)
     lines += [
         f"Budget: **{budget} rounds**, {budget * PEERS * BATCH} examples{epochs}: the curve of "
         f"the best LR ({lr}) gains less than {PLATEAU_GAIN_POINTS} points after it (mean of "
-        f"{SMOOTH} evaluations). Arms are tuned on lr {', '.join(tune_grid(lr))}, and one LR "
-        "further past an edge of that grid while an arm's best lies on the edge.",
+        f"{SMOOTH} evaluations; {after} evaluations of its {_curve_end(row)}-round curve follow "
+        f"it). Arms are tuned on lr {', '.join(tune_grid(lr))}, and one LR further past an edge "
+        "of that grid while an arm's best lies on the edge.",
         "",
     ]
     ran = {r["lr"] for r in rows if r["task"] == task and r["stage"] == "tune"}

@@ -874,6 +874,7 @@ def test_a_curve_still_gaining_at_its_end_is_run_longer_before_the_budget(pl):
     assert pl.plateau_round([(p[0], p[2]) for p in rows[1]["curve"]], 0.5, 3) == 720  # the end
     assert pl.budget_of(rows, "binary") is None
     assert pl.long_curve_needed(rows, "binary") == "0.05"
+    assert "lr 0.05's curve is still gaining near its end, so it runs 4 epochs" in pl.report(rows)
     cells = pl.curve_cells_for(rows, "binary", 14_371)
     assert len(cells) == 6 and (cells[-1].lr, cells[-1].rounds) == ("0.05", 36 * 10 * 4)
     assert "curve: 6 runs (1 to run)" in pl.plan_text("binary", 14_371, 20.0, 10.0, rows)
@@ -884,6 +885,7 @@ def test_a_curve_still_gaining_at_its_end_is_run_longer_before_the_budget(pl):
     assert pl.long_curve_needed(rows, "binary") is None
     assert len(pl.curve_cells_for(rows, "binary", 14_371)) == 5  # nothing more to run
     assert "| 1440 | 57600 |" in pl.report(rows)  # the long curve is the one shown
+    assert "evaluations of its 1440-round curve follow it" in pl.report(rows)
     # a budget run is read off the long curve, not the 2-epoch one
     tune = pl.tune_cells("binary", budget, 36, ("0.05",))
     central = next(c for c in tune if c.arm == "centralized")
