@@ -155,7 +155,7 @@ def test_the_report_says_how_to_close_a_gap_between_the_peers_and_the_average():
     from declora.config.schema import load_config
     from declora.engine.round_loop import Result
     from declora.network.topology import gossip_rounds_to
-    from declora.reporting.report import _peers_markdown
+    from declora.reporting.report import peers_gap_markdown
 
     ring = build_topology("ring", 10, "laplacian")
 
@@ -163,7 +163,7 @@ def test_the_report_says_how_to_close_a_gap_between_the_peers_and_the_average():
         res = Result(
             "x", records=[{"accuracy": 0.9, "peers_accuracy": own, "consensus_distance": 2.0}]
         )
-        return _peers_markdown(load_config(None, list(sets)), ring, res)
+        return peers_gap_markdown(load_config(None, list(sets)), ring, res)
 
     text = note(0.8)
     tenfold = gossip_rounds_to(0.1, ring.spectral_gap)

@@ -209,7 +209,7 @@ def _robust_markdown(cfg: Any, main: Result) -> str:
 PEERS_BEHIND_POINTS = 1.0
 
 
-def _peers_markdown(cfg: Any, topology: Any, main: Result) -> str:
+def peers_gap_markdown(cfg: Any, topology: Any, main: Result) -> str:
     """A note when the peers' own models end well below the averaged model (the peers had not
     agreed at the last round; usual under label skew on a slowly mixing graph): what
     `comm.final_gossip` does about it, and how many exchanges this graph needs."""
@@ -326,7 +326,7 @@ Final round: the averaged model on {final_n} {unit}, each peer's own model on {p
 {table_markdown(rows)}
 The averaged model uses the mean of every peer's A and of every peer's B (the paper's
 evaluation); "mean of peers" averages each peer's own model's metric.
-{_peers_markdown(cfg, topo, main)}{samples_md}{_robust_markdown(cfg, main)}{privacy_md}
+{peers_gap_markdown(cfg, topo, main)}{samples_md}{_robust_markdown(cfg, main)}{privacy_md}
 ![{primary}]({primary}.png)
 ![consensus](consensus.png)
 ![train loss](train_loss.png)
