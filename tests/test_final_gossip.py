@@ -173,3 +173,5 @@ def test_the_report_says_how_to_close_a_gap_between_the_peers_and_the_average():
     assert "after the 30 exchanges" in note(0.8, "comm.final_gossip=30")
     assert note(0.895) == ""  # within a point: nothing to say
     assert note(0.8, "algorithm.name=fedavg") == ""  # its peers hold the average
+    assert note(0.8, "algorithm.name=fedsa") == ""  # B stays each peer's own, by design
+    assert "10.0 points below" in note(0.8, "algorithm.name=ffa")  # A frozen, B mixed

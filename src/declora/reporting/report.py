@@ -213,12 +213,14 @@ def peers_gap_markdown(cfg: Any, topology: Any, main: Result) -> str:
     """A note when the peers' own models end well below the averaged model (the peers had not
     agreed at the last round; usual under label skew on a slowly mixing graph): what
     `comm.final_gossip` does about it, and how many exchanges this graph needs."""
-    from declora.algorithms.registry import algorithm_class
+    from declora.algorithms import make_algorithm
     from declora.network.topology import gossip_rounds_to
 
     avg, own = main.last("accuracy"), main.last("peers_accuracy")
-    if avg is None or own is None or not algorithm_class(cfg.algorithm.name).gossips:
-        return ""
+    algorithm = make_algorithm(cfg.algorithm.name, cfg)
+    kept = "m.lora_B" not in algorithm.sent_keys({"m.lora_A", "m.lora_B"})
+    if avg is None or own is None or not algorithm.gossips or kept:
+        return ""  # no gossip, or peers that keep B their own (FedSA): apart by design
     behind = 100 * (avg - own)
     if behind < PEERS_BEHIND_POINTS:
         return ""
