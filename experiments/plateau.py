@@ -728,10 +728,10 @@ def _curve_end(row: dict[str, Any]) -> int:
     return int(row["curve"][-1][0])
 
 
-def plateau_shown(points: Sequence[tuple[int, float]], budget: int) -> bool:
-    """Whether a curve evaluated at least SMOOTH more times after its budget round: fewer
-    cannot show that it stopped gaining."""
-    return sum(1 for rnd, _ in points if rnd > budget) >= SMOOTH
+def evaluations_after(points: Sequence[Sequence[Any]], budget: int) -> int:
+    """How many of a curve's points (round first) come after its budget round: fewer than
+    SMOOTH cannot show that it stopped gaining."""
+    return sum(1 for p in points if p[0] > budget)
 
 
 def _curve_budget(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict, bool] | None:
@@ -744,13 +744,17 @@ def _curve_budget(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict
     lr = pick_lr(best)
     points = [(p[0], p[2]) for p in curves[lr]["curve"]]
     budget = plateau_round(points, PLATEAU_GAIN_POINTS, SMOOTH)
-    return budget, lr, curves[lr], plateau_shown(points, budget)
+    return budget, lr, curves[lr], evaluations_after(points, budget) >= SMOOTH
 
 
 def long_curve_needed(rows: list[dict[str, Any]], task: str) -> str | None:
     """The LR whose long curve the budget waits for (its grid curve does not show the
     plateau, and it has no long curve yet); None otherwise."""
-    found = _curve_budget(rows, task)
+    return _waiting_for(_curve_budget(rows, task))
+
+
+def _waiting_for(found: tuple[int, str, dict, bool] | None) -> str | None:
+    """`long_curve_needed` from the grid's budget (`_curve_budget`)."""
     if found is None or found[3]:
         return None
     row = found[2]
@@ -762,7 +766,7 @@ def budget_of(rows: list[dict[str, Any]], task: str) -> tuple[int, str, dict[str
     """(budget rounds, LR of the curve, its row) once every curve cell of `task` has its row
     (and the long curve, where the grid's curves do not show the plateau)."""
     found = _curve_budget(rows, task)
-    if found is None or long_curve_needed(rows, task) is not None:
+    if found is None or _waiting_for(found) is not None:
         return None
     return found[0], found[1], found[2]
 
@@ -932,7 +936,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     budget, lr, row = found
     size = TRAIN_SIZES.get(task)
     epochs = f" ({budget * PEERS * BATCH / size:.2f} epochs)" if size else ""
-    after = sum(1 for p in row["curve"] if p[0] > budget)
+    after = evaluations_after(row["curve"], budget)
     lines += [
         f"Budget: **{budget} rounds**, {budget * PEERS * BATCH} examples{epochs}: the curve of "
         f"the best LR ({lr}) gains less than {PLATEAU_GAIN_POINTS} points after it (mean of "
