@@ -565,6 +565,7 @@ def test_the_3class_task_leaves_out_the_final_passes_no_table_reads(pl):
         assert binary.eval.final_test and binary.eval.peers == "final"
         three = load_config(None, [*pl.base_sets("3class", arm), *pl.ARMS[arm]])
         assert not three.eval.final_test and three.train.length_sort
+        assert three.model.dtype == "bfloat16" and binary.model.dtype == "float32"
         assert three.eval.peers == ("final" if arm in pl.TUNE_KEY else "never")
     assert pl.base_sets("binary") == pl.base_sets("binary", "local-only")  # unchanged
     cell = pl.PlannedCell("main", "3class", "local-only", "iid", "0.05", 750, 75, 1)
@@ -581,6 +582,7 @@ def test_the_binary_ablations_leave_out_the_final_passes_no_table_reads(pl):
     for c in cells:
         cmd = pl.command(c)
         assert "eval.final_test=false" in cmd and "train.length_sort" not in cmd
+        assert "model.dtype" not in cmd
         assert ("eval.peers=never" in cmd) == (c.arm not in pl.TUNE_KEY), c.variant
         cfg = load_config(None, [*pl.base_sets(c.task, c.arm, c.stage), *c.cell().sets])
         assert not cfg.eval.final_test

@@ -21,7 +21,7 @@ from torch import nn
 
 from declora.config.schema import TrainConfig
 from declora.errors import ConfigError
-from declora.model.stacked import lora_a_init
+from declora.model.stacked import lora_a_init, trainable_dtype
 
 HEAD_NAMES = ("classifier", "score")
 #: The PEFT methods; all but "lora" run on the reference (PEFT) engine.
@@ -215,9 +215,10 @@ def initial_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, t
             state[PROMPT] = emb[rows].float().clone()
     for name in spec.head_modules:
         lin = model.get_submodule(name)
-        state[f"{name}.weight"] = lin.weight.detach().clone()
+        dt = trainable_dtype(lin.weight.dtype)
+        state[f"{name}.weight"] = lin.weight.detach().to(dt, copy=True)
         if lin.bias is not None:
-            state[f"{name}.bias"] = lin.bias.detach().clone()
+            state[f"{name}.bias"] = lin.bias.detach().to(dt, copy=True)
     return state
 
 

@@ -14,6 +14,15 @@ import torch
 from torch import nn
 
 
+def trainable_dtype(base: torch.dtype) -> torch.dtype:
+    """What the trainable factors and head are held in: float32 over a bfloat16/float16 (or
+    quantized) base, as PEFT keeps adapters in float32. SGD steps of lr * grad on a bfloat16
+    factor (8 bits of mantissa) round away once they fall below 1/256 of its entries."""
+    if base.is_floating_point and torch.finfo(base).bits >= 32:
+        return base
+    return torch.float32
+
+
 def _peer_view(x: torch.Tensor, m: int) -> torch.Tensor:
     if x.shape[0] % m:
         raise RuntimeError(f"batch of {x.shape[0]} rows cannot be split over {m} peers")
@@ -34,7 +43,7 @@ class StackedLoraLinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, trainable_dtype(base.weight.dtype)
         self.lora_A = nn.Parameter(torch.zeros(n_peers, r, base.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(n_peers, base.out_features, r, device=dev, dtype=dt))
         self.scaling = alpha / r
@@ -46,20 +55,21 @@ class StackedLoraLinear(nn.Module):
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output plus each peer's update; the update is computed in the factors'
+        dtype (float32 over a bfloat16 base) and added in the base's."""
         out = self.base(x)
         h = self.dropout(x)
         if self.single is not None:
             a, b = self.single
-            return out + self.scaling * ((h @ a.T) @ b.T)
+            h = h.to(a.dtype)
+            return out + (self.scaling * ((h @ a.T) @ b.T)).to(out.dtype)
         if self.rows is not None:
             a, b = self.rows
-            hv = _peer_view(h, a.shape[0])
-            delta = torch.bmm(torch.bmm(hv, a.transpose(1, 2)), b.transpose(1, 2))
-            return out + self.scaling * delta.reshape(out.shape)
-        a, b = self.lora_A[self.peers], self.lora_B[self.peers]
-        hv = _peer_view(h, a.shape[0])
+        else:
+            a, b = self.lora_A[self.peers], self.lora_B[self.peers]
+        hv = _peer_view(h.to(a.dtype), a.shape[0])
         delta = torch.bmm(torch.bmm(hv, a.transpose(1, 2)), b.transpose(1, 2))
-        return out + self.scaling * delta.reshape(out.shape)
+        return out + (self.scaling * delta.reshape(out.shape)).to(out.dtype)
 
 
 class StackedLinear(nn.Module):
@@ -67,11 +77,12 @@ class StackedLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, n_peers: int) -> None:
         super().__init__()
-        w = base.weight.detach()
+        dt = trainable_dtype(base.weight.dtype)
+        w = base.weight.detach().to(dt)
         self.weight = nn.Parameter(w.unsqueeze(0).repeat(n_peers, 1, 1).clone())
         if base.bias is not None:
             self.bias: nn.Parameter | None = nn.Parameter(
-                base.bias.detach().unsqueeze(0).repeat(n_peers, 1).clone()
+                base.bias.detach().to(dt).unsqueeze(0).repeat(n_peers, 1).clone()
             )
         else:
             self.bias = None
@@ -81,8 +92,10 @@ class StackedLinear(nn.Module):
         self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed, and returned, in the layer's dtype (float32 logits over a bfloat16 base)."""
         if self.single is not None:
-            return nn.functional.linear(x, *self.single)
+            return nn.functional.linear(x.to(self.single[0].dtype), *self.single)
+        x = x.to(self.weight.dtype)
         if self.rows is not None:
             w, bias = self.rows
             xv = _peer_view(x, w.shape[0])
