@@ -93,3 +93,28 @@ def test_bf16_causal_lm_trains_in_float32_adapters():
     after = engine.stacked()
     assert {v.dtype for v in after.values()} == {torch.float32}
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("lora_B"))
+
+
+def test_reference_engine_over_a_bf16_base_agrees_with_the_batched_one(tokenizer, task):
+    """PEFT keeps LoRA factors in float32 over a bfloat16 base but its head copies in
+    bfloat16; the reference engine holds those in float32 too, so both engines take the same
+    steps."""
+    from declora.engine.reference import ReferenceEngine
+
+    examples = synthetic_examples(tokenizer, 40)
+    finals = {}
+    for cls in (BatchedEngine, ReferenceEngine):
+        model = tiny_bert().to(torch.bfloat16)
+        spec = build_spec(model, ["query", "value"], r=4, alpha=8, dropout=0.0, train_head=True)
+        init = initial_state(model, spec, seed=0)
+        engine = cls(model, spec, 2, init, task, optimizer="sgd", lr=0.5, momentum=0.9)
+        for s in range(4):
+            engine.train_step([examples[8 * s : 8 * s + 4], examples[8 * s + 4 : 8 * s + 8]])
+        finals[cls] = engine.stacked()
+        assert {v.dtype for v in finals[cls].values()} == {torch.float32}
+    batched, ref = finals[BatchedEngine], finals[ReferenceEngine]
+    assert batched.keys() == ref.keys()
+    for k in batched:
+        assert float((batched[k] - ref[k]).norm() / ref[k].norm()) < 1e-5, k
+        if not k.endswith("lora_A"):  # B and the head moved (A barely, behind a B near 0)
+            assert not torch.equal(ref[k], init[k].expand_as(ref[k])), k

@@ -34,6 +34,7 @@ from declora.model.adapters import (
     set_submodule,
 )
 from declora.model.peft_methods import adapter_config, peft_param_name
+from declora.model.stacked import trainable_dtype
 from declora.network.mixing import LORA_FACTORS, check_factors, factor_of
 from declora.tasks.task import Example, SingleAdapterOutputs, Task
 
@@ -95,6 +96,7 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
             self.model.add_adapter(peer_name(i), configs[i])
         if self.ranks is not None:  # the averaged model, at the largest rank, is scored here
             self.model.add_adapter(SINGLE, adapter_config(spec))
+        self._float32_head_copies()
         named = dict(self.model.named_parameters())
         self.names = list(init)
         absent = [k for k in self.names if peft_param_name(spec, k, peer_name(0)) not in named]
@@ -134,6 +136,30 @@ class ReferenceEngine(SingleAdapterOutputs, TrainingState):
             opt, sched = settings.build(lora, head, scale=float(w))
             self.optimizers.append(opt)
             self.schedulers.append(sched)
+
+    def _float32_head_copies(self) -> None:
+        """Over a half-precision base, the head's trained copies (PEFT keeps them in the base's
+        dtype) are held in float32 like the factors, their input cast to it: the batched
+        engine's head does the same (`declora.model.stacked.trainable_dtype`)."""
+        root = self.spec.head_root
+        if not self.spec.head_modules or root is None:
+            return
+        wrapper = self.model.get_base_model().get_submodule(root)
+        if not isinstance(wrapper, AuxiliaryTrainingWrapper):
+            return
+        dtypes = {p.dtype for p in wrapper.original_module.parameters()}
+        if all(trainable_dtype(d) == d for d in dtypes):
+            return
+        for copy in wrapper.modules_to_save.values():
+            copy.float()
+
+        def to_float32(_module: nn.Module, args: tuple) -> tuple:
+            return tuple(
+                a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args
+            )
+
+        wrapper.register_forward_pre_hook(to_float32)
 
     def remove(self) -> nn.Module:
         """Strip the PEFT wrappers so the base model can be reused as it was loaded: the head's

@@ -55,21 +55,21 @@ class StackedLoraLinear(nn.Module):
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base's output plus each peer's update; the update is computed in the factors'
-        dtype (float32 over a bfloat16 base) and added in the base's."""
+        """The base's output plus each peer's update, computed and summed in the factors' dtype
+        (float32 over a bfloat16 base) and returned in the base's, as PEFT's LoRA layer does."""
         out = self.base(x)
         h = self.dropout(x)
         if self.single is not None:
             a, b = self.single
             h = h.to(a.dtype)
-            return out + (self.scaling * ((h @ a.T) @ b.T)).to(out.dtype)
+            return (out + self.scaling * ((h @ a.T) @ b.T)).to(out.dtype)
         if self.rows is not None:
             a, b = self.rows
         else:
             a, b = self.lora_A[self.peers], self.lora_B[self.peers]
         hv = _peer_view(h.to(a.dtype), a.shape[0])
         delta = torch.bmm(torch.bmm(hv, a.transpose(1, 2)), b.transpose(1, 2))
-        return out + (self.scaling * delta.reshape(out.shape)).to(out.dtype)
+        return (out + self.scaling * delta.reshape(out.shape)).to(out.dtype)
 
 
 class StackedLinear(nn.Module):
