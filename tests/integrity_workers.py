@@ -122,6 +122,32 @@ def nan_neighbour(rank: int, world: int, store: str, out: str) -> None:
     os._exit(0)  # receives given up on are still pending: skip the teardown that waits on them
 
 
+def gone_neighbour(rank: int, world: int, store: str, out: str) -> None:
+    """3 peers, all linked: after one exchange, peer 2's process ends (its connections close);
+    peers 0 and 1 exchange again with comm.on_peer_failure=skip and record what they hold."""
+    from safetensors.torch import save_file
+
+    from declora.network.compress import make_compressor
+    from declora.network.distributed import PeerGossip
+
+    torch.set_num_threads(1)
+    _init(rank, world, store)
+    W = np.full((world, world), 1.0 / world)
+    g = PeerGossip(rank, W, make_compressor(32), timeout_s=5.0, on_failure="skip")
+    x = {"w": torch.arange(world * 4, dtype=torch.float32).reshape(world, 4)[rank : rank + 1]}
+    first = g.mix(x)
+    if rank == world - 1:
+        os._exit(0)
+    time.sleep(2.0)  # the neighbour's sockets are closed by now
+    second = g.mix(first)
+    save_file(
+        {"first": first["w"][0].clone(), "second": second["w"][0].clone()},
+        f"{out}/peer-{rank}.safetensors",
+    )
+    Path(out, f"peer-{rank}.json").write_text(json.dumps({"failed": sorted(g.failed)}))
+    os._exit(0)
+
+
 def nan_values(world: int) -> torch.Tensor:
     x = torch.arange(world * 4, dtype=torch.float32).reshape(world, 4)
     x[world - 1, 1] = float("nan")

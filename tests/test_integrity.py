@@ -49,7 +49,12 @@ from declora.reporting.rundir import RunDir, RunDirBusy
 from declora.runners import launch
 from declora.runners.sweep import Cell, run_cell
 from tests.conftest import run_adapters, run_cli, write_tiny_job
-from tests.integrity_workers import nan_neighbour, nan_values, oversized_announcement
+from tests.integrity_workers import (
+    gone_neighbour,
+    nan_neighbour,
+    nan_values,
+    oversized_announcement,
+)
 
 runner = CliRunner()
 
@@ -234,6 +239,20 @@ def test_the_simulation_refuses_what_real_peers_refuse_identically(tmp_path):
         torch.testing.assert_close(real["first"], first["w"][rank], equal_nan=True)
         torch.testing.assert_close(real["second"], second["w"][rank], equal_nan=True)
     assert bool(torch.isfinite(second["w"][:2]).all())
+
+
+def test_a_neighbour_whose_process_ended_is_skipped_by_name(tmp_path):
+    """Posting a send to a neighbour whose connection has closed fails that neighbour alone
+    (gloo raises at once, before any wait): with comm.on_peer_failure=skip the others go on
+    and average without it."""
+    mp.spawn(gone_neighbour, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3)
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"peer-{rank}.safetensors"))
+        assert json.loads((tmp_path / f"peer-{rank}.json").read_text())["failed"] == [2]
+        x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+        first = x.mean(0)  # all three peers, once
+        torch.testing.assert_close(got["first"], first)
+        torch.testing.assert_close(got["second"], first)  # peers 0 and 1 hold it already
 
 
 def test_a_compressed_message_that_overflows_is_refused_by_name():

@@ -5,9 +5,10 @@ Each process holds one peer's adapter and runs the same round loop as the simula
 
 * `PeerGossip` sends this peer's packed buffers (the compressor's bytes, exactly what the byte
   accounting counts) to its out-neighbours and receives its in-neighbours' buffers with
-  `batch_isend_irecv`, checks them, decodes them and mixes with its row of W. No rank gathers the
-  model. A neighbour that does not answer within `comm.timeout_s` raises `PeerFailure` naming it,
-  or with `comm.on_peer_failure=skip` is dropped (the remaining weights are renormalised).
+  point-to-point sends and receives (`post_ops`), checks them, decodes them and mixes with its
+  row of W. No rank gathers the model. A neighbour that does not answer within
+  `comm.timeout_s` (or whose connection is gone) raises `PeerFailure` naming it, or with
+  `comm.on_peer_failure=skip` is dropped (the remaining weights are renormalised).
 * `PeerNetwork` turns the loop's network-wide numbers (mean loss, bytes, consensus) into small
   all-reduces; `MonitoredEvaluator` evaluates the averaged model on rank 0 as an optional
   monitoring step (`eval.monitor`).
@@ -100,6 +101,26 @@ def _wait_all(works: list[Any], deadline: float) -> list[str | None]:
         else:
             out.append(_reason(failure[0]) if failure else None)
     return out
+
+
+def post_ops(ops: list[Any]) -> tuple[list[Any], list[str | None]]:
+    """Start an exchange's receives and sends: (works, per op None or why it could not
+    start). On gloo each op starts on its own, so a connection that a dead neighbour closed
+    fails that neighbour's op alone; `batch_isend_irecv` posts them one by one there too, but
+    raises from the middle of the batch, with the earlier ops posted and lost to the caller.
+    NCCL keeps the batch: it groups the ops so that their order cannot deadlock."""
+    if dist.get_backend() == "nccl":
+        return dist.batch_isend_irecv(ops), [None] * len(ops)
+    works: list[Any] = []
+    problems: list[str | None] = []
+    for op in ops:
+        try:
+            works.append(op.op(op.tensor, op.peer, tag=op.tag))
+            problems.append(None)
+        except RuntimeError as exc:  # the connection is gone: this neighbour's op fails
+            works.append(None)
+            problems.append(_reason(exc))
+    return works, problems
 
 
 def _collective(work: Any, what: str, seconds: float) -> None:
@@ -560,10 +581,13 @@ class PeerGossip:
         ops += [dist.P2POp(dist.isend, buf, j, tag=tag) for j in targets]
         peers = sources + targets
         start = time.perf_counter()
-        works = dist.batch_isend_irecv(ops) if ops else []
+        works, posted = post_ops(ops) if ops else ([], [])
         arrived: dict[int, torch.Tensor] = {}
         sent = 0
-        problems = _wait_all(works, time.monotonic() + self.timeout_s)
+        waited = iter(
+            _wait_all([w for w in works if w is not None], time.monotonic() + self.timeout_s)
+        )
+        problems = [p if p is not None else next(waited) for p in posted]
         self.wait_seconds += time.perf_counter() - start
         for k, (peer, problem) in enumerate(zip(peers, problems, strict=True)):
             receiving = k < len(sources)
