@@ -7,10 +7,9 @@ The same sampled steps (10 peers x 4 tweets, `train.length_sort` on) train two e
 on each base, alternating in blocks so that other load on the machine hits both alike; then
 both score the same test tweets with their averaged model. The model's dropout is on, as in
 runs; the global generator is seeded before each step, so both engines draw from the same
-stream. It prints examples per second of
-each, and how far the two engines' losses and factors drift apart over the steps. The speed-up
-needs a CPU with bfloat16 matrix units (AMX, e.g. Intel Xeon since Sapphire Rapids); without
-them bfloat16 can be slower than float32.
+stream. It prints examples per second of each, and how far the two engines' losses and
+factors drift apart over the steps. The speed-up needs a CPU with bfloat16 matrix units (AMX,
+e.g. Intel Xeon since Sapphire Rapids); without them bfloat16 can be slower than float32.
 """
 
 from __future__ import annotations
