@@ -1531,9 +1531,9 @@ def _run(task: str, stage: str, out: Path, rows_path: Path, only: bool = False) 
             )
 
     step("curve", curve_cells(task, size))
-    longer = curve_cells_for(read_rows(rows_path), task, size)[len(CURVE_LRS) :]
-    if longer:  # 2 epochs did not show the plateau: the best LR's long curve first
-        step("curve", longer)
+    need = long_curve_needed(read_rows(rows_path), task)
+    if need is not None:  # 2 epochs did not show the plateau: the best LR's long curve first
+        step("curve", [long_curve_cell(task, size, need)])
     if stage == "curve":
         return failed
     found = budget_of(read_rows(rows_path), task)
