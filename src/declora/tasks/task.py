@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from declora.data.tables import Example
+from declora.model.attention import training_attention
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, template, padding)
 
@@ -64,7 +65,8 @@ class ClassificationTask:
         self, model: nn.Module, batch: dict[str, torch.Tensor], n_peers: int
     ) -> torch.Tensor:
         """Mean cross-entropy of each peer's rows; rows are laid out peer-major."""
-        logits = self.outputs(model, batch)
+        with training_attention(model):
+            logits = self.outputs(model, batch)
         per_row = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
         return per_row.view(n_peers, -1).mean(dim=1)
 
@@ -133,7 +135,8 @@ class CausalLMTask:
         self, model: nn.Module, batch: dict[str, torch.Tensor], n_peers: int
     ) -> torch.Tensor:
         """Each peer's mean NLL over all answer tokens of its rows (token-weighted)."""
-        nll, rows = self.token_nll(model, batch)
+        with training_attention(model):
+            nll, rows = self.token_nll(model, batch)
         per_peer_rows = batch["input_ids"].shape[0] // n_peers
         peer = rows // per_peer_rows
         total = torch.zeros(n_peers, dtype=nll.dtype).index_add(0, peer, nll)
