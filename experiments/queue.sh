@@ -10,8 +10,8 @@
 # Lane a: the robust-gossip study (issue 16), then the plateau study (issue 15) as lane b.
 # Lane b: the binary privacy cells and, beside lane a, the rest of the robust grid, then
 #         the plateau study (issue 15): the binary task's tuning and seeds, the 3-class
-#         task's curves, tuning and seeds (the main tables first), then the binary task's
-#         ablations.
+#         task's curves, tuning and seeds (the main tables first), its ER and 3-peer skew
+#         rows, then the binary task's ablations.
 # Both lanes may work through the same plateau stage: a cell that the other lane's process
 # holds is left to it, and where the next stage needs its row (curves, tuning) each waits for
 # it (run_stage in experiments/plateau.py), so no cell runs twice and both cores stay busy.
@@ -23,6 +23,8 @@ mkdir -p runs/plateau runs/privacy
 plateau() {
   $PY experiments/plateau.py --task binary --stage main >> runs/plateau/binary.log 2>&1
   $PY experiments/plateau.py --task 3class --stage main >> runs/plateau/3class.log 2>&1
+  # the main table's ER and 3-peer skew rows of the 3-class task (its only ablation table)
+  $PY experiments/plateau.py --task 3class --stage ablations >> runs/plateau/3class.log 2>&1
   $PY experiments/plateau.py --task binary --stage ablations >> runs/plateau/binary.log 2>&1
 }
 case "${1:-}" in

@@ -782,15 +782,21 @@ def test_the_3class_curve_stage_fills_its_wait_with_binary_seeds(pl, tmp_path, m
     assert ready[ran[0][1]][0] < ready[ran[1][1]][0]  # in the plan's order
 
 
-def test_the_ablations_run_on_the_binary_task_only(pl):
-    """The issue asks for both tasks in the main table only: no 3-class ablation is planned,
-    run as filler or counted in the hours still to run."""
+def test_the_3class_task_runs_only_the_main_tables_other_topology_and_skew(pl):
+    """Section 4a (ER and the paper's 3-peer skew) on both tasks; sections 4b-f on the binary
+    task only. The 3-class runs keep its bfloat16 base and its 3-class skew."""
     lrs = {k: "0.05" for k in pl.arm_settings()}
-    assert pl.ablation_cells("3class", 750, 75, lrs) == []
-    assert len(pl.ablation_cells("binary", 612, 36, lrs)) == 60
+    three = pl.ablation_cells("3class", 750, 75, lrs)
+    assert {c.ablation for c in three} == {"er-and-3-peer-skew"}
+    assert len(three) == 12  # 4 variants x 3 seeds
+    assert all("model.dtype=bfloat16" in c.base for c in three)
+    skew = [c for c in three if c.partition == "skew3"]
+    assert skew and all(f"data.proportions={pl.SKEW3['3class']}" in c.sets for c in skew)
+    binary = pl.ablation_cells("binary", 612, 36, lrs)
+    assert len(binary) == 60 and {c.ablation for c in binary} == set(pl.ABLATIONS)
     text = pl.plan_text("3class", 30_166, 20.0, 10.0)
-    assert "  ablations: none (they run on binary only)" in text
-    assert "total: 54 runs" in text  # curves 5, tuning 21, seeds 28
+    assert "  ablations: 12 runs" in text
+    assert "total: 66 runs" in text  # curves 5, tuning 21, seeds 28, ablations 12
 
 
 def test_the_time_to_accuracy_plot_keeps_one_colour_per_arm_in_every_panel(
