@@ -409,7 +409,7 @@ SKEW3 = {
 # main table's other topology and partition (section 4a asks for ER and the paper's 3-peer skew
 # on both tasks; decided on 2026-12-05, before any such 3-class run, once its bfloat16 base had
 # made a run about 16 CPU-minutes: 12 runs, about 3 CPU-hours), and not sections 4b-f, which
-# the issue asks for without naming a task (about 13 more CPU-hours)
+# the issue asks for without naming a task (about 16 more CPU-hours)
 ABLATION_TASKS: dict[str, tuple[str, ...]] = {
     "binary": tuple(ABLATIONS),
     "3class": ("er-and-3-peer-skew",),
