@@ -131,3 +131,17 @@ def test_tests_use_public_names_only():
         if n.startswith("_") and not n.startswith("__")
     ]
     assert borrowed == []
+
+
+def test_a_run_loads_peft_only_when_it_needs_it():
+    """PEFT takes 2-3 s to import: a LoRA run on the batched engine, and a run refused for bad
+    input, do not pay for it until they save their adapter in PEFT's format."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, declora.runners.simulate, declora.runners.peer, declora.runners.build; "
+        "print('peft' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

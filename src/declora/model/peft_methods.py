@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peft import IA3Config, LoraConfig, PeftConfig, PromptTuningConfig
 from torch import nn
 
 from declora.config.schema import peer_ranks
@@ -33,6 +32,8 @@ from declora.model.adapters import (
 )
 
 if TYPE_CHECKING:
+    from peft import PeftConfig
+
     from declora.config.schema import RunConfig
 
 __all__ = [
@@ -51,6 +52,8 @@ def adapter_config(
 
     Prompt tuning always needs a task type (PEFT's task model prepends the virtual tokens);
     the other methods work on the bare model and take one only for the saved config."""
+    from peft import IA3Config, LoraConfig, PromptTuningConfig  # (2-3 s: only when needed)
+
     modules_to_save = [spec.head_root] if spec.head_modules else None
     common = dict(task_type=task_type, base_model_name_or_path=base_model)
     if spec.method in LORA_METHODS:

@@ -32,7 +32,6 @@ from declora.engine.batched import BatchedEngine
 from declora.engine.checkpoint import fingerprint_of
 from declora.engine.plan import Plan
 from declora.engine.privacy import DPSGD, Calibration, PrivacyLedger, calibrate, require_opacus
-from declora.engine.reference import ReferenceEngine
 from declora.engine.round_loop import (
     Checkpointing,
     Communicator,
@@ -397,6 +396,8 @@ def make_engine(
     if ranks is not None:
         kwargs["ranks"] = list(ranks)
     if t.engine == "reference" or prep.spec.method != "lora":  # other PEFT methods: PEFT's own
+        from declora.engine.reference import ReferenceEngine  # (imports PEFT: 2-3 s)
+
         return ReferenceEngine(prep.model, prep.spec, n_peers, prep.init, prep.task, **kwargs)
     chunk = t.peer_chunk or max(1, t.max_pass_examples // batch_size)
     return BatchedEngine(
