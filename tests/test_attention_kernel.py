@@ -1,4 +1,4 @@
-"""Training passes over a half-precision base on CPU use the unfused attention kernel
+"""Training passes over a bfloat16 base on CPU use the unfused attention kernel
 (`declora.model.attention`): PyTorch's fused CPU kernel, which it picks when attention dropout
 is off, has a slow backward in bfloat16. Scoring and float32 bases keep PyTorch's choice, and
 with dropout on nothing changes, bit for bit."""
