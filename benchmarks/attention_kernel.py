@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from base_dtype import cpu_name  # (benchmarks/, next to this file)
+    from base_dtype import cpu_name, emit  # (benchmarks/, next to this file)
 
     import declora.tasks.task as task_module
     from declora.config.schema import load_config
@@ -123,10 +122,7 @@ def main() -> None:
         "speedup": unfused / fused,
         "lora_B_relative_drift_from_float32": {name: drift(name) for name in kernels},
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

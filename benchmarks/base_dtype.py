@@ -33,6 +33,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def emit(figures: dict, out: Path | None) -> None:
+    """Print the figures as JSON, and write them to `out` too when given."""
+    text = json.dumps(figures, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="timed training steps per dtype")
@@ -132,10 +140,7 @@ def main() -> None:
     out["eval_speedup"] = (
         out["eval_examples_per_s"]["bfloat16"] / out["eval_examples_per_s"]["float32"]
     )
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":
