@@ -848,11 +848,17 @@ def main_scores(
     return {r["seed"]: r[SCORES[arm]] for r in runs}
 
 
+def _setting(arm: str, part: str | None) -> tuple[str, str | None]:
+    """The (arm, partition) key of an arm's LR: centralized LoRA has no partition."""
+    return (arm, None if arm == "centralized" else part)
+
+
 def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
-    """One line per comparison and partition: paired gap, interval, verdict (computed)."""
+    """One line per comparison and partition whose two arms' tuning is over (`settled_lrs`):
+    paired gap, interval, verdict (computed)."""
     found = budget_of(rows, task)
-    lrs = tuned_lrs(rows, task)
-    if found is None or lrs is None:
+    lrs = settled_lrs(rows, task)
+    if found is None or not lrs:
         return []
 
     def scores(arm: str, part: str | None) -> dict[int, float]:
@@ -861,6 +867,8 @@ def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     out = []
     for part in PARTITIONS:
         for arm, ref in COMPARISONS:
+            if not {_setting(arm, part), _setting(ref, part)} <= set(lrs):
+                continue  # an arm still tuning: no seeds of it run yet
             a, b = scores(arm, part), scores(ref, part)
             seeds = sorted(set(a) & set(b))
             gap = paired_gap([a[s] for s in seeds], [b[s] for s in seeds])
@@ -1135,7 +1143,8 @@ def _tuning_table(
 def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
     """The main table, both tasks: each arm's test score at its tuned LR (mean ± std over the
     seeds so far, and for the peer arms the mean of the peers' own models), and its paired gap
-    to centralized LoRA with the computed verdict. A task still before its tuning says so."""
+    to centralized LoRA with the computed verdict. A task still before its learning curves or
+    its first tuned arm says so; an arm still tuning its LR says so in its row."""
     lines = [
         "| task | arm | lr | seeds | test accuracy (mean ± std) | "
         "each peer's own model (final round) | gap to centralized (points) | 95% CI | verdict |",
@@ -1149,8 +1158,9 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
         return f"{np.mean(vals):.3f}{sd}"
 
     for task in TASKS:
-        found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
-        if found is None or lrs is None:
+        found = budget_of(rows, task)
+        lrs = settled_lrs(rows, task) if found is not None else {}
+        if not lrs:
             stage = "learning curves" if found is None else "LR tuning"
             lines.append(f"| {task} | not yet: waiting for its {stage} |  |  |  |  |  |  |  |")
             continue
@@ -1160,6 +1170,10 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
             if t["reference"] == "centralized" and t["gap"].n >= 2
         }
         for arm, part in arm_settings():
+            if (arm, part) not in lrs:
+                label = _label(arm, part)
+                lines.append(f"| {task} | {label} | still tuning |  |  |  |  |  |  |")
+                continue
             mine = main_runs(rows, task, arm, part, lrs[(arm, part)], found[0])
             if not mine:
                 continue

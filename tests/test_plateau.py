@@ -644,6 +644,34 @@ def test_the_seeds_of_tuned_arms_run_while_another_process_finishes_the_last_tun
     assert calls[-1][0] == {"main"} and last in calls[-1][1]  # then the whole main stage
 
 
+def test_the_main_table_shows_the_tuned_arms_while_one_still_tunes(pl):
+    """Once an arm's tuning is over, its seeds and its gaps to centralized show in the main
+    table; an arm still tuning says so, and no gap involving it is computed."""
+    rows = _tuned_rows(pl, "binary")
+    budget = pl.budget_of(rows, "binary")[0]
+    last = ("local-only", "dir0.5")
+    rows = [r for r in rows if (r.get("arm"), r.get("partition")) != last or r["lr"] != "0.05"]
+    lrs = pl.settled_lrs(rows, "binary")
+    assert last not in lrs and pl.tuned_lrs(rows, "binary") is None
+    for arm, part in [("centralized", None), ("dec-lora-ring", "iid")]:
+        for seed in (1, 2, 3):
+            score = 0.85 + 0.002 * seed + (0.0 if arm == "centralized" else -0.01)
+            rows.append(dict(task="binary", stage="main", arm=arm, partition=part,
+                             lr=lrs[(arm, part)], seed=seed, rounds=budget,
+                             val_best_test_accuracy=score, peers_test_accuracy=score,
+                             cell=f"main-{arm}-{part}-{seed}"))  # fmt: skip
+    table = pl.main_table(rows, "binary")
+    by = {(t["partition"], t["arm"], t["reference"]): t["gap"] for t in table}
+    assert by[("iid", "dec-lora-ring", "centralized")].n == 3
+    assert by[("iid", "dec-lora-ring", "centralized")].mean == pytest.approx(-1.0)
+    assert ("dir0.5", "local-only", "centralized") not in by  # still tuning
+    assert ("iid", "local-only", "centralized") in by  # tuned: no seeds yet, n = 0
+    text = "\n".join(pl.main_table_text(rows))
+    assert "| binary | local-only (dir0.5) | still tuning |" in text
+    assert "| binary | dec-lora-ring (iid) | " in text and "| -1.00 |" in text
+    assert "not yet" not in text.split("| binary |", 1)[1].split("\n")[0]
+
+
 def _tuned_rows(pl, task: str) -> list[dict]:
     """Curve and tuning rows of `task` with every arm tuned (best LR in the middle of its grid)."""
     rows = [dict(_curve_row(lr, 36), task=task, cell=f"{task}-curve-{lr}") for lr in pl.CURVE_LRS]
