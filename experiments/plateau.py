@@ -1120,10 +1120,10 @@ def _tuning_table(
     tune = [r for r in rows if r["task"] == task and r["stage"] == "tune" and r["rounds"] == budget]
     if not tune:
         return []
-    chosen = tuned_lrs(rows, task) or {}
+    chosen = settled_lrs(rows, task)  # an arm still tuning has no bold entry yet
     lines = [
         "Tuning (seed 0, validation accuracy of the best round; local-only: mean of the peers' "
-        "own models), chosen LR in bold:",
+        "own models), chosen LR in bold (none yet for an arm still tuning):",
         "",
         "| arm | " + " | ".join(f"lr {lr}" for lr in grid) + " |",
         "|---|" + "---:|" * len(grid),
@@ -1192,13 +1192,14 @@ TTA_BELOW_POINTS = 2.0  # time to accuracy: to within this of centralized's best
 
 
 def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
-    """Examples, bytes and CPU seconds each arm's runs at its tuned LR (every seed so far) took
+    """Examples, bytes and CPU seconds each tuned arm's runs at its LR (every seed so far) took
     to first reach, on validation, centralized LoRA's best validation accuracy (mean over its
     seeds) minus TTA_BELOW_POINTS: medians over the seeds that reach it. Seconds compare only
     within one machine: those of the machine that ran most of the timed runs, else (older
     runs) the run's own, marked."""
-    found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
-    if found is None or lrs is None:
+    found = budget_of(rows, task)
+    lrs = settled_lrs(rows, task) if found is not None else {}  # arms still tuning: left out
+    if found is None or not lrs:
         return []
     runs = {
         (arm, part): [
@@ -1285,9 +1286,10 @@ def plot_curves(rows: list[dict[str, Any]], task: str, out: Path) -> bool:
     curves = sorted(curve_rows(rows, task).values(), key=lambda r: float(r["lr"]))
     if not curves:
         return False
-    found, lrs = budget_of(rows, task), tuned_lrs(rows, task)
+    found = budget_of(rows, task)
+    lrs = settled_lrs(rows, task) if found is not None else {}  # arms still tuning: left out
     arms = []
-    if found is not None and lrs is not None:
+    if found is not None and lrs:
         for (arm, part), lr in lrs.items():
             r = next(
                 (x for x in rows if x["task"] == task and x["seed"] == 0 and x["lr"] == lr
