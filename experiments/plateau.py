@@ -834,6 +834,11 @@ def main_runs(
     ]
 
 
+def _setting(arm: str, part: str | None) -> tuple[str, str | None]:
+    """The (arm, partition) key of an arm's LR: centralized LoRA has no partition."""
+    return (arm, None if arm == "centralized" else part)
+
+
 def main_scores(
     rows: list[dict[str, Any]],
     task: str,
@@ -843,14 +848,9 @@ def main_scores(
     part: str | None,
 ) -> dict[int, float]:
     """{seed: score} of one arm of the main table at its tuned LR."""
-    part = None if arm == "centralized" else part
+    arm, part = _setting(arm, part)
     runs = main_runs(rows, task, arm, part, lrs[(arm, part)], budget)
     return {r["seed"]: r[SCORES[arm]] for r in runs}
-
-
-def _setting(arm: str, part: str | None) -> tuple[str, str | None]:
-    """The (arm, partition) key of an arm's LR: centralized LoRA has no partition."""
-    return (arm, None if arm == "centralized" else part)
 
 
 def main_table(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
@@ -1171,8 +1171,7 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
         }
         for arm, part in arm_settings():
             if (arm, part) not in lrs:
-                label = _label(arm, part)
-                lines.append(f"| {task} | {label} | still tuning |  |  |  |  |  |  |")
+                lines.append(f"| {task} | {_label(arm, part)} | still tuning |  |  |  |  |  |  |")
                 continue
             mine = main_runs(rows, task, arm, part, lrs[(arm, part)], found[0])
             if not mine:

@@ -670,7 +670,8 @@ def test_the_main_table_shows_the_tuned_arms_while_one_still_tunes(pl):
     assert "| binary | local-only (dir0.5) | still tuning |" in text
     assert "| binary | dec-lora-ring (iid) | " in text and "| -1.00 |" in text
     assert "not yet" not in text.split("| binary |", 1)[1].split("\n")[0]
-    tuning = {x.split(" | ")[0]: x for x in pl.report(rows).splitlines() if x.startswith("| ")}
+    block = pl.report(rows).split("Tuning (", 1)[1].split("\n\n")[1]  # the tuning table
+    tuning = {x.split(" | ")[0]: x for x in block.splitlines()}
     assert "**" in tuning["| centralized"] and "**" not in tuning["| local-only (dir0.5)"]
 
 
