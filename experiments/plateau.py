@@ -983,7 +983,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
             g = t["gap"]
             lines.append(
                 f"| {t['partition']} | {t['arm']} - {t['reference']} | {g.n} | "
-                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict} | "
+                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {_main_verdict(g)} | "
                 f"{_excludes_zero(g.low, g.high)} |"
             )
         lines += [
@@ -1140,6 +1140,12 @@ def _tuning_table(
     return [*lines, ""]
 
 
+def _main_verdict(g: Gap) -> str:
+    """A main-table verdict, marked as interim while the gap has fewer than the declared seeds
+    (it is computed the same way, but the study has not reached its sample size yet)."""
+    return g.verdict if g.n >= len(SEEDS) else f"{g.verdict} (so far: {g.n} of {len(SEEDS)} seeds)"
+
+
 def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
     """The main table, both tasks: each arm's test score at its tuned LR (mean ± std over the
     seeds so far, and for the peer arms the mean of the peers' own models), and its paired gap
@@ -1178,7 +1184,9 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             own = [r["peers_test_accuracy"] for r in mine if r.get("peers_test_accuracy")]
             g = gaps.get((arm, part))
-            gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {g.verdict}" if g else " |  | "
+            gap = " |  | "
+            if g is not None:
+                gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {_main_verdict(g)}"
             lines.append(
                 f"| {task} | {_label(arm, part)} | {lrs[(arm, part)]} | {len(mine)} | "
                 f"{shown([r[SCORES[arm]] for r in mine])} | "

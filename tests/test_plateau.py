@@ -669,6 +669,7 @@ def test_the_main_table_shows_the_tuned_arms_while_one_still_tunes(pl):
     text = "\n".join(pl.main_table_text(rows))
     assert "| binary | local-only (dir0.5) | still tuning |" in text
     assert "| binary | dec-lora-ring (iid) | " in text and "| -1.00 |" in text
+    assert "(so far: 3 of 5 seeds) |" in text  # a verdict before the declared 5 seeds is interim
     assert "not yet" not in text.split("| binary |", 1)[1].split("\n")[0]
     block = pl.report(rows).split("Tuning (", 1)[1].split("\n\n")[1]  # the tuning table
     tuning = {x.split(" | ")[0]: x for x in block.splitlines()}
