@@ -1433,7 +1433,8 @@ def plan_text(
     every, rpe = eval_every(size), rounds_per_epoch(size)
     found = budget_of(rows or [], task)
     budget, best = (found[0], found[1]) if found else (every * EVALS_PER_EPOCH, CURVE_LRS[1])
-    lrs = tuned_lrs(rows or [], task) or {k: best for k in arm_settings()}
+    # the arms still tuning are planned at the curve's best LR
+    lrs = {k: best for k in arm_settings()} | (settled_lrs(rows or [], task) if found else {})
     stages = {
         "curve": curve_cells_for(rows or [], task, size),
         "tune": tune_cells(task, budget, every, tune_grid(best), rows),

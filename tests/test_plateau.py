@@ -676,6 +676,33 @@ def test_the_main_table_shows_the_tuned_arms_while_one_still_tunes(pl):
     assert "**" in tuning["| centralized"] and "**" not in tuning["| local-only (dir0.5)"]
 
 
+def test_the_plan_counts_the_seeds_of_an_arm_tuned_off_the_curves_best_lr(pl):
+    """While another arm still tunes, the plan takes a tuned arm's own LR, so its seeds that
+    already ran are not counted again (the arms still tuning: at the curve's best LR)."""
+    rows = _tuned_rows(pl, "binary")
+    budget, best, _ = pl.budget_of(rows, "binary")
+    grid, arm = pl.tune_grid(best), ("dec-lora-ring", "iid")
+    above = pl.LR_LADDER[pl.LR_LADDER.index(grid[-1]) + 1]
+    for r in rows:  # this arm validates best on the grid's upper edge, then worse past it
+        if (r.get("arm"), r.get("partition")) == arm and r["stage"] == "tune":
+            r["val_best_accuracy"] = 0.8 if r["lr"] == grid[-1] else 0.7
+    rows.append(dict(rows[-1], arm=arm[0], partition=arm[1], lr=above, val_best_accuracy=0.6,
+                     cell="past-the-edge"))  # fmt: skip
+    rows = [r for r in rows if (r.get("arm"), r.get("partition")) != ("fedavg", "iid")
+            or r["lr"] != grid[0]]  # fmt: skip
+    assert pl.settled_lrs(rows, "binary")[arm] == grid[-1] != best
+    assert pl.tuned_lrs(rows, "binary") is None  # FedAvg still tunes
+    settled = pl.settled_lrs(rows, "binary")
+    cells = [c for c in pl.main_cells("binary", budget, pl.eval_every(14_371), settled)
+             if (c.arm, c.partition) == arm and c.seed != 0]  # fmt: skip
+    assert len(cells) == 4
+    rows += [dict(task="binary", stage="main", arm=arm[0], partition=arm[1], lr=c.lr,
+                  seed=c.seed, rounds=budget, val_best_test_accuracy=0.85, cell=c.cell().name)
+             for c in cells]  # fmt: skip
+    plan = pl.plan_text("binary", 14_371, 20.0, 10.0, rows)
+    assert "  main: 28 runs (24 to run)" in plan
+
+
 def _tuned_rows(pl, task: str) -> list[dict]:
     """Curve and tuning rows of `task` with every arm tuned (best LR in the middle of its grid)."""
     rows = [dict(_curve_row(lr, 36), task=task, cell=f"{task}-curve-{lr}") for lr in pl.CURVE_LRS]
