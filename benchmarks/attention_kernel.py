@@ -47,12 +47,13 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from base_dtype import cpu_name, emit  # (benchmarks/, next to this file)
+    from base_dtype import emit  # (benchmarks/, next to this file)
 
     import declora.tasks.task as task_module
     from declora.config.schema import load_config
     from declora.engine.batched import BatchedEngine
     from declora.model.attention import training_attention
+    from declora.reporting.machine import cpu_model
     from declora.runners.build import prepare
 
     cfg = load_config(args.config, sets)
@@ -114,7 +115,7 @@ def main() -> None:
     speed = {name: n / seconds[name] for name in kernels}
     unfused, fused = speed.values()
     out = {
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s)",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} thread(s)",
         "config": str(args.config) if args.config else None,
         "sets": sets,
         "steps": args.steps,

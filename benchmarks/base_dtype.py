@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from declora.reporting.machine import cpu_model
 
 
 def emit(figures: dict, out: Path | None) -> None:
@@ -119,7 +111,7 @@ def main() -> None:
         accuracy[dt] = right / len(test)
     n = args.steps * args.peers * args.batch
     out = {
-        "machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s)",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} thread(s)",
         "amx": "amx_bf16" in Path("/proc/cpuinfo").read_text()
         if Path("/proc/cpuinfo").exists()
         else None,

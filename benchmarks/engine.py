@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +21,8 @@ import time
 
 import numpy as np
 import torch
+
+from declora.reporting.machine import host
 
 
 def _setup(n_peers: int, batch: int):
@@ -201,10 +201,7 @@ def main() -> None:
     if args.memory_child is not None:
         memory_child(args.memory_child, args.batch, args.steps)
         return
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    print(f"machine: {host()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     tp = throughput(args.peers, args.batch, args.steps)
     print(json.dumps(tp, indent=2))
     mem = memory([int(x) for x in args.memory_peers.split(",")], args.batch, args.memory_steps)

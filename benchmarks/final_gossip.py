@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
     from declora.config.schema import load_config
     from declora.model.adapters import average
     from declora.network.simulated import consensus_distance
+    from declora.reporting.machine import host
     from declora.runners.build import build_algorithm, prepare
     from declora.runners.posthoc import peer_adapters
 
@@ -93,7 +93,7 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
                 "bytes_per_peer_training": float(last["bytes_sent"]),
                 "eval_examples": len(test.peer_idx),
                 "cpu_seconds": round(time.process_time() - t0, 1),
-                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+                "machine": host(),
             }
         )
         print(json.dumps(rows[-1]), flush=True)

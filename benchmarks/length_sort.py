@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
@@ -36,6 +35,7 @@ def main() -> None:
     from declora.config.schema import load_config
     from declora.engine.batched import BatchedEngine
     from declora.model.adapters import set_submodule
+    from declora.reporting.machine import cpu_model
     from declora.runners.build import prepare
 
     sets = [f"data.name={args.data}", f"topology.peers={args.peers}"]
@@ -97,7 +97,7 @@ def main() -> None:
     held = sum(len(x["input_ids"]) for step in steps[1:] for peer in step for x in peer)
     n = args.steps * args.peers * args.batch
     out = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s)",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} thread(s)",
         "data": args.data,
         "peers": args.peers,
         "batch_per_peer": args.batch,

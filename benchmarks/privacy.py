@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from declora.algorithms import make_algorithm
 from declora.config.schema import load_config
 from declora.data.sampling import make_sampler
 from declora.engine.privacy import DPSGD
+from declora.reporting.machine import cpu_model
 from declora.runners.build import calibration_of, make_engine, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def main() -> None:
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "examples_per_second": {k: round(v, 2) for k, v in rate.items()},
         "ratio_dp_to_non_dp": round(rate["dp-sgd"] / rate["non-dp"], 3),
-        "machine": f"{platform.machine()}, {args.threads} thread(s)",
+        "machine": f"{cpu_model()}, {args.threads} thread(s)",
         "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -26,8 +26,6 @@ import argparse
 import functools
 import json
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from declora.reporting.machine import host
 from declora.reporting.paired import Gap
 from declora.reporting.paired import paired_gap as _paired_gap
 from declora.reporting.paired import verdict as _verdict
@@ -577,15 +576,8 @@ def command(pc: PlannedCell) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, 1 thread"
+    """What each row records as its machine: the runs use one thread each."""
+    return f"{host()}, 1 thread"
 
 
 # ---------------------------------------------------------------- running

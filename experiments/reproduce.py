@@ -32,6 +32,7 @@ import numpy as np
 from declora.config.schema import load_config
 from declora.errors import DecloraError
 from declora.reporting.compare import compare_runs
+from declora.reporting.machine import host
 from declora.runners.sweep import Cell, cell_status, run_cells, slug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -673,18 +674,7 @@ def compare_figures(out: Path, e: Experiment, img: Path) -> list[str]:
 def machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
+    return f"{host()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def write_results(

@@ -991,3 +991,19 @@ def test_the_curve_stage_runs_the_long_curve_once_the_grid_shows_no_plateau(
     failed = pl._run("binary", "curve", out, path)
     assert ran == [pl.long_curve_cell("binary", 14_371, "0.05").cell().name]
     assert failed  # it did not finish here, so the stage says so
+
+
+def test_each_row_records_its_machine_with_the_cpu_model_first(pl, tmp_path, monkeypatch):
+    """The report groups and matches rows by this string (CPU model before the first comma,
+    the whole string to pick the speed of the newest machine), so its wording is pinned."""
+    import os
+    import platform
+
+    import declora.reporting.machine as machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU\n")
+    monkeypatch.setattr(machine, "CPUINFO", info)
+    assert pl.machine() == (
+        f"Example CPU, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, 1 thread"
+    )
