@@ -190,6 +190,8 @@ def test_bad_input_gives_one_clear_error(sets, expect, tiny_model_dir, csv_file,
 def test_missing_config_file(tmp_path):
     res = runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = runner.invoke(app, ["run", "--config", str(tmp_path)])
+    assert res.exit_code == 2 and "is a directory" in res.stderr, res.stderr
 
 
 def test_topology_command():

@@ -961,6 +961,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config file as a mapping; every way it can be unreadable is one ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; give the YAML file in it")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
