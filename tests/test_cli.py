@@ -224,3 +224,13 @@ def test_a_baseline_does_not_depend_on_what_ran_before_it(tmp_path, tokenizer, c
         return [{k: v for k, v in r.items() if k not in TIMINGS} for r in out]
 
     assert records(alone) == records(after / "baselines" / "centralized")
+
+
+def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp_path):
+    """An option neither `launch` nor `run` knows is a usage error (exit 2) said once by the
+    launcher, not a failed distributed run (exit 1) after every peer printed it."""
+    out = tmp_path / "dist"
+    res = runner.invoke(app, ["launch", "--peers", "2", "--hosts", "a,b", "--", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "No such option: --hosts" in res.stderr
+    assert "Traceback" not in res.output and not out.exists()

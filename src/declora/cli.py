@@ -217,8 +217,6 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
     wrong process count, a baseline that needs no network), before any process starts. Across
     machines the peers' handshake does it, so that every machine stops with the message
     instead of waiting for one that refused alone."""
-    import click
-
     if nnodes != "1":
         return
 
@@ -228,8 +226,16 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
     command = typer.main.get_command(app)
     try:
         params = command.commands["run"].make_context("run", list(extra)).params  # type: ignore[attr-defined]
-    except (click.exceptions.ClickException, click.exceptions.Exit):
-        return  # each peer's own parser says what is wrong
+    except (typer.Exit, typer.Abort):  # `--help` among them: each peer prints it
+        return
+    except Exception as exc:  # click's UsageError (typer vendors click from 0.22 on)
+        message = getattr(exc, "format_message", None)
+        if message is None:
+            raise
+        raise DecloraError(
+            f"`declora run` refuses the arguments the launcher passes on to it: {message()} "
+            "(what `declora launch` does not take itself goes to every peer's `declora run`)"
+        ) from None
     config, sets = params.get("config"), params.get("set_") or []
     if params.get("resume") is not None:
         config, sets = params["resume"] / "config.yaml", []
