@@ -234,3 +234,20 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
     assert res.exit_code == 2, res.output
     assert "No such option: --hosts" in res.stderr
     assert "Traceback" not in res.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("x"), "is a file"),
+        (lambda p: p.mkdir(), "has no config.yaml; not a run directory"),
+    ],
+    ids=["missing", "file", "empty-dir"],
+)
+def test_resume_says_what_is_wrong_with_the_folder(tmp_path, make, expect):
+    folder = tmp_path / "run"
+    make(folder)
+    res = runner.invoke(app, ["run", "--resume", str(folder)])
+    assert res.exit_code == 2, res.output
+    assert expect in res.stderr and "Traceback" not in res.output

@@ -76,6 +76,9 @@ def run(
             if out is not None and out != resume:
                 raise DecloraError("--resume DIR writes into DIR; drop --out")
             config, out = resume / "config.yaml", resume
+            if not resume.is_dir():
+                what = "is a file" if resume.exists() else "does not exist"
+                raise DecloraError(f"--resume {str(resume)!r} {what}; give a run directory")
             if not config.is_file():
                 raise DecloraError(
                     f"--resume {str(resume)!r} has no config.yaml; not a run directory"
