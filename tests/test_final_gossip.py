@@ -148,7 +148,13 @@ def test_the_benchmark_settles_a_finished_run_as_the_loop_does(cli_runs):
     assert len(lines) == 4 and "each peer's own model" in lines[0]
     for line, k in zip(lines[2:], (0, 6), strict=True):  # one line per count, in order
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[2] == str(k) and cells[4] == f"{rows[k]['peers_test_accuracy']:.3f}"
+        assert cells[0] == rows[k]["data"] and cells[3] == str(k)
+        assert cells[5] == f"{rows[k]['peers_test_accuracy']:.3f}"
+    # another task's runs of the same setting get lines of their own, not a shared mean
+    other = [{**r, "data": "other-task", "peers_test_accuracy": 0.1} for r in rows.values()]
+    lines = fg.table([*rows.values(), *other]).splitlines()
+    assert len(lines) == 6
+    assert {c.split("|")[1].strip() for c in lines[2:]} == {rows[0]["data"], "other-task"}
 
 
 def test_the_report_says_how_to_close_a_gap_between_the_peers_and_the_average():
