@@ -117,7 +117,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "tweets | consensus distance | MB per peer (of the training's) |",
         "|---|---|---|---:|---|---|---:|---:|---:|---|",
     ]
-    for (data, part, graph, n, k), rs in sorted(groups.items()):
+    first = {key[0]: i for i, key in reversed(list(enumerate(groups)))}  # tasks in row order
+    for (data, part, graph, n, k), rs in sorted(
+        groups.items(), key=lambda g: (first[g[0][0]], g[0])
+    ):
         own = [r["peers_test_accuracy"] for r in rs]
         sd = f" ± {np.std(own, ddof=1):.3f}" if len(own) > 1 else ""
         avg = [r["averaged_model_test_accuracy"] for r in rs]
