@@ -311,3 +311,23 @@ def average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     the demo job (docs/guides/mixed-ranks.md): slots held by peers that never mix with each
     other would add their cross terms at full weight."""
     return {k: v.mean(dim=0) for k, v in values.items()}
+
+
+def product_average(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The peers' weight average as one adapter of rank n * r: mean_i B_i A_i exactly.
+
+    `average` multiplies the mean factors, (mean B)(mean A), which differs from the mean of
+    the updates by the factors' covariance across peers: large while peers disagree (label
+    skew on a sparse graph). Stacking the peers' factors, A = [A_1; ...; A_n] and
+    B = [B_1 ... B_n] / n, gives B A = mean_i B_i A_i at the same scale s when the adapter's
+    alpha keeps s at rank n * r (`ranked_spec`). Other tensors (the head) are averaged."""
+    out = {}
+    for k, v in values.items():
+        n, leaf = v.shape[0], k.rpartition(".")[2]
+        if leaf == "lora_A":  # [n, r, in] -> [n r, in]
+            out[k] = v.reshape(n * v.shape[1], v.shape[2])
+        elif leaf == "lora_B":  # [n, out, r] -> [out, n r], each peer's block over n
+            out[k] = v.permute(1, 0, 2).reshape(v.shape[1], n * v.shape[2]) / n
+        else:
+            out[k] = v.mean(dim=0)
+    return out
