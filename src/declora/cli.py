@@ -231,7 +231,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
         params = command.commands["run"].make_context("run", list(extra)).params  # type: ignore[attr-defined]
     except (typer.Exit, typer.Abort):  # `--help` among them: each peer prints it
         return
-    except Exception as exc:  # click's UsageError (typer vendors click from 0.22 on)
+    except Exception as exc:  # a UsageError of the click that typer uses (its own copy, lately)
         message = getattr(exc, "format_message", None)
         if message is None:
             raise
