@@ -68,6 +68,7 @@ results-docs: setup
 	$(BIN)/python benchmarks/robust.py --report-only --write-docs > /dev/null
 	$(BIN)/python benchmarks/hetero_ranks.py --write-docs > /dev/null
 	$(BIN)/python benchmarks/final_gossip.py --write-docs > /dev/null
+	$(BIN)/python benchmarks/product_average.py --write-docs > /dev/null
 
 # Issue 15's study at the plateau (binary task; one process, one thread; many CPU-hours, resumable;
 # raw rows in docs/plateau/runs.jsonl). STAGE=curve|tune|main|ablations, TASK=binary|3class.

@@ -10,6 +10,7 @@ of the run's test tweets. Where the second scores higher, gossiping products ins
 where the two agree, the factor averaging costs nothing.
 
     .venv/bin/python benchmarks/product_average.py RUN_DIR [RUN_DIR ...]
+    .venv/bin/python benchmarks/product_average.py --plateau   # the plateau study's main runs
     .venv/bin/python benchmarks/product_average.py --write-docs   # the table in docs/results.md
 
 One JSON row per run, appended to `--rows` (resumable: a run with a row is skipped). Analysis
@@ -31,6 +32,27 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ROOT / "docs" / "results" / "data" / "product_average.jsonl"
+PLATEAU_ROWS = ROOT / "docs" / "plateau" / "runs.jsonl"
+PLATEAU_RUNS = ROOT / "runs" / "plateau"
+
+
+def plateau_runs(rows_path: Path = PLATEAU_ROWS, runs: Path = PLATEAU_RUNS) -> list[Path]:
+    """The run folders of the plateau study's main-table Dec-LoRA seeds that this machine
+    holds: the main stage's runs, and the tuning run of seed 0 at the same LR (the main table's
+    seed 0), from the committed rows; not the ablations' variants."""
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+    main = [r for r in rows if r["stage"] == "main" and r["arm"].startswith("dec-lora")]
+    lrs = {(r["task"], r["arm"], r["partition"]): r["lr"] for r in main}
+    tuned = [
+        r
+        for r in rows
+        if r["stage"] == "tune" and r["seed"] == 0
+        and lrs.get((r["task"], r["arm"], r["partition"])) == r["lr"]
+    ]  # fmt: skip
+    folders = [runs / r["task"] / "cells" / r["cell"] for r in sorted(
+        [*tuned, *main], key=lambda r: (r["task"], r["partition"], r["seed"])
+    )]  # fmt: skip
+    return [f for f in folders if (f / "adapters" / "peer-0").is_dir()]
 
 
 def score(run: Path) -> dict[str, Any]:
@@ -146,6 +168,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", type=Path, help="finished run directories")
+    ap.add_argument(
+        "--plateau", action="store_true", help="also the plateau study's main Dec-LoRA runs here"
+    )
     ap.add_argument("--rows", type=Path, default=ROWS)
     ap.add_argument(
         "--write-docs", action="store_true", help="only write the rows' table into the docs"
@@ -163,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows.is_file():
         old = [json.loads(x) for x in args.rows.read_text().splitlines() if x]
     done = {r["run"] for r in old}
-    for run in args.runs:
+    for run in [*args.runs, *(plateau_runs() if args.plateau else [])]:
         if not (run / "config.yaml").is_file() or not (run / "metrics.jsonl").is_file():
             print(f"error: {run} is not a finished run directory", file=sys.stderr)
             return 2

@@ -128,3 +128,27 @@ def test_the_wide_adapter_is_the_model_of_the_peers_mean_update(bench, runs, tmp
     # measured: 7e-9 against 5e-3 (the tiny model's pooled logits move little)
     assert same["mean_abs_logit_difference"] < 1e-6
     assert apart["mean_abs_logit_difference"] > 1e-3
+
+
+def test_plateau_runs_are_the_main_tables_dec_lora_seeds_held_here(bench, tmp_path):
+    rows = [
+        dict(stage="tune", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=0,
+             cell="tune-0.05"),
+        dict(stage="tune", task="t", arm="dec-lora-ring", partition="iid", lr="0.1", seed=0,
+             cell="tune-0.1"),
+        dict(stage="main", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=1,
+             cell="main-1"),
+        dict(stage="main", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=2,
+             cell="main-2-elsewhere"),
+        dict(stage="main", task="t", arm="fedavg", partition="iid", lr="0.05", seed=1,
+             cell="fedavg-1"),
+        dict(stage="ablation", task="t", arm="dec-lora", partition="iid", lr="0.05", seed=0,
+             cell="ablation-0"),
+    ]  # fmt: skip
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:
+        if r["cell"] != "main-2-elsewhere":  # its folder is on another machine
+            (tmp_path / "t" / "cells" / r["cell"] / "adapters" / "peer-0").mkdir(parents=True)
+    got = bench.plateau_runs(path, tmp_path)
+    assert [f.name for f in got] == ["tune-0.05", "main-1"]
