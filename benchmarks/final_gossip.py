@@ -148,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.write_docs:
-        from declora.reporting.generated import write_between
+        from declora.reporting.generated import write_rows_table
 
-        rows = [json.loads(x) for x in args.rows.read_text().splitlines() if x]
-        write_between([ROOT / "docs" / "results.md"], "final-gossip", table(rows))
+        write_rows_table(args.rows, [ROOT / "docs" / "results.md"], "final-gossip", table)
         return 0
     if any(k < 0 for k in args.exchanges):
         print("error: --exchanges takes counts of 0 or more", file=sys.stderr)

@@ -177,10 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.write_docs:
-        from declora.reporting.generated import write_between
+        from declora.reporting.generated import write_rows_table
 
-        rows = [json.loads(x) for x in args.rows.read_text().splitlines() if x]
-        write_between([ROOT / "docs" / "results.md"], "product-average", table(rows))
+        write_rows_table(args.rows, [ROOT / "docs" / "results.md"], "product-average", table)
         return 0
     from declora.errors import DecloraError
 

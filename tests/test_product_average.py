@@ -131,20 +131,18 @@ def test_the_wide_adapter_is_the_model_of_the_peers_mean_update(bench, runs, tmp
 
 
 def test_plateau_runs_are_the_main_tables_dec_lora_seeds_held_here(bench, tmp_path):
+    keys = ("stage", "arm", "lr", "seed", "cell")
     rows = [
-        dict(stage="tune", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=0,
-             cell="tune-0.05"),
-        dict(stage="tune", task="t", arm="dec-lora-ring", partition="iid", lr="0.1", seed=0,
-             cell="tune-0.1"),
-        dict(stage="main", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=1,
-             cell="main-1"),
-        dict(stage="main", task="t", arm="dec-lora-ring", partition="iid", lr="0.05", seed=2,
-             cell="main-2-elsewhere"),
-        dict(stage="main", task="t", arm="fedavg", partition="iid", lr="0.05", seed=1,
-             cell="fedavg-1"),
-        dict(stage="ablation", task="t", arm="dec-lora", partition="iid", lr="0.05", seed=0,
-             cell="ablation-0"),
-    ]  # fmt: skip
+        {**dict(zip(keys, values, strict=True)), "task": "t", "partition": "iid"}
+        for values in (
+            ("tune", "dec-lora-ring", "0.05", 0, "tune-0.05"),
+            ("tune", "dec-lora-ring", "0.1", 0, "tune-0.1"),
+            ("main", "dec-lora-ring", "0.05", 1, "main-1"),
+            ("main", "dec-lora-ring", "0.05", 2, "main-2-elsewhere"),
+            ("main", "fedavg", "0.05", 1, "fedavg-1"),
+            ("ablation", "dec-lora", "0.05", 0, "ablation-0"),
+        )
+    ]
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for r in rows:

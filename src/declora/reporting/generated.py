@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 def write_between(paths: Iterable[Path], name: str, body: str) -> list[Path]:
@@ -20,3 +22,12 @@ def write_between(paths: Iterable[Path], name: str, body: str) -> list[Path]:
             path.write_text(mark.sub(lambda _: block, text))
             written.append(path)
     return written
+
+
+def write_rows_table(
+    rows: Path, pages: Iterable[Path], name: str, table: Callable[[list[dict[str, Any]]], str]
+) -> list[Path]:
+    """`write_between` of the table that `table` makes from a JSONL file of raw rows: what a
+    benchmark's `--write-docs` does."""
+    parsed = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
+    return write_between(pages, name, table(parsed))
