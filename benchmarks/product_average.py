@@ -6,8 +6,8 @@ the factors' covariance across peers. This script scores both on a run's final p
 the averaged factors, and the exact mean of the peers' updates, mean_i B_i A_i (one adapter of
 rank n * r at the same scale, `declora.model.adapters.product_average`; heads averaged), on all
 of the run's test tweets. Where the second scores higher, gossiping products instead of factors
-(DeCAF's idea) or settling the peers first (`comm.final_gossip`) would recover the difference;
-where the two agree, the factor averaging costs nothing.
+(DeCAF's idea) could recover the difference; more gossip of the factors (`comm.final_gossip`)
+could not, since it keeps the mean factors. Where the two agree, factor averaging costs nothing.
 
     .venv/bin/python benchmarks/product_average.py RUN_DIR [RUN_DIR ...]
     .venv/bin/python benchmarks/product_average.py --plateau   # the plateau study's main runs
