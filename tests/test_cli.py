@@ -236,6 +236,15 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
     assert "Traceback" not in res.output and not out.exists()
 
 
+def test_launch_help_after_the_separator_is_declora_runs_help_once_and_starts_no_peer(tmp_path):
+    """`declora launch --peers 4 -- --help` asks what the peers take: `declora run`'s help,
+    printed once by the launcher (each peer printed it before, after a rendezvous)."""
+    res = runner.invoke(app, ["launch", "--peers", "4", "--", "--help"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("Usage: declora run") == 1
+    assert "--config" in res.output and "--resume" in res.output
+
+
 @pytest.mark.parametrize(
     ("make", "expect"),
     [

@@ -195,6 +195,10 @@ def launch(
     from declora.runners import launch as launcher
 
     extra = [a for a in ctx.args if a != "--"]
+    if "--help" in extra:  # `declora run`'s help, once, instead of once from every peer
+        run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+        typer.echo(run_command.get_help(run_command.make_context("declora run", [])))
+        raise typer.Exit(0)
     try:
         _launch_preflight(extra, peers, nnodes)
         launcher.run(
@@ -229,7 +233,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
     command = typer.main.get_command(app)
     try:
         params = command.commands["run"].make_context("run", list(extra)).params  # type: ignore[attr-defined]
-    except (typer.Exit, typer.Abort):  # `--help` among them: each peer prints it
+    except (typer.Exit, typer.Abort):  # the peers say what made it stop
         return
     except Exception as exc:  # a UsageError of the click that typer uses (its own copy, lately)
         message = getattr(exc, "format_message", None)
