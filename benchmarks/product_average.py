@@ -95,11 +95,8 @@ def score(run: Path) -> dict[str, Any]:
         # with a validation split the evaluator scores validation, and its test_eval test
         ev = parts.evaluator
         test = ev.test_eval if isinstance(ev, ValidationEvaluator) else ev
-        idx, size = test.final_idx, test.batch_size
-        batches = [[test.test[i] for i in idx[s : s + size]] for s in range(0, len(idx), size)]
         with torch.no_grad():
-            logits[name] = torch.cat([parts.engine.outputs_single(values, b) for b in batches])
-        labels = np.array([test.test[i]["label"] for i in idx])
+            logits[name], labels = test.logits(parts.engine, values)
         got = classification_metrics(
             logits[name].argmax(-1).numpy(), labels, test.num_classes, binary_f1=test.binary_f1
         )

@@ -78,15 +78,23 @@ class Evaluator:
         idx = self.final_idx if final else self.avg_idx
         return self.score(engine, average(engine.stacked()), idx)
 
+    def logits(
+        self, engine: Engine, values: dict[str, torch.Tensor], idx: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """One model's (`values`, unstacked adapters) outputs on the examples `idx` (default:
+        the final score's), with their labels: for analyses that compare two models example
+        by example, on the batches the metrics use."""
+        idx = self.final_idx if idx is None else idx
+        batches = self._batches(idx, self.batch_size)
+        return torch.cat([engine.outputs_single(values, b) for b in batches]), self._labels(idx)
+
     def score(
         self, engine: Engine, values: dict[str, torch.Tensor], idx: np.ndarray
     ) -> dict[str, float]:
         """Metrics of one model (`values`, unstacked adapters) on the examples `idx`."""
-        logits = [engine.outputs_single(values, b) for b in self._batches(idx, self.batch_size)]
-        preds = torch.cat(logits).argmax(-1).numpy()
-        out = classification_metrics(
-            preds, self._labels(idx), self.num_classes, binary_f1=self.binary_f1
-        )
+        logits, labels = self.logits(engine, values, idx)
+        preds = logits.argmax(-1).numpy()
+        out = classification_metrics(preds, labels, self.num_classes, binary_f1=self.binary_f1)
         return {**out, "eval_examples": len(idx)}
 
     def peers(self, engine: Engine) -> list[dict[str, float]]:
