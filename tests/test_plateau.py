@@ -348,7 +348,10 @@ def test_the_ablation_plan(pl):
         assert cfg.train.rounds == c.rounds and cfg.seed == c.seed
         if c.arm != "centralized" and c.ablation != "er-and-3-peer-skew":
             assert cfg.data.partition == "dirichlet"
-    # the 5x-examples runs come last (a study cut short keeps the most tables)
+    # the main table's ER and 3-peer skew rows first, the 5x-examples runs last (a study cut
+    # short keeps the main table and the most tables)
+    main = [c.ablation == pl.MAIN_TABLE_ABLATION for c in cells]
+    assert main == sorted(main, reverse=True) and sum(main) == 12
     assert {c.variant for c in cells[-3:]} == {"K=5, 5x examples"}
 
 
