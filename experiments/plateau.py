@@ -965,6 +965,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     columns = [x for x in LR_LADDER if x in ran or x in tune_grid(lr)]
     lines += _tuning_table(rows, task, budget, columns)
     lines += _time_to_accuracy(rows, task)
+    lines += _end_of_budget(rows, task)
     gaps = [t for t in main_table(rows, task) if t["gap"].n >= 2]
     if gaps:
         lines += [
@@ -1251,6 +1252,55 @@ def _time_to_accuracy(rows: list[dict[str, Any]], task: str) -> list[str]:
             f"| {_label(arm, part)} | {reached} | {rnd:g} | {rnd * PEERS * BATCH:,.0f} | {mb} "
             f"| {secs} |"
         )
+    return [*lines, ""]
+
+
+def _end_of_budget(rows: list[dict[str, Any]], task: str) -> list[str]:
+    """Whether each tuned arm's validation accuracy still climbs at the end of its budget: the
+    mean of its last SMOOTH evaluations against the SMOOTH before them, paired by seed, with
+    the 95% t-interval of that gain. An arm behind centralized that gains no more than it sits
+    at a lower level at its LR; one gaining more may be slower. Analysis after the protocol:
+    no verdict reads it (the budget is declared from centralized's curve alone)."""
+    found = budget_of(rows, task)
+    lrs = settled_lrs(rows, task) if found is not None else {}
+    if found is None or not lrs:
+        return []
+    table = []
+    for (arm, part), lr in lrs.items():
+        if SCORES[arm] != "val_best_test_accuracy":
+            continue  # its curve is the averaged model's, not the peers' models it is scored by
+        runs = main_runs(rows, task, arm, part, lr, found[0], False)
+        pts = [
+            [p for p in r.get("curve") or [] if p[0] <= found[0] and p[2] is not None] for r in runs
+        ]
+        pts = [c for c in pts if len(c) >= 2 * SMOOTH]
+        if not pts:
+            continue
+        last = [float(np.mean([p[2] for p in c[-SMOOTH:]])) for c in pts]
+        before = [float(np.mean([p[2] for p in c[-2 * SMOOTH : -SMOOTH]])) for c in pts]
+        table.append((arm, part, last, before, pts[0]))
+    if not table:
+        return []
+    c = table[0][4]  # every main run of a task evaluates at the same rounds
+    lines = [
+        f"End of the budget: validation accuracy over the last {SMOOTH} evaluations (rounds "
+        f"{c[-SMOOTH][0]}-{c[-1][0]}) and its gain over the {SMOOTH} before them (rounds "
+        f"{c[-2 * SMOOTH][0]}-{c[-SMOOTH - 1][0]}), paired by seed, with its 95% t-interval. "
+        "An arm behind centralized that gains no more than centralized sits at a lower level "
+        "at its LR; one gaining more may be slower. Local-only is left out: its curve is its "
+        "peers' averaged model, not their own models that it is scored by. Analysis after the "
+        "protocol (no verdict reads it):",
+        "",
+        "| arm | seeds | validation accuracy, last evaluations | gain (points) | 95% CI |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for arm, part, last, before, _ in table:
+        if len(last) >= 2:
+            g = paired_gap(last, before)
+            gain, ci = f"{g.mean:+.2f}", f"[{g.low:+.2f}, {g.high:+.2f}]"
+        else:
+            gain, ci = f"{(last[0] - before[0]) * 100:+.2f}", ""
+        lines.append(f"| {_label(arm, part)} | {len(last)} | {np.mean(last):.3f} | {gain} | {ci} |")
     return [*lines, ""]
 
 

@@ -433,6 +433,42 @@ def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
     assert by["dec-lora-ring (iid)"] == "| dec-lora-ring (iid) | 3/4 | 36 | 1,440 | 1.0 MB | 5 |"
 
 
+def test_the_end_of_budget_table_gives_each_arms_last_gain_paired_by_seed(pl):
+    """The last SMOOTH evaluations against the SMOOTH before them, seed by seed: a flat arm
+    gains 0, a climbing one its slope; one seed gives no interval."""
+    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.01 * min(i, 5), 1.0] for i in range(20)]
+    rows = [dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve, seed=0)
+            for lr in pl.CURVE_LRS]  # fmt: skip
+    budget = pl.budget_of(rows, "binary")[0]
+    n = budget // 36
+    for arm, part in pl.arm_settings():
+        for lr in pl.tune_grid("0.025"):
+            climb = 0.01 if arm == "fedavg" else 0.0  # a point an evaluation, at every LR
+            points = [[36 * (i + 1), 144 * (i + 1), 0.7 + climb * i, 1.0] for i in range(n)]
+            rows.append(dict(
+                task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
+                rounds=budget, val_best_accuracy=0.9 - abs(float(lr) - 0.05),
+                peers_val_accuracy=0.9 - abs(float(lr) - 0.05), curve=points,
+            ))  # fmt: skip
+    lrs = pl.tuned_lrs(rows, "binary")
+    lr = lrs[("fedavg", "iid")]
+    for seed, climb in ((1, 0.02), (2, 0.01)):  # seed 0 climbs 0.01 an evaluation
+        pts = [[36 * (i + 1), 144 * (i + 1), 0.5 + climb * i, 1.0] for i in range(n)]
+        rows.append(dict(task="binary", stage="main", arm="fedavg", partition="iid", seed=seed,
+                         lr=lr, rounds=budget, curve=pts, cell=f"s{seed}",
+                         val_best_accuracy=0.6))  # fmt: skip
+    lines = pl._end_of_budget(rows, "binary")
+    s = pl.SMOOTH
+    assert f"rounds {36 * (n - s + 1)}-{36 * n})" in lines[0]
+    by = {x.split(" | ")[0][2:]: x.split(" | ") for x in lines if x.startswith("| ")}
+    assert by["dec-lora-ring (iid)"][1:4] == ["1", "0.700", "+0.00"]
+    assert by["dec-lora-ring (iid)"][4] == " |"  # one seed: no interval
+    fed = by["fedavg (iid)"]
+    assert fed[1] == "3" and fed[3] == f"{100 * s * (0.01 + 0.02 + 0.01) / 3:+.2f}"
+    assert fed[4].startswith("[") and fed[4] != "[+4.00, +4.00] |"  # seeds differ: an interval
+    assert not any(k.startswith("local-only") for k in by)  # its curve is not what it scores
+
+
 def test_the_reports_training_sizes_are_the_tasks_own(pl):
     """The report counts epochs without loading data; the sizes it uses must be the real ones."""
     assert {task: pl.train_size(task) for task in pl.TASKS} == pl.TRAIN_SIZES
