@@ -393,25 +393,38 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     assert "Ablation: confounds" not in text  # no rows yet, no table
 
 
-def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
-    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.01 * min(i, 5), 10.0 * (i + 1), None]
-             for i in range(20)]  # fmt: skip
+def _tuned_binary_study(pl, curve, points_of):
+    """Rows of a binary study whose curves (`curve` at every curve LR) set the budget and whose
+    arms are tuned (seed 0 at every LR of the grid, 0.05 best), each arm's runs following
+    `points_of(arm, budget)`; returns the rows and the budget."""
     rows = [dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve, seed=0)
             for lr in pl.CURVE_LRS]  # fmt: skip
     budget = pl.budget_of(rows, "binary")[0]
     for arm, part in pl.arm_settings():
-        slow = 0 if arm == "centralized" else 2  # the peer arms lag two evaluations
-        sent = None if arm == "centralized" else 1e6  # centralized sends nothing
-        cpu = None if arm == "centralized" else 5.0  # an older run without CPU time: its wall
-        points = [[36 * (i + 1), 144 * (i + 1), curve[max(0, i - slow)][2], 20.0 * (i + 1),
-                   sent and sent * (i + 1), cpu and cpu * (i + 1)]
-                  for i in range(budget // 36)]  # fmt: skip
+        points = points_of(arm, budget)
         for lr in pl.tune_grid("0.025"):
             rows.append(dict(
                 task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
                 rounds=budget, val_best_accuracy=0.9 - abs(float(lr) - 0.05),
                 peers_val_accuracy=0.9 - abs(float(lr) - 0.05), curve=points,
             ))  # fmt: skip
+    return rows, budget
+
+
+def test_time_to_accuracy_is_the_first_evaluation_near_centralized_best(pl):
+    curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.01 * min(i, 5), 10.0 * (i + 1), None]
+             for i in range(20)]  # fmt: skip
+
+    def points_of(arm, budget):
+        slow = 0 if arm == "centralized" else 2  # the peer arms lag two evaluations
+        sent = None if arm == "centralized" else 1e6  # centralized sends nothing
+        cpu = None if arm == "centralized" else 5.0  # an older run without CPU time: its wall
+        return [[36 * (i + 1), 144 * (i + 1), curve[max(0, i - slow)][2], 20.0 * (i + 1),
+                 sent and sent * (i + 1), cpu and cpu * (i + 1)]
+                for i in range(budget // 36)]  # fmt: skip
+
+    rows, budget = _tuned_binary_study(pl, curve, points_of)
+    points = points_of("dec-lora-ring", budget)
     lines = pl._time_to_accuracy(rows, "binary")
     assert ">= 0.830" in lines[0]  # best 0.85 minus 2 points
     by = {x.split(" | ")[0][2:]: x for x in lines if x.startswith("| ")}
@@ -437,19 +450,13 @@ def test_the_end_of_budget_table_gives_each_arms_last_gain_paired_by_seed(pl):
     """The last SMOOTH evaluations against the SMOOTH before them, seed by seed: a flat arm
     gains 0, a climbing one its slope; one seed gives no interval."""
     curve = [[36 * (i + 1), 1440 * (i + 1), 0.80 + 0.01 * min(i, 5), 1.0] for i in range(20)]
-    rows = [dict(task="binary", stage="curve", lr=lr, arm="centralized", curve=curve, seed=0)
-            for lr in pl.CURVE_LRS]  # fmt: skip
-    budget = pl.budget_of(rows, "binary")[0]
+
+    def points_of(arm, budget):
+        climb = 0.01 if arm == "fedavg" else 0.0  # a point an evaluation
+        return [[36 * (i + 1), 144 * (i + 1), 0.7 + climb * i, 1.0] for i in range(budget // 36)]
+
+    rows, budget = _tuned_binary_study(pl, curve, points_of)
     n = budget // 36
-    for arm, part in pl.arm_settings():
-        for lr in pl.tune_grid("0.025"):
-            climb = 0.01 if arm == "fedavg" else 0.0  # a point an evaluation, at every LR
-            points = [[36 * (i + 1), 144 * (i + 1), 0.7 + climb * i, 1.0] for i in range(n)]
-            rows.append(dict(
-                task="binary", stage="tune", arm=arm, partition=part, lr=lr, seed=0,
-                rounds=budget, val_best_accuracy=0.9 - abs(float(lr) - 0.05),
-                peers_val_accuracy=0.9 - abs(float(lr) - 0.05), curve=points,
-            ))  # fmt: skip
     lrs = pl.tuned_lrs(rows, "binary")
     lr = lrs[("fedavg", "iid")]
     for seed, climb in ((1, 0.02), (2, 0.01)):  # seed 0 climbs 0.01 an evaluation
