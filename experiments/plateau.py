@@ -1136,10 +1136,53 @@ def _tuning_table(
     return [*lines, ""]
 
 
-def _main_verdict(g: Gap) -> str:
-    """A main-table verdict, marked as interim while the gap has fewer than the declared seeds
-    (it is computed the same way, but the study has not reached its sample size yet)."""
-    return g.verdict if g.n >= len(SEEDS) else f"{g.verdict} (so far: {g.n} of {len(SEEDS)} seeds)"
+def _main_verdict(g: Gap, declared: int = len(SEEDS)) -> str:
+    """A main-table verdict, marked as interim while the gap has fewer than the `declared`
+    seeds (it is computed the same way, but the study has not reached its sample size yet)."""
+    return g.verdict if g.n >= declared else f"{g.verdict} (so far: {g.n} of {declared} seeds)"
+
+
+PARTITION_LABELS = {"skew3": "3-peer skew"}
+
+
+def _other_setting_rows(
+    rows: list[dict[str, Any]], task: str, shown: Callable[[list[float]], str]
+) -> list[str]:
+    """The main table's other topology and partition (section 4a), run as the variants of
+    `MAIN_TABLE_ABLATION` at the ablations' 3 seeds: each one's score and its gap to centralized
+    LoRA at the same seeds, with its verdict (interim below 3 seeds)."""
+    if MAIN_TABLE_ABLATION not in ABLATION_TASKS.get(task, ()):
+        return []
+    found, lrs = budget_of(rows, task), settled_lrs(rows, task)
+    if found is None or ("centralized", None) not in lrs:
+        return []
+    central = main_scores(rows, task, lrs, found[0], "centralized", None)
+    out = []
+    for v in ABLATIONS[MAIN_TABLE_ABLATION]:
+        key = SCORES.get(v.arm, "val_best_test_accuracy")
+        mine = [
+            r
+            for r in rows
+            if r["task"] == task
+            and (r.get("ablation"), r.get("variant")) == (MAIN_TABLE_ABLATION, v.name)
+            and r.get(key) is not None
+        ]
+        if not mine:
+            continue
+        score = {r["seed"]: r[key] for r in mine}
+        own = [r["peers_test_accuracy"] for r in mine if r.get("peers_test_accuracy")]
+        seeds = sorted(set(score) & set(central))
+        gap = " |  | "
+        if len(seeds) >= 2:
+            g = paired_gap([score[k] for k in seeds], [central[k] for k in seeds])
+            verdict = _main_verdict(g, len(ABLATION_SEEDS))
+            gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {verdict}"
+        part = v.partition or ""
+        out.append(
+            f"| {task} | {v.arm} ({PARTITION_LABELS.get(part, part)}) | {mine[0]['lr']} | "
+            f"{len(mine)} | {shown(list(score.values()))} | {shown(own)} | {gap} |"
+        )
+    return out
 
 
 def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
@@ -1188,6 +1231,7 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
                 f"{shown([r[SCORES[arm]] for r in mine])} | "
                 f"{shown(own) if arm != 'centralized' else ''} | {gap} |"
             )
+        lines += _other_setting_rows(rows, task, shown)
     return [*lines, ""]
 
 
@@ -1409,7 +1453,12 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
         f"Test accuracy of the best-validation round; gaps paired by seed, 95% t-intervals, "
         f"verdicts computed against the {MARGIN_POINTS:g}-point margin declared before the runs "
         "(equivalent: interval inside it; better/worse: interval excludes 0; else "
-        "inconclusive). Local-only: the mean of its peers' own models.",
+        "inconclusive). Local-only: the mean of its peers' own models. The ring's rows have "
+        f"{len(SEEDS)} seeds; the ER graph's and the paper's 3-peer skew's (its 3 peers take "
+        f"13 tweets a step) have {len(ABLATION_SEEDS)}, each at the LR its arm was tuned to "
+        "on the ring (the 3-peer skew: under Dirichlet(0.5)), and are compared with "
+        "centralized's seeds "
+        f"{ABLATION_SEEDS[0]}-{ABLATION_SEEDS[-1]}.",
         "",
         *main_table_text(rows),
     ]

@@ -722,6 +722,43 @@ def test_the_main_table_shows_the_tuned_arms_while_one_still_tunes(pl):
     assert "**" in tuning["| centralized"] and "**" not in tuning["| local-only (dir0.5)"]
 
 
+def test_the_main_table_carries_the_er_and_3_peer_skew_rows_against_centralized(pl):
+    """Section 4a's other topology and partition, run as an ablation's variants at 3 seeds,
+    are rows of the main table: score, the peers' own models, and the gap to centralized at
+    the same seeds with its verdict (interim below 3 seeds); other ablations are not."""
+    rows = _tuned_rows(pl, "binary")
+    budget = pl.budget_of(rows, "binary")[0]
+    lrs = pl.settled_lrs(rows, "binary")
+    for seed in (1, 2, 3, 4):  # centralized: seeds 0-4 (seed 0 is its tuning run)
+        rows.append(dict(task="binary", stage="main", arm="centralized", partition=None,
+                         lr=lrs[("centralized", None)], seed=seed, rounds=budget,
+                         val_best_test_accuracy=0.85, cell=f"c{seed}"))  # fmt: skip
+    for r in rows:
+        if r["stage"] == "tune" and r["arm"] == "centralized" and r["lr"] == lrs[r["arm"], None]:
+            r["val_best_test_accuracy"] = 0.85
+    variants = {(v.name, v.arm): v for v in pl.ABLATIONS[pl.MAIN_TABLE_ABLATION]}
+
+    def add(name, arm, part, seeds, score, ablation=pl.MAIN_TABLE_ABLATION):
+        key = pl.SCORES.get(arm, "val_best_test_accuracy")
+        for seed in seeds:
+            row = dict(task="binary", stage="ablation", ablation=ablation, variant=name,
+                       arm=arm, partition=part, lr="0.05", seed=seed, rounds=budget,
+                       peers_test_accuracy=score - 0.05, cell=f"{name}-{seed}")  # fmt: skip
+            rows.append({**row, key: score + 0.001 * seed})
+
+    assert ("ER, iid", "dec-lora-er") in variants
+    add("ER, iid", "dec-lora-er", "iid", (0, 1, 2), 0.84)
+    add("3-peer skew: local-only", "local-only", "skew3", (0, 1), 0.60)
+    add("20 peers", "dec-lora-ring", "dir0.5", (0, 1, 2), 0.5, ablation="peers")
+    lines = {x.split(" | ")[1]: x for x in pl.main_table_text(rows) if x.startswith("| binary")}
+    er = lines["dec-lora-er (iid)"]
+    assert er.startswith("| binary | dec-lora-er (iid) | 0.05 | 3 | 0.841 ± 0.001 | 0.790 ± ")
+    assert er.endswith("| -0.90 | [-1.15, -0.65] | worse |")  # paired on seeds 0-2
+    skew = lines["local-only (3-peer skew)"]
+    assert "| 2 | 0.601 ± 0.001 |" in skew and skew.endswith("(so far: 2 of 3 seeds) |")
+    assert not any("20 peers" in x or x.count("(dir0.5)") > 1 for x in lines)
+
+
 def test_the_plan_counts_the_seeds_of_an_arm_tuned_off_the_curves_best_lr(pl):
     """While another arm still tunes, the plan takes a tuned arm's own LR, so its seeds that
     already ran are not counted again (the arms still tuning: at the curve's best LR)."""
