@@ -1031,6 +1031,20 @@ def compute_table(rows: list[dict[str, Any]], task: str) -> list[str]:
     return [*lines, ""]
 
 
+def variant_runs(
+    rows: list[dict[str, Any]], task: str, ablation: str, variant: str, arm: str
+) -> list[dict[str, Any]]:
+    """The scored runs of one ablation's variant (its score: the arm's `SCORES` key)."""
+    key = SCORES.get(arm, "val_best_test_accuracy")
+    return [
+        r
+        for r in rows
+        if r["task"] == task
+        and (r.get("ablation"), r.get("variant")) == (ablation, variant)
+        and r.get(key) is not None
+    ]
+
+
 def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
     """Section 4b-f: one table per ablation. Each row: the variant's test score over its seeds,
     its paired gap to its declared reference (another variant, or the main table's Dec-LoRA
@@ -1046,13 +1060,7 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
 
     def variant_scores(name: str, variant: str, arm: str) -> dict[int, float]:
         key = SCORES.get(arm, "val_best_test_accuracy")
-        return {
-            r["seed"]: r[key]
-            for r in rows
-            if r["task"] == task
-            and (r.get("ablation"), r.get("variant")) == (name, variant)
-            and r.get(key) is not None
-        }
+        return {r["seed"]: r[key] for r in variant_runs(rows, task, name, variant, arm)}
 
     def gap_text(a: dict[int, float], b: dict[int, float]) -> str:
         seeds = sorted(set(a) & set(b))
@@ -1160,13 +1168,7 @@ def _other_setting_rows(
     out = []
     for v in ABLATIONS[MAIN_TABLE_ABLATION]:
         key = SCORES.get(v.arm, "val_best_test_accuracy")
-        mine = [
-            r
-            for r in rows
-            if r["task"] == task
-            and (r.get("ablation"), r.get("variant")) == (MAIN_TABLE_ABLATION, v.name)
-            and r.get(key) is not None
-        ]
+        mine = variant_runs(rows, task, MAIN_TABLE_ABLATION, v.name, v.arm)
         if not mine:
             continue
         score = {r["seed"]: r[key] for r in mine}
