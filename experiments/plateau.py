@@ -1476,16 +1476,31 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- compute plan
 
 
+def _main_shaped(r: dict[str, Any]) -> bool:
+    """A run of the main table's shape (10 peers of 4 examples a step, one local step, the
+    budget's rounds): every run but those of ablation variants that change it, so that
+    rounds x 10 x 4 are its examples."""
+    if r.get("ablation") is None:
+        return True
+    v = next((v for v in ABLATIONS.get(r["ablation"], []) if v.name == r.get("variant")), None)
+    shape = ("topology.peers=", "train.batch_size=", "train.local_steps=")
+    return bool(
+        v and v.rounds_factor == 1.0 and v.partition not in EXTRA_PARTITIONS
+        and not any(e.startswith(shape) for e in v.extra)
+    )  # fmt: skip
+
+
 def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None, float | None, str]:
     """(centralized, peer arms) examples per CPU-second, evaluation included, of the finished
-    curve, tuning and main runs that record CPU time: the task's own, else the other tasks'
+    runs of the main table's shape that record CPU time: the task's own, else the other tasks'
     (an estimate), and where they came from. A kind without any takes the other kind's. Only
-    the runs of the machine that made the newest timed run count, where it made any: machines
-    differ by up to 1.7x, and the rest of the study runs on the newest."""
+    the newest stretch of runs on one machine counts (from the newest timed run back to the
+    last run of another machine): machines differ by up to 1.7x, the rest of the study runs
+    on the newest, and a machine's name does not tell two generations of one CPU apart."""
 
     def timed(r: dict[str, Any]) -> bool:
         return bool(
-            r.get("ablation") is None and r.get("curve") and _cpu(r["curve"][-1])
+            _main_shaped(r) and r.get("curve") and _cpu(r["curve"][-1])
             and not r.get("derived_from")
         )  # fmt: skip
 
@@ -1493,10 +1508,14 @@ def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None,
         pairs = [(r["rounds"] * PEERS * BATCH, _cpu(r["curve"][-1])) for r in rs if timed(r)]
         return sum(e for e, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
-    newest = max((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "", default=None)
-    machine = newest.get("machine") if newest else None
+    by_time = sorted((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "")
+    machine = by_time[-1].get("machine") if by_time else None
     if machine:
-        rows = [r for r in rows if r.get("machine") == machine]
+        other = [r.get("finished") or "" for r in by_time if r.get("machine") != machine]
+        since = max(other, default="")
+        rows = [
+            r for r in by_time if r.get("machine") == machine and (r.get("finished") or "") > since
+        ]
     on = f" on {machine.split(',')[0]}" if machine else ""
     for mine, where in (
         (True, f"the {task} task's runs{on}"),

@@ -317,6 +317,33 @@ def test_the_plan_takes_the_speed_of_the_machine_that_ran_last(pl):
     )
 
 
+def test_the_plan_takes_the_newest_stretch_of_one_machine_and_its_main_shaped_ablations(pl):
+    """A machine name that comes back after another machine may be another generation of that
+    CPU: only the stretch since the other machine's last run counts. Ablation runs of the main
+    table's shape count too; those with other peers, batches or local steps do not."""
+    point = [360, 1440, 0.8, 9.0, 0.0]
+
+    def row(cpu, machine, finished, **extra):
+        return dict(task="binary", stage="tune", arm="fedavg", partition="iid", rounds=360,
+                    seed=0, cell=f"{cpu}-{finished}", lr="0.05", curve=[[*point, cpu]],
+                    machine=machine, finished=finished, **extra)  # fmt: skip
+
+    amd, intel = "AMD EPYC, 2 cores, Linux x86_64, 1 thread", "Intel Xeon, 2 cores, 1 thread"
+    rows = [
+        row(1440, amd, "2026-12-03T10:00:00+0000"),  # 10 ex/s: the older EPYC
+        row(720, intel, "2026-12-04T10:00:00+0000"),  # 20 ex/s
+        row(480, amd, "2026-12-05T10:00:00+0000", ablation="ranks", variant="dec-lora r=4"),
+    ]
+    assert "at 30 ex/s (centralized) and 30 ex/s (peer arms)" in pl.plan_text(
+        "binary", 14_400, None, None, rows
+    )
+    hundred = dict(ablation="peers", variant="100 peers")
+    rows.append(row(14_400, amd, "2026-12-05T11:00:00+0000", **hundred))  # not 40 a round
+    assert "at 30 ex/s" in pl.plan_text("binary", 14_400, None, None, rows)
+    rows.append(row(360, amd, "2026-12-05T12:00:00+0000"))  # 40 ex/s: (14,400 + 14,400) / 840
+    assert "at 34.3 ex/s" in pl.plan_text("binary", 14_400, None, None, rows)
+
+
 def test_the_ablation_plan(pl):
     lrs = {k: "0.05" for k in pl.arm_settings()}
     cells = pl.ablation_cells("binary", 612, 36, lrs)
