@@ -1031,11 +1031,16 @@ def compute_table(rows: list[dict[str, Any]], task: str) -> list[str]:
     return [*lines, ""]
 
 
+def score_key(arm: str) -> str:
+    """The row field an arm is scored by (`SCORES`; arms only ablations use: the best round's)."""
+    return SCORES.get(arm, "val_best_test_accuracy")
+
+
 def variant_runs(
     rows: list[dict[str, Any]], task: str, ablation: str, variant: str, arm: str
 ) -> list[dict[str, Any]]:
-    """The scored runs of one ablation's variant (its score: the arm's `SCORES` key)."""
-    key = SCORES.get(arm, "val_best_test_accuracy")
+    """The scored runs of one ablation's variant (its score: `score_key(arm)`)."""
+    key = score_key(arm)
     return [
         r
         for r in rows
@@ -1059,7 +1064,7 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
         return {seed: v for seed, v in scores.items() if seed in ABLATION_SEEDS}
 
     def variant_scores(name: str, variant: str, arm: str) -> dict[int, float]:
-        key = SCORES.get(arm, "val_best_test_accuracy")
+        key = score_key(arm)
         return {r["seed"]: r[key] for r in variant_runs(rows, task, name, variant, arm)}
 
     def gap_text(a: dict[int, float], b: dict[int, float]) -> str:
@@ -1167,7 +1172,7 @@ def _other_setting_rows(
     central = main_scores(rows, task, lrs, found[0], "centralized", None)
     out = []
     for v in ABLATIONS[MAIN_TABLE_ABLATION]:
-        key = SCORES.get(v.arm, "val_best_test_accuracy")
+        key = score_key(v.arm)
         mine = variant_runs(rows, task, MAIN_TABLE_ABLATION, v.name, v.arm)
         if not mine:
             continue
@@ -1505,23 +1510,23 @@ def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None,
         )  # fmt: skip
 
     def speed(rs: list[dict[str, Any]]) -> float | None:
-        pairs = [(r["rounds"] * PEERS * BATCH, _cpu(r["curve"][-1])) for r in rs if timed(r)]
+        pairs = [(r["rounds"] * PEERS * BATCH, _cpu(r["curve"][-1])) for r in rs]
         return sum(e for e, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
-    by_time = sorted((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "")
-    machine = by_time[-1].get("machine") if by_time else None
+    rows = sorted((r for r in rows if timed(r)), key=lambda r: r.get("finished") or "")
+    machine = rows[-1].get("machine") if rows else None
     if machine:
-        other = [r.get("finished") or "" for r in by_time if r.get("machine") != machine]
+        other = [r.get("finished") or "" for r in rows if r.get("machine") != machine]
         since = max(other, default="")
         rows = [
-            r for r in by_time if r.get("machine") == machine and (r.get("finished") or "") > since
+            r for r in rows if r.get("machine") == machine and (r.get("finished") or "") > since
         ]
     on = f" on {machine.split(',')[0]}" if machine else ""
     for mine, where in (
         (True, f"the {task} task's runs{on}"),
         (False, f"the other task's runs{on}"),
     ):
-        rs = [r for r in rows if (r["task"] == task) == mine and not r.get("derived_from")]
+        rs = [r for r in rows if (r["task"] == task) == mine]
         central = speed([r for r in rs if r["arm"] == "centralized"])
         peers = speed([r for r in rs if r["arm"] != "centralized"])
         if central or peers:
