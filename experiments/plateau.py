@@ -979,7 +979,7 @@ def _task_report(rows: list[dict[str, Any]], task: str, sub: str) -> list[str]:
             g = t["gap"]
             lines.append(
                 f"| {t['partition']} | {t['arm']} - {t['reference']} | {g.n} | "
-                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {_main_verdict(g)} | "
+                f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {interim_verdict(g)} | "
                 f"{_excludes_zero(g.low, g.high)} |"
             )
         lines += [
@@ -1072,7 +1072,9 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
         if len(seeds) < 2:
             return ""
         g = paired_gap([a[k] for k in seeds], [b[k] for k in seeds])
-        return f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}] {g.verdict}"
+        return (
+            f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}] {interim_verdict(g, len(ABLATION_SEEDS))}"
+        )
 
     out: list[str] = []
     for name, variants in ABLATIONS.items():
@@ -1149,9 +1151,9 @@ def _tuning_table(
     return [*lines, ""]
 
 
-def _main_verdict(g: Gap, declared: int = len(SEEDS)) -> str:
-    """A main-table verdict, marked as interim while the gap has fewer than the `declared`
-    seeds (it is computed the same way, but the study has not reached its sample size yet)."""
+def interim_verdict(g: Gap, declared: int = len(SEEDS)) -> str:
+    """A verdict, marked as interim while the gap has fewer than the `declared` seeds (it is
+    computed the same way, but the study has not reached its sample size yet)."""
     return g.verdict if g.n >= declared else f"{g.verdict} (so far: {g.n} of {declared} seeds)"
 
 
@@ -1182,7 +1184,7 @@ def _other_setting_rows(
         gap = " |  | "
         if len(seeds) >= 2:
             g = paired_gap([score[k] for k in seeds], [central[k] for k in seeds])
-            verdict = _main_verdict(g, len(ABLATION_SEEDS))
+            verdict = interim_verdict(g, len(ABLATION_SEEDS))
             gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {verdict}"
         part = v.partition or ""
         out.append(
@@ -1232,7 +1234,7 @@ def main_table_text(rows: list[dict[str, Any]]) -> list[str]:
             g = gaps.get((arm, part))
             gap = " |  | "
             if g is not None:
-                gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {_main_verdict(g)}"
+                gap = f"{g.mean:+.2f} | [{g.low:+.2f}, {g.high:+.2f}] | {interim_verdict(g)}"
             lines.append(
                 f"| {task} | {_label(arm, part)} | {lrs[(arm, part)]} | {len(mine)} | "
                 f"{shown([r[SCORES[arm]] for r in mine])} | "

@@ -418,6 +418,11 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
     assert "| centralized r=2 | -0.50 [-0.50, -0.50] equivalent |" in r2
     assert "Ablation: confounds" not in text  # no rows yet, no table
+    # before a variant has its declared 3 seeds, its verdicts are marked interim
+    short = [r for r in rows if not (r.get("variant") == "dec-lora r=2" and r["seed"] == 2)]
+    text = "\n".join(pl.ablation_tables(short, "binary", "###"))
+    r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
+    assert "| 2 |" in r2 and "-0.50 [-0.50, -0.50] equivalent (so far: 2 of 3 seeds) |" in r2
 
 
 def _tuned_binary_study(pl, curve, points_of):
