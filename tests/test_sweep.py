@@ -68,6 +68,18 @@ def test_an_invalid_cell_stops_the_sweep_before_any_run(base, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_cell_whose_data_file_is_missing_stops_the_sweep_before_any_run(base, tmp_path):
+    """A data.path typo in one value of the grid is found before the first cell trains,
+    not after the cells before it have run."""
+    good = yaml.safe_load(base.read_text())["data"]["path"]
+    grid = f"data.path={good},{tmp_path / 'typo.csv'}"
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sweep", "--config", str(base), "--grid", grid, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "sweep cell" in res.output and "typo.csv does not exist" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
 def test_sweep_runs_resumes_and_tabulates(base, tmp_path):
     out = tmp_path / "s"
     args = ["sweep", "--config", str(base), "--grid", "lora.r=2,4", "--seeds", "2"]

@@ -97,13 +97,18 @@ def cells(grid: dict[str, list[str]], seeds: Sequence[int]) -> list[Cell]:
 
 
 def validate(base: Path | None, base_sets: Sequence[str], todo: Sequence[Cell]) -> list[RunConfig]:
-    """Every cell's config, checked before anything runs (one error names the cell)."""
+    """Every cell's config, and the data and model it names, checked before anything runs
+    (one error names the cell)."""
+    from declora.runners.build import check_inputs
+
     cfgs = []
     for c in todo:
         try:
-            cfgs.append(load_config(base, [*base_sets, *c.sets]))
-        except ConfigError as exc:
-            raise ConfigError(f"sweep cell {c.name}: {exc}") from None
+            cfg = load_config(base, [*base_sets, *c.sets])
+            check_inputs(cfg)
+        except DecloraError as exc:
+            raise type(exc)(f"sweep cell {c.name}: {exc}") from None
+        cfgs.append(cfg)
     return cfgs
 
 
