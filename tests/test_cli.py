@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -282,6 +283,21 @@ def test_a_source_or_model_that_cannot_be_read_is_refused_before_the_run_is_anno
     res = runner.invoke(app, ["launch", "--peers", "2", "--", "--out", str(out), *args])
     assert res.exit_code == 2 and said[0] in res.stderr, res.output
     assert not out.exists()
+
+
+def test_every_help_paragraph_reads_as_one_line():
+    """Typer's help keeps a docstring's line breaks after its first paragraph (and in the
+    command list), so a paragraph wrapped in the source printed broken mid-sentence: each
+    paragraph of a command's help is written as one line."""
+    import inspect
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for name, command in commands.items():
+        for paragraph in inspect.cleandoc(command.help or "").split("\n\n"):
+            assert "\n" not in paragraph, f"`declora {name} --help`: {paragraph!r}"
+        res = runner.invoke(app, [name, "--help"])
+        assert res.exit_code == 0, res.output
+        assert " ".join(command.help.split()) in " ".join(res.output.split())
 
 
 def test_launch_help_after_the_separator_is_declora_runs_help_once_and_starts_no_peer(tmp_path):

@@ -60,8 +60,7 @@ def run(
 ) -> None:
     """Train the peers (and the configured baselines) and write a run directory.
 
-    Inside torchrun (`declora launch` or `torchrun -m declora run`), this process runs one peer
-    of a distributed run instead."""
+    Under torchrun (`declora launch`), this process runs one peer of a distributed run instead."""
     from declora.config.schema import load_config
     from declora.network.distributed import launched
     from declora.reporting.rundir import RunDir
@@ -192,8 +191,9 @@ def launch(
 ) -> None:
     """Run `declora run ARGS...` as one process per peer with torch.distributed's launcher.
 
-    On one machine every socket listens on loopback only. Example:
-    declora launch --peers 4 -- --config job.yaml --out runs/dist"""
+    On one machine every socket listens on loopback only.
+
+    Example: declora launch --peers 4 -- --config job.yaml --out runs/dist"""
     from declora.runners import launch as launcher
 
     extra = [a for a in ctx.args if a != "--"]
@@ -352,8 +352,9 @@ def report(
         ),
     ] = False,
 ) -> None:
-    """Print the summary table of a finished run; with several runs, compare them (one table,
-    metric per round, final metric against bytes, consensus distance) in `--out`."""
+    """Print the summary table of a finished run, or compare several runs.
+
+    Several runs: one table and plots (metric per round, against bytes, consensus) in `--out`."""
     from declora.reporting.compare import finished_summary
     from declora.reporting.report import table_text
 
