@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,48 @@ def test_the_site_builds_strictly(tmp_path):
     api = (site / "reference/api/index.html").read_text()
     assert "build_topology" in api and "Trackers" in api  # mkdocstrings rendered the API
     assert (site / "guides/trackers/index.html").is_file()
+
+
+def _prose_paragraphs(text: str) -> list[tuple[int, list[str]]]:
+    """(first line number, lines) of each blank-line-separated block outside code fences."""
+    blocks, block, start, fenced = [], [], 0, False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            if block:
+                blocks.append((start, block))
+            block = []
+            continue
+        if fenced:
+            continue
+        if line.strip():
+            start = start if block else number
+            block.append(line)
+        elif block:
+            blocks.append((start, block))
+            block = []
+    return [*blocks, (start, block)] if block else blocks
+
+
+def test_no_page_has_a_sentence_cut_in_half():
+    """Splitting the README into the site once left fragments: a paragraph that began with the
+    indented tail of a list item, and sentences that stopped mid-way ("packs plain text into
+    blocks of"). A prose block starts with a capital, a mark-up character or a digit, and
+    ends with a punctuation mark, unless a code block, a list or a formula follows it."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    cut = []
+    for page in pages:
+        text = page.read_text()
+        lines = text.splitlines()
+        for number, block in _prose_paragraphs(text):
+            first, last = block[0], block[-1].rstrip()
+            if re.match(r" +[a-z]", first):
+                cut.append(f"{page.relative_to(ROOT)}:{number}: starts mid-sentence: {first!r}")
+            if first.startswith(("|", "#", "<", "!", ":", " ")):
+                continue  # tables, headings, HTML, admonitions, indented code
+            end = number + len(block) - 1
+            after = next((x for x in lines[end:] if x.strip()), "")
+            followed = after.lstrip().startswith("```") or after.startswith("    ")
+            if re.search(r"[A-Za-z,(]$", last) and not followed:
+                cut.append(f"{page.relative_to(ROOT)}:{end}: ends mid-sentence: {last!r}")
+    assert not cut, "\n".join(cut)
