@@ -343,6 +343,34 @@ def _ranks() -> list[Variant]:
 
 MAIN_TABLE_ABLATION = "er-and-3-peer-skew"  # section 4a's rows, run as an ablation's variants
 
+
+@dataclass(frozen=True)
+class MainRow:
+    """A row an ablation table shows from the main table's own cells (its seeds 0-2) instead
+    of running it again, placed after the variant `after`."""
+
+    name: str
+    arm: str
+    partition: str | None
+    after: str
+    reference: str = ""  # another MainRow of the same table, or none
+
+
+# the rank table's r=8 is the main table's scale and rank: its Dec-LoRA (Dirichlet 0.5) and
+# centralized cells, so that the table reads 2 / 4 / 8 / 16 as section 4b asks
+MAIN_ROWS: dict[str, tuple[MainRow, ...]] = {
+    "ranks": (
+        MainRow("centralized r=8 (main, seeds 0-2)", "centralized", None, "dec-lora r=4"),
+        MainRow(
+            "dec-lora r=8 (main, seeds 0-2)",
+            "dec-lora-ring",
+            ABLATION_PARTITION,
+            "dec-lora r=4",
+            reference="centralized r=8 (main, seeds 0-2)",
+        ),
+    ),
+}
+
 ABLATIONS: dict[str, list[Variant]] = {
     "ranks": _ranks(),
     "local-steps": [  # 4c: K=5 at the examples of K=1, and at 5x them (the paper's K)
@@ -1076,13 +1104,34 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
             f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}] {interim_verdict(g, len(ABLATION_SEEDS))}"
         )
 
+    def row_text(name: str, scores: dict[int, float], ref_label: str, gap: str, central: str):
+        vals = list(scores.values())
+        sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
+        return (
+            f"| {name} | {len(vals)} | {np.mean(vals):.3f}{sd} | {ref_label} | {gap} | {central} |"
+        )
+
+    def main_rows_after(name: str, variant: str) -> list[str]:
+        here = [m for m in MAIN_ROWS.get(name, ()) if m.after == variant]
+        scores = {m.name: main_at(m.arm, m.partition) for m in here}
+        lines = []
+        for m in here:
+            if not scores[m.name]:
+                continue
+            ref = scores.get(m.reference, {})
+            gap = gap_text(scores[m.name], ref) if ref else ""
+            lines.append(row_text(m.name, scores[m.name], m.reference, gap, ""))
+        return lines
+
     out: list[str] = []
     for name, variants in ABLATIONS.items():
-        body = []
+        body, run_here = [], False  # a table shows once one of its own variants has rows
         for v in variants:
             mine = variant_scores(name, v.name, v.arm)
             if not mine:
+                body += main_rows_after(name, v.name)
                 continue
+            run_here = True
             at = v.tuned_at()[1]  # the main table's partition it is compared at
             if v.reference.startswith("main:"):
                 ref_arm = v.reference[5:]
@@ -1096,13 +1145,11 @@ def ablation_tables(rows: list[dict[str, Any]], task: str, sub: str) -> list[str
             central = ""
             if v.arm != "centralized" and v.reference.startswith("main:dec-lora"):
                 central = gap_text(mine, main_at("centralized", None))
-            vals = list(mine.values())
-            sd = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
             body.append(
-                f"| {v.name} | {len(vals)} | {np.mean(vals):.3f}{sd} | {ref_label} | "
-                f"{gap_text(mine, ref) if ref else ''} | {central} |"
+                row_text(v.name, mine, ref_label, gap_text(mine, ref) if ref else "", central)
             )
-        if body:
+            body += main_rows_after(name, v.name)
+        if run_here:
             out += [
                 f"{sub}# Ablation: {name}",
                 "",

@@ -418,6 +418,21 @@ def test_ablation_tables_take_gaps_against_the_declared_references(pl):
     r2 = next(line for line in text.splitlines() if line.startswith("| dec-lora r=2"))
     assert "| centralized r=2 | -0.50 [-0.50, -0.50] equivalent |" in r2
     assert "Ablation: confounds" not in text  # no rows yet, no table
+    # the rank table reads 2 / 4 / 8 / 16: its r=8 rows are the main table's cells, seeds 0-2
+    lines = text.splitlines()
+    names = [line.split(" | ")[0] for line in lines if "r=" in line and line.startswith("| ")]
+    assert names == [
+        "| centralized r=2",
+        "| dec-lora r=2",
+        "| centralized r=8 (main, seeds 0-2)",
+        "| dec-lora r=8 (main, seeds 0-2)",
+    ]
+    r8 = next(line for line in lines if line.startswith("| dec-lora r=8"))
+    assert (
+        "| 3 | 0.841 ± 0.001 | centralized r=8 (main, seeds 0-2) | -1.00 [-1.00, -1.00] worse" in r8
+    )
+    no_ranks = [r for r in rows if r.get("ablation") != "ranks"]
+    assert "r=8" not in "\n".join(pl.ablation_tables(no_ranks, "binary", "###"))
     # before a variant has its declared 3 seeds, its verdicts are marked interim
     short = [r for r in rows if not (r.get("variant") == "dec-lora r=2" and r["seed"] == 2)]
     text = "\n".join(pl.ablation_tables(short, "binary", "###"))
