@@ -1550,7 +1550,8 @@ def measured_speed(rows: list[dict[str, Any]], task: str) -> tuple[float | None,
     (an estimate), and where they came from. A kind without any takes the other kind's. Only
     the newest stretch of runs on one machine counts (from the newest timed run back to the
     last run of another machine): machines differ by up to 1.7x, the rest of the study runs
-    on the newest, and a machine's name does not tell two generations of one CPU apart."""
+    on the newest, and rows from before 2026-12-06 name a CPU without its family and model
+    numbers, which two generations of one CPU share."""
 
     def timed(r: dict[str, Any]) -> bool:
         return bool(

@@ -23,6 +23,18 @@ def test_the_cpu_model_is_the_first_model_name_line(tmp_path):
     assert machine.cpu_model(info) == "Example CPU @ 2.10GHz"
 
 
+def test_a_bare_model_name_is_told_apart_by_its_family_and_model_numbers(tmp_path):
+    """Two EPYC generations both call themselves "AMD EPYC" in a virtual machine; the numbers
+    of the first processor tell them apart, so their timings are not pooled."""
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {p}\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\n"
+    info.write_text(block.format(p=0, f=26, m=2) + "\n" + block.format(p=1, f=25, m=1))
+    assert machine.cpu_model(info) == "AMD EPYC (family 26 model 2)"
+    info.write_text(block.format(p=0, f=25, m=1))
+    assert machine.cpu_model(info) == "AMD EPYC (family 25 model 1)"
+    assert "," not in machine.cpu_model(info)  # rows are grouped by the text before a comma
+
+
 def test_without_a_model_name_the_cpu_model_falls_back_to_platform(tmp_path, monkeypatch):
     """ARM's /proc/cpuinfo has no "model name" line; other systems have no such file."""
     no_name = tmp_path / "cpuinfo"

@@ -13,15 +13,26 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 def cpu_model(cpuinfo: Path | None = None) -> str:
-    """The CPU's model name (Linux's first "model name" line), else what `platform` knows,
-    else "unknown CPU"."""
+    """The CPU's model name (Linux's first "model name" line) with its family and model numbers
+    where Linux gives them, else what `platform` knows, else "unknown CPU".
+
+    A virtual machine's model name can be as bare as "AMD EPYC", shared by CPU generations up
+    to 1.7x apart in speed; the family and model numbers tell them apart."""
+    fields: dict[str, str] = {}
     try:
         for line in (cpuinfo or CPUINFO).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key, value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or "unknown CPU"
+    family, model = fields.get("cpu family"), fields.get("model")
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def host(cpuinfo: Path | None = None) -> str:
