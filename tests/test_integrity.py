@@ -618,6 +618,34 @@ def test_a_comparison_never_writes_into_a_run(done, tmp_path):
     assert not (other / "plots").exists()
 
 
+def test_a_comparison_names_what_differs_and_refuses_runs_of_other_tasks(done, tmp_path):
+    """Two runs' scores compare only on one test set: the comparison lists the settings that
+    differ, warns when the test set is among them, and refuses runs of different tasks."""
+    same = _copy(done, tmp_path, "same")
+    res = runner.invoke(app, ["report", str(done), str(same), "--out", str(tmp_path / "c0")])
+    assert res.exit_code == 0, res.output
+    assert "differ in no setting" in res.output and "warning" not in res.output
+    other = _copy(done, tmp_path, "other")
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["train"]["lr"], cfg["data"]["test_size"] = 0.5, 0.2
+    cfg["name"], cfg["log"]["project"] = "renamed", "elsewhere"  # score nothing: not listed
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lr = yaml.safe_load((done / "config.yaml").read_text())["train"]["lr"]
+    res = runner.invoke(app, ["report", str(done), str(other), "--out", str(tmp_path / "c1")])
+    assert res.exit_code == 0, res.output
+    table = res.output[res.output.index("Settings that differ") :]
+    assert f"| train.lr | {lr} | 0.5 |" in table and "| data.test_size | " in table
+    assert "| name |" not in table and "log.project" not in table
+    assert "different test sets (they differ in data.test_size)" in res.output
+    assert "Settings that differ" in (tmp_path / "c1" / "compare.md").read_text()
+    lm = _copy(done, tmp_path, "lm")
+    summary = json.loads((lm / "summary.json").read_text())
+    (lm / "summary.json").write_text(json.dumps({**summary, "task": "causal-lm"}))
+    res = runner.invoke(app, ["report", str(done), str(lm), "--out", str(tmp_path / "c2")])
+    assert "runs of different tasks" in _error_line(res)
+    assert "lm: causal-lm" in res.stderr and not (tmp_path / "c2").exists()
+
+
 def test_a_run_name_is_a_folder_name(job, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("../../x", "a/b", "..", ".hidden"):

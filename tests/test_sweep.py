@@ -106,6 +106,7 @@ def test_sweep_runs_resumes_and_tabulates(base, tmp_path):
     res = runner.invoke(app, ["report", *runs, "--out", str(cmp)])
     assert res.exit_code == 0, res.output
     assert "| r=2__seed=0 |" in res.output and "| r=4__seed=0 |" in res.output
+    assert "| lora.r | 2 | 4 |" in res.output and "test sets" not in res.output
     for f in ("accuracy.png", "accuracy_vs_bytes.png", "consensus.png", "compare.md"):
         assert (cmp / f).is_file()
     res = runner.invoke(app, ["report", runs[0], str(tmp_path)])

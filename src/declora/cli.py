@@ -354,7 +354,7 @@ def report(
 ) -> None:
     """Print the summary table of a finished run, or compare several runs.
 
-    Several runs: one table and plots (metric per round, against bytes, consensus) in `--out`."""
+    Several runs: one table, the settings they differ in, and their plots, in `--out`."""
     from declora.reporting.compare import finished_summary
     from declora.reporting.report import table_text
 

@@ -2,13 +2,18 @@
 
 Per-run plots (label distribution per peer, topology) are already in each run directory; this
 draws what only a comparison shows: the averaged model's metric per round for every run, the
-final metric against bytes each peer sent, and the consensus distance per round.
+final metric against bytes each peer sent, and the consensus distance per round. Next to the
+table it lists the settings the runs differ in, and it says when their test sets differ (their
+scores then do not compare).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from declora.errors import DecloraError
 from declora.reporting.rundir import STATUS_FILE, RunDir, read_metrics, read_record
@@ -36,8 +41,64 @@ def finished_summary(run: Path) -> dict[str, Any]:
     return summary
 
 
+# settings that change neither what a run trains nor what it scores: the run's name, and the
+# prefixes of logging and export
+UNSCORED = ("log.", "export.")
+# settings that fix the examples a run is scored on
+TEST_SET = (
+    "task",
+    "data.name",
+    "data.path",
+    "data.test_path",
+    "data.test_size",
+    "data.split_seed",
+    "data.max_test_examples",
+    "eval.final_max_examples",  # the final score's subset of the test split
+)
+
+
+def run_settings(run: Path) -> dict[str, str]:
+    """A run's config.yaml as dotted keys and compact values ({} if it has none): read as
+    plain YAML, so that runs written by an older declora still compare."""
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[prefix[:-1]] = text
+
+    if isinstance(data, dict):
+        walk("", data)
+    return flat
+
+
+def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
+    """The settings whose values are not the same in every run (a run without the key: "-"),
+    leaving out those that change neither training nor scoring."""
+    keys = sorted({k for s in settings for k in s})
+    out = {}
+    for k in keys:
+        if k == "name" or k.startswith(UNSCORED):
+            continue
+        values = [s.get(k, "-") for s in settings]
+        if len(set(values)) > 1:
+            out[k] = values
+    return out
+
+
 def _load(run: Path) -> dict[str, Any]:
-    return {"summary": finished_summary(run), "metrics": read_metrics(run)}
+    return {
+        "summary": finished_summary(run),
+        "metrics": read_metrics(run),
+        "settings": run_settings(run),
+    }
 
 
 def check_out(out: Path, runs: list[Path]) -> None:
@@ -70,7 +131,9 @@ def _names(runs: list[Path]) -> list[str]:
 
 
 def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) -> dict[str, Any]:
-    """Table and plots of `runs` in `out`; `names` labels them (default: their folder names)."""
+    """Table, differing settings and plots of `runs` in `out`; `names` labels them (default:
+    their folder names). Runs of different tasks are refused (DecloraError): no metric is
+    common to a classifier and a causal LM."""
     from declora.reporting import plots  # matplotlib: only where a plot is drawn
 
     loaded = [_load(r) for r in runs]
@@ -78,6 +141,16 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
         raise DecloraError(f"{len(names)} names for {len(runs)} runs")
     check_out(out, runs)
     names = names or _names(runs)
+    tasks = {str(r["summary"].get("task") or "classification") for r in loaded}
+    if len(tasks) > 1:
+        kinds = ", ".join(
+            f"{n}: {r['summary'].get('task') or 'classification'}"
+            for n, r in zip(names, loaded, strict=True)
+        )
+        raise DecloraError(
+            f"runs of different tasks have no metric in common and cannot share a table ({kinds}); "
+            "compare runs of one task"
+        )
     columns = loaded[0]["summary"].get("columns") or ["accuracy"]
     primary = columns[0]
     causal = loaded[0]["summary"].get("task") == "causal-lm"
@@ -122,7 +195,7 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
         wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.1f}"
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.1f}"
         lines.append(f"| {r['run']} | " + " | ".join(vals) + f" | {mb} | {wall} | {cpu} |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n" + settings_text(names, [r["settings"] for r in loaded])
     text = (
         f"# Comparison of {len(runs)} runs\n\n{table}\n"
         f"![{primary}]({primary}.png)\n![vs bytes]({primary}_vs_bytes.png)\n"
@@ -130,3 +203,27 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
     )
     (out / "compare.md").write_text(text)
     return {"table": table, "rows": rows}
+
+
+def settings_text(names: list[str], settings: list[dict[str, str]]) -> str:
+    """The settings the runs differ in, as a table, and a warning when those include the test
+    set: two runs scored on different examples do not compare."""
+    diff = differing_settings(settings)
+    if not diff:
+        return "\nThe runs differ in no setting (other than the run name and logging).\n"
+    lines = [
+        "",
+        "Settings that differ:",
+        "",
+        "| setting | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    lines += [f"| {k} | " + " | ".join(v) + " |" for k, v in diff.items()]
+    test = [k for k in diff if k in TEST_SET]
+    if test:
+        lines += [
+            "",
+            f"warning: the runs were scored on different test sets (they differ in "
+            f"{', '.join(test)}); their scores do not compare.",
+        ]
+    return "\n".join(lines) + "\n"
