@@ -155,6 +155,10 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     assert res.returncode == -9  # SIGKILL: a real crash after round 3's local steps
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     assert ckpt.rounds(out / "checkpoints") == [2]
+    # it cannot say it stopped, but a report sees that no process holds it any more
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 2 and 'says "running" but no process holds the run' in res.output
+    assert f"declora run --resume {out}" in res.output
     res = run_in_process("run", "--quiet", "--resume", str(out))
     assert res.returncode == 0, res.stderr
     a, b = run_adapters(uninterrupted), run_adapters(out)
@@ -163,6 +167,57 @@ def test_a_killed_run_resumes_to_exactly_the_same_adapters(job, uninterrupted, t
     assert run_metrics(out) == run_metrics(uninterrupted)
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "complete" and status["resumed"] == 1
+
+
+def test_a_stopped_run_records_the_stop_frees_its_folder_and_resumes(job, uninterrupted, tmp_path):
+    """SIGTERM (kill, a scheduler's preemption) after round 3: run.json says why the run
+    stopped instead of "running", the lock is released, the exit code is the shell's for that
+    signal, and --resume ends where an unstopped run ends."""
+    import signal
+
+    from declora.reporting.rundir import busy
+
+    sig, out = "TERM", tmp_path / "stopped"
+    env = {"DECLORA_KILL_AT": "3", "DECLORA_KILL_SIGNAL": sig}
+    res = run_cli("run", "--quiet", "--config", str(job / "job.yaml"), "--out", str(out), env=env)
+    assert res.returncode == 128 + signal.Signals[f"SIG{sig}"]
+    assert f"stopped by SIG{sig}; continue it with: declora run --resume {out}" in res.stderr
+    assert "Traceback" not in res.stderr
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"] == f"Stopped: stopped by SIG{sig}"
+    assert busy(out) is None and ckpt.rounds(out / "checkpoints") == [2]
+    res = runner.invoke(app, ["report", str(out)])
+    assert res.exit_code == 2 and f"(Stopped: stopped by SIG{sig})" in res.output
+    res = run_in_process("run", "--quiet", "--resume", str(out))
+    assert res.returncode == 0, res.stderr
+    a, b = run_adapters(uninterrupted), run_adapters(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "complete" and "error" not in status
+    assert status["previous_error"] == f"Stopped: stopped by SIG{sig}"
+
+
+def test_a_stop_signal_is_an_exception_inside_the_block_and_an_ignored_one_stays_ignored():
+    """SIGHUP (a closed terminal) as the run sees it; under `nohup` it is ignored and stays so."""
+    import os
+    import signal
+    import time
+
+    from declora.runners.signals import Stopped, stop_on_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(Stopped) as stop, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    assert str(stop.value) == "stopped by SIGHUP" and stop.value.exit_code == 129
+    assert signal.getsignal(signal.SIGHUP) == before  # restored after the block
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored, as nohup asked: nothing happens
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_cpu_time_continues_across_a_resume_and_is_left_out_after_an_older_checkpoint(

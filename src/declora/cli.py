@@ -110,9 +110,19 @@ def run(
             f"model {cfg.model.name} -> {target}",
             err=True,
         )
-        rundir, _ = execute(
-            cfg, target, overwrite=overwrite, progress=not quiet, resume=resume is not None
-        )
+        from declora.runners.signals import Stopped, stop_on_signals
+
+        try:
+            with stop_on_signals():  # SIGTERM / SIGHUP: run.json records it, the lock is freed
+                rundir, _ = execute(
+                    cfg, target, overwrite=overwrite, progress=not quiet, resume=resume is not None
+                )
+        except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (Stopped)
+            stop = exc if isinstance(exc, Stopped) else None
+            again = f"; continue it with: declora run --resume {target}"
+            said = str(stop) if stop else "interrupted"
+            typer.echo(f"\n{said}{again if cfg.train.checkpoint_every != 0 else ''}", err=True)
+            raise typer.Exit(stop.exit_code if stop else 130) from None
     except DecloraError as exc:
         _fail(exc)
         return

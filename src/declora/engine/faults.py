@@ -4,6 +4,7 @@
 process holding that peer) sends SIGKILL to the process right after that round's local steps,
 before it communicates or checkpoints: a real crash, not an exception. Under torchrun it fires
 only in the first attempt (`TORCHELASTIC_RESTART_COUNT` 0), so a restarted group runs through.
+`DECLORA_KILL_SIGNAL=TERM` (or HUP, INT) sends that signal instead: a stop the run can record.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from declora.errors import ConfigError
 
 KILL_ENV = "DECLORA_KILL_AT"
+SIGNAL_ENV = "DECLORA_KILL_SIGNAL"
+SIGNALS = ("KILL", "TERM", "HUP", "INT")
 
 
 def kill_point() -> tuple[int | None, int] | None:
@@ -31,10 +34,18 @@ def kill_point() -> tuple[int | None, int] | None:
         ) from None
 
 
+def kill_signal() -> signal.Signals:
+    """The signal `maybe_kill` sends: SIGKILL unless the environment names another."""
+    raw = os.environ.get(SIGNAL_ENV, "KILL").strip().upper().removeprefix("SIG")
+    if raw not in SIGNALS:
+        raise ConfigError(f"{SIGNAL_ENV}={raw!r} is not one of {', '.join(SIGNALS)}")
+    return signal.Signals[f"SIG{raw}"]
+
+
 def maybe_kill(round_: int, peers: Sequence[int]) -> None:
     point = kill_point()
     if point is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     peer, at = point
     if round_ == at and (peer is None or peer in peers):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), kill_signal())

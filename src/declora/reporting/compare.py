@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from declora.errors import DecloraError
-from declora.reporting.rundir import STATUS_FILE, RunDir, read_metrics, read_record
+from declora.reporting.rundir import STATUS_FILE, RunDir, busy, read_metrics, read_record
 
 
 def finished_summary(run: Path) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def finished_summary(run: Path) -> dict[str, Any]:
     if status is None:
         raise DecloraError(f"{str(run)!r} is not a declora run directory (no {STATUS_FILE})")
     if status != "complete":
-        raise DecloraError(f"run {str(run)!r} is not complete (status: {status})")
+        raise DecloraError(f"run {str(run)!r} is not complete: {unfinished_state(run, status)}")
     summary = read_record(run, "summary.json")
     if summary is None:
         raise DecloraError(
@@ -91,6 +91,22 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
         if len(set(values)) > 1:
             out[k] = values
     return out
+
+
+def unfinished_state(run: Path, status: str) -> str:
+    """Why a run is not complete, in words: still going (a process holds its lock), stopped
+    with its recorded error, or stopped without a word (killed: it still says "running")."""
+    again = f"continue it with: declora run --resume {run}"
+    if status == "running":
+        holder = busy(run)
+        if holder:
+            return f"it is still running ({holder})"
+        return (
+            'run.json says "running" but no process holds the run: it was killed before it '
+            f"could record it (SIGKILL, a lost machine); {again}"
+        )
+    error = (read_record(run) or {}).get("error")
+    return f"status {status}{f' ({error})' if error else ''}; {again}"
 
 
 def _load(run: Path) -> dict[str, Any]:

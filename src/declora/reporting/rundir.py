@@ -65,6 +65,13 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def failure_text(exc: BaseException) -> str:
+    """What run.json records as the error that stopped a run (500 characters at most); Ctrl-C's
+    KeyboardInterrupt carries no message of its own, so it gets one."""
+    text = str(exc) or ("interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "")
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
 def read_record(path: Path, what: str = STATUS_FILE) -> dict[str, Any] | None:
     """A JSON object file of a run directory, None when absent; a damaged one is one error."""
     f = path / what

@@ -30,7 +30,7 @@ from declora.model.export import save_at_rank, save_peft_adapter
 from declora.network import distributed as dd
 from declora.network.auth import load_key
 from declora.reporting.report import summary_rows, write_report
-from declora.reporting.rundir import STATUS_FILE, RunDir, write_json
+from declora.reporting.rundir import STATUS_FILE, RunDir, failure_text, write_json
 from declora.reporting.trackers import Trackers, require
 from declora.runners.build import (
     PeerSide,
@@ -191,7 +191,7 @@ def run_peer(
         )
     except BaseException as exc:
         if proc.leader:
-            rundir.set_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            rundir.set_status("failed", error=failure_text(exc))
         raise
     kind = prep.peft_task_type
     own = {k: v[0] for k, v in result.final.items()}

@@ -19,7 +19,7 @@ from declora.engine.round_loop import LoopHooks, Result, train
 from declora.model.adapters import average
 from declora.model.export import save_at_rank, save_peft_adapter
 from declora.reporting.report import summary_rows, write_report
-from declora.reporting.rundir import RunDir
+from declora.reporting.rundir import RunDir, failure_text
 from declora.reporting.trackers import Trackers, require
 from declora.runners.build import (
     Prepared,
@@ -100,7 +100,7 @@ def execute(
     try:
         results = _execute(prep, rundir, progress, resume)
     except BaseException as exc:
-        rundir.set_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        rundir.set_status("failed", error=failure_text(exc))
         raise
     return rundir, results
 
