@@ -111,3 +111,41 @@ def test_sweep_runs_resumes_and_tabulates(base, tmp_path):
         assert (cmp / f).is_file()
     res = runner.invoke(app, ["report", runs[0], str(tmp_path)])
     assert res.exit_code == 2 and "not a declora run directory" in res.output
+
+
+def test_a_stopped_sweep_stops_its_running_cell_and_starts_no_other(base, tmp_path):
+    """SIGTERM to the sweep process alone (a scheduler's preemption): the running cell gets it
+    too and records it, instead of training on as an orphan that holds its folder while the
+    sweep looks stopped, and the next cell never starts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from declora.reporting.rundir import busy
+
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "declora", "sweep", "--config", str(base), "--out", str(out)]
+    cmd += [
+        "--grid",
+        "lora.r=2,4",
+        "--set",
+        "train.rounds=400",
+        "--set",
+        "train.checkpoint_every=2",
+    ]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "cells" / "r=2__seed=0"
+    deadline = time.monotonic() + 120
+    while not (first / "metrics.jsonl").is_file():  # the cell is training
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
+        time.sleep(0.1)
+    os.kill(sweep.pid, signal.SIGTERM)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143, err
+    assert "stopped by SIGTERM; the same command continues the sweep" in err
+    status = json.loads((first / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"] == "Stopped: stopped by SIGTERM"
+    assert busy(first) is None  # no orphan holds it
+    assert not (out / "cells" / "r=4__seed=0").exists()

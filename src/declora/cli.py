@@ -282,21 +282,28 @@ def sweep(
     jobs: Annotated[int, typer.Option(min=1, help="cells run at the same time")] = 1,
 ) -> None:
     """Run a grid of configurations x seeds (resumable) and tabulate mean +- std over seeds."""
+    from declora.runners.signals import Stopped, stop_on_signals
     from declora.runners.sweep import parse_grid, run_sweep
 
     try:
         parsed = parse_grid(grid)
         target = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         _quiet_libraries()
-        res = run_sweep(
-            config,
-            parsed,
-            list(range(seeds)),
-            target,
-            base_sets=set_ or [],
-            jobs=jobs,
-            echo=lambda m: typer.echo(m, err=True),
-        )
+        with stop_on_signals():  # a stop reaches the running cells, which record it
+            res = run_sweep(
+                config,
+                parsed,
+                list(range(seeds)),
+                target,
+                base_sets=set_ or [],
+                jobs=jobs,
+                echo=lambda m: typer.echo(m, err=True),
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal: the running cells are stopped
+        stop = exc if isinstance(exc, Stopped) else None
+        said = str(stop) if stop else "interrupted"
+        typer.echo(f"\n{said}; the same command continues the sweep", err=True)
+        raise typer.Exit(stop.exit_code if stop else 130) from None
     except DecloraError as exc:
         _fail(exc)
         return

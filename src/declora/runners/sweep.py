@@ -9,14 +9,17 @@ configuration is validated before the first one starts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,9 +161,56 @@ def run_cell(
         for s in [*base_sets, *cell.sets, f"train.threads={threads}", tags]:
             cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    tail = (res.stderr or "").strip().splitlines()[-1:] or [""]
-    return cell, res.returncode, tail[0]
+    code, err = _run_child(cmd, env)
+    tail = (err or "").strip().splitlines()[-1:] or [""]
+    return cell, code, tail[0]
+
+
+# the cells' processes running now, so that a stopped sweep can stop them (they would run on
+# as orphans, holding their folders, while the sweep looks stopped)
+_CHILDREN: set[subprocess.Popen[str]] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _run_child(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    try:
+        _, err = proc.communicate()
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
+    return proc.returncode, err
+
+
+def stop_cells(signum: int | None, grace_s: float = 60.0, own_s: float = 10.0) -> int:
+    """Pass a stop on to the cells still running (each records it in its run.json and frees
+    its folder, to be resumed by the next sweep) and wait for them; one that outlasts
+    `grace_s` is killed. `signum` None (Ctrl-C, which the terminal also sent the cells) first
+    gives them `own_s` to stop on their own, then sends SIGTERM: a second Ctrl-C could cut
+    their record short. Returns how many were running."""
+    with _CHILDREN_LOCK:
+        procs = [p for p in _CHILDREN if p.poll() is None]
+    if signum is None:
+        deadline = time.monotonic() + own_s
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        signum = signal.SIGTERM
+    for p in procs:
+        if p.poll() is not None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return len(procs)
 
 
 CellTask = tuple[Cell, "Path | None", Sequence[str], Path]  # cell, base YAML, base sets, out
@@ -177,7 +227,8 @@ def run_cells(
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     failed = []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         futures = [pool.submit(run_cell, *t, threads) for t in todo]
         for i, (fut, t) in enumerate(zip(futures, todo, strict=True), 1):
             cell, code, tail = fut.result()
@@ -186,6 +237,12 @@ def run_cells(
             echo(f"[{i}/{len(todo)}] {label}: {mark} ({time.perf_counter() - start:.0f} s)")
             if code != 0:
                 failed.append(label)
+    except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal: no new cell, stop the running
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_cells(getattr(exc, "signum", None))
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return failed, len(todo)
 
 
