@@ -531,6 +531,31 @@ def test_a_run_folder_without_its_summary(done, tmp_path):
     assert "has no table rows" in _error_line(runner.invoke(app, ["report", str(run)]))
 
 
+def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_path):
+    """Both say "running" in run.json; the lock tells them apart: one a process still holds,
+    and one whose process died without a word (SIGKILL, a lost machine)."""
+    run = _copy(done, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    hold = (
+        "import sys, time; from pathlib import Path; from declora.reporting.rundir import lock; "
+        "lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _error_line(runner.invoke(app, ["report", str(run)]))
+        assert f"is not complete: it is still running, in process {holder.pid} on " in line
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _error_line(runner.invoke(app, ["report", str(run)]))
+    assert 'says "running" but no process holds the run' in line
+    assert f"continue it with: declora run --resume {run}" in line
+
+
 def test_report_out_must_be_a_folder_of_its_own(done, tmp_path):
     other = _copy(done, tmp_path, "other")
     (tmp_path / "file.txt").write_text("keep")

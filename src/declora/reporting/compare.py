@@ -16,7 +16,13 @@ from typing import Any
 import yaml
 
 from declora.errors import DecloraError
-from declora.reporting.rundir import STATUS_FILE, RunDir, busy, read_metrics, read_record
+from declora.reporting.rundir import (
+    STATUS_FILE,
+    RunDir,
+    lock_holder,
+    read_metrics,
+    read_record,
+)
 
 
 def finished_summary(run: Path) -> dict[str, Any]:
@@ -98,9 +104,9 @@ def unfinished_state(run: Path, status: str) -> str:
     with its recorded error, or stopped without a word (killed: it still says "running")."""
     again = f"continue it with: declora run --resume {run}"
     if status == "running":
-        holder = busy(run)
+        holder = lock_holder(run)
         if holder:
-            return f"it is still running ({holder})"
+            return f"it is still running, in {holder}"
         return (
             'run.json says "running" but no process holds the run: it was killed before it '
             f"could record it (SIGKILL, a lost machine); {again}"

@@ -107,9 +107,12 @@ def _holder(fd: int) -> str:
         return "another process (it has not said which yet)"
 
 
-def _busy(path: Path, fd: int) -> RunDirBusy:
+def _busy(path: Path, who: int | str) -> RunDirBusy:
+    """The refusal to touch a run directory that `who` (the lock's file descriptor, or what
+    it says) holds."""
+    who = _holder(who) if isinstance(who, int) else who
     return RunDirBusy(
-        f"run directory {str(path)!r} is in use by {_holder(fd)}; wait for that run to end "
+        f"run directory {str(path)!r} is in use by {who}; wait for that run to end "
         "(or stop it) before --resume or --overwrite, or choose another --out"
     )
 
@@ -150,8 +153,15 @@ def unlock(path: Path) -> None:
 
 
 def busy(path: Path) -> str | None:
-    """Who holds the run directory's lock, when another process does; else None. Creates
-    nothing."""
+    """Who holds the run directory's lock, when another process does, as the message that
+    refuses to touch it; else None. Creates nothing."""
+    who = lock_holder(path)
+    return None if who is None else str(_busy(path, who))
+
+
+def lock_holder(path: Path) -> str | None:
+    """The process that holds the run directory's lock ("process PID on HOST since ... (its
+    command)"), when another process does; else None. Creates nothing."""
     if fcntl is None or path.resolve() in _HELD:
         return None
     try:
@@ -161,7 +171,7 @@ def busy(path: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return str(_busy(path, fd))
+        return _holder(fd)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
