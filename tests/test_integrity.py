@@ -554,6 +554,11 @@ def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_pat
     line = _error_line(runner.invoke(app, ["report", str(run)]))
     assert 'says "running" but no process holds the run' in line
     assert f"continue it with: declora run --resume {run}" in line
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["checkpoint_every"] = 0  # nothing to continue from: it says so
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    line = _error_line(runner.invoke(app, ["report", str(run)]))
+    assert "wrote no checkpoints (train.checkpoint_every=0): run it again" in line
 
 
 def test_report_out_must_be_a_folder_of_its_own(done, tmp_path):
