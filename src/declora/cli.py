@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -110,23 +110,30 @@ def run(
             f"model {cfg.model.name} -> {target}",
             err=True,
         )
-        from declora.runners.signals import Stopped, stop_on_signals
+        from declora.runners.signals import stop_on_signals
 
         try:
             with stop_on_signals():  # SIGTERM / SIGHUP: run.json records it, the lock is freed
                 rundir, _ = execute(
                     cfg, target, overwrite=overwrite, progress=not quiet, resume=resume is not None
                 )
-        except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (Stopped)
-            stop = exc if isinstance(exc, Stopped) else None
+        except KeyboardInterrupt as exc:
             again = f"; continue it with: declora run --resume {target}"
-            said = str(stop) if stop else "interrupted"
-            typer.echo(f"\n{said}{again if cfg.train.checkpoint_every != 0 else ''}", err=True)
-            raise typer.Exit(stop.exit_code if stop else 130) from None
+            _exit_stopped(exc, again if cfg.train.checkpoint_every != 0 else "")
     except DecloraError as exc:
         _fail(exc)
         return
     _print_outcome(rundir.path, cfg)
+
+
+def _exit_stopped(exc: KeyboardInterrupt, then: str) -> NoReturn:
+    """Ctrl-C or a stop signal (`Stopped`) ended the work: say which, and `then` (what
+    continues it), and exit with the shell's code for it (130 for Ctrl-C)."""
+    from declora.runners.signals import Stopped
+
+    stop = exc if isinstance(exc, Stopped) else None
+    typer.echo(f"\n{stop or 'interrupted'}{then}", err=True)
+    raise typer.Exit(stop.exit_code if stop else 130) from None
 
 
 def _print_outcome(path: Path, cfg) -> None:
@@ -282,7 +289,7 @@ def sweep(
     jobs: Annotated[int, typer.Option(min=1, help="cells run at the same time")] = 1,
 ) -> None:
     """Run a grid of configurations x seeds (resumable) and tabulate mean +- std over seeds."""
-    from declora.runners.signals import Stopped, stop_on_signals
+    from declora.runners.signals import stop_on_signals
     from declora.runners.sweep import parse_grid, run_sweep
 
     try:
@@ -299,11 +306,8 @@ def sweep(
                 jobs=jobs,
                 echo=lambda m: typer.echo(m, err=True),
             )
-    except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal: the running cells are stopped
-        stop = exc if isinstance(exc, Stopped) else None
-        said = str(stop) if stop else "interrupted"
-        typer.echo(f"\n{said}; the same command continues the sweep", err=True)
-        raise typer.Exit(stop.exit_code if stop else 130) from None
+    except KeyboardInterrupt as exc:  # the running cells were stopped, and recorded it
+        _exit_stopped(exc, "; the same command continues the sweep")
     except DecloraError as exc:
         _fail(exc)
         return
