@@ -234,7 +234,7 @@ def settings_text(names: list[str], settings: list[dict[str, str]]) -> str:
     set: two runs scored on different examples do not compare."""
     diff = differing_settings(settings)
     if not diff:
-        return "\nThe runs differ in no setting (other than the run name and logging).\n"
+        return "\nThe runs differ in no setting (other than the run name, logging and export).\n"
     lines = [
         "",
         "Settings that differ:",
