@@ -165,12 +165,9 @@ def compare_runs(runs: list[Path], out: Path, names: list[str] | None = None) ->
         raise DecloraError(f"{len(names)} names for {len(runs)} runs")
     check_out(out, runs)
     names = names or _names(runs)
-    tasks = {str(r["summary"].get("task") or "classification") for r in loaded}
-    if len(tasks) > 1:
-        kinds = ", ".join(
-            f"{n}: {r['summary'].get('task') or 'classification'}"
-            for n, r in zip(names, loaded, strict=True)
-        )
+    tasks = [str(r["summary"].get("task") or "classification") for r in loaded]
+    if len(set(tasks)) > 1:
+        kinds = ", ".join(f"{n}: {t}" for n, t in zip(names, tasks, strict=True))
         raise DecloraError(
             f"runs of different tasks have no metric in common and cannot share a table ({kinds}); "
             "compare runs of one task"

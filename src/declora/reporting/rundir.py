@@ -107,10 +107,8 @@ def _holder(fd: int) -> str:
         return "another process (it has not said which yet)"
 
 
-def _busy(path: Path, who: int | str) -> RunDirBusy:
-    """The refusal to touch a run directory that `who` (the lock's file descriptor, or what
-    it says) holds."""
-    who = _holder(who) if isinstance(who, int) else who
+def _busy(path: Path, who: str) -> RunDirBusy:
+    """The refusal to touch a run directory that `who` (what `_holder` says) holds."""
     return RunDirBusy(
         f"run directory {str(path)!r} is in use by {who}; wait for that run to end "
         "(or stop it) before --resume or --overwrite, or choose another --out"
@@ -128,7 +126,7 @@ def lock(path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        err = _busy(path, fd)
+        err = _busy(path, _holder(fd))
         os.close(fd)
         raise err from None
     me = {
