@@ -33,6 +33,7 @@ from declora.config.schema import load_config
 from declora.errors import DecloraError
 from declora.reporting.compare import compare_runs
 from declora.reporting.machine import host
+from declora.runners.signals import Stopped, stop_on_signals
 from declora.runners.sweep import Cell, cell_status, run_cells, slug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -772,7 +773,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     if not args.report_only:
         start = time.perf_counter()
-        failed = run_all(todo, out, args.jobs)
+        try:
+            with stop_on_signals():  # SIGTERM/SIGHUP reach the running cells (as Ctrl-C does)
+                failed = run_all(todo, out, args.jobs)
+        except Stopped as exc:
+            print(
+                f"{exc}; the same command continues the suite (complete cells are kept, "
+                "stopped ones resume from their checkpoints)",
+                file=sys.stderr,
+            )
+            return exc.exit_code
         wall = time.perf_counter() - start
     path = write_results(out, exps, args.quick, wall, args.jobs)
     print(f"results: {path}")

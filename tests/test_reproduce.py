@@ -158,3 +158,30 @@ def test_complete_cells_are_not_run_again(rep, tmp_path, capsys):
         _fake_cell(tmp_path, c.name, 0.6, 0.6)
     assert rep.run_all(todo, tmp_path, 2) == []
     assert f"{len(todo)} cells, {len(todo)} already complete, 0 to run" in capsys.readouterr().out
+
+
+def test_a_stop_signal_stops_the_suite_with_its_code_and_says_how_to_continue(
+    rep, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM to the suite's process becomes a stop that reaches its running cells (through
+    run_cells' Ctrl-C path) instead of ending the process and leaving them training as
+    orphans. The handler this test sets first must not see the signal."""
+    import os
+    import signal
+    import time
+
+    def stopped_while_running(todo, out, n_jobs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between two bytecodes; this is never reached whole
+        return []
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    monkeypatch.setattr(rep, "run_all", stopped_while_running)
+    monkeypatch.setattr(rep, "write_results", lambda *a: tmp_path / "results.md")
+    try:
+        code = rep.main(["--only", "quantization", "--quick", "--out", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (code, seen) == (128 + signal.SIGTERM, [])
+    assert "stopped by SIGTERM; the same command continues the suite" in capsys.readouterr().err
