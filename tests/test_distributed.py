@@ -204,6 +204,37 @@ def test_a_killed_peer_restarts_the_group_and_it_ends_identical(runs, job, tmp_p
     assert status["status"] == "complete" and status["resumed"] == 1
 
 
+def test_a_failed_group_names_the_peer_that_ended_and_never_stays_running(job, tmp_path):
+    """Without restarts, a peer killed mid-run fails the launch. Races decide who speaks:
+    peers notice their silent neighbour and stop with that error (exit 2), or the launcher
+    sees the kill first and stops every peer with SIGTERM, before or after peer 0 recorded
+    its neighbour's silence. The launcher then names the peer and how it ended, and says how
+    to continue; run.json says "failed" in every case (it said "running" for good when the
+    launcher stopped peer 0 first), with peer 0's own words when it had recorded them."""
+    out = tmp_path / "failed"
+    res = _launch(job, out, env={"DECLORA_KILL_AT": "1:3"})
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed", res.stderr[-3000:]
+    said = "the distributed run failed: peer 1 ended by SIGKILL"
+    assert "neighbour 1 did not answer" in status["error"] or said in status["error"]
+    if res.returncode == 2:
+        assert "neighbour 1 did not answer" in res.stderr
+    else:
+        assert res.returncode == 1, res.stderr[-3000:]
+        assert said in res.stderr, res.stderr[-3000:]
+        assert f"continue it with: declora launch --peers 4 -- --resume {out}" in res.stderr
+
+
+def test_a_peers_failure_tells_the_cause_from_the_peers_the_launcher_stopped():
+    from declora.runners.launch import PeersFailed
+
+    assert str(PeersFailed({2: -15, 1: -9, 0: -15})) == (
+        "peer 1 ended by SIGKILL (then peer(s) 0, 2 got SIGTERM: the launcher stops the rest)"
+    )
+    assert str(PeersFailed({3: 1})) == "peer 3 ended with exit code 1"
+    assert str(PeersFailed({0: -15, 1: -15})) == "peer 0 ended by SIGTERM; peer 1 ended by SIGTERM"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,7 @@ from declora.network.health import (
 )
 from declora.network.simulated import SimulatedGossip
 from declora.network.topology import build_topology
-from declora.reporting.rundir import RunDir, RunDirBusy
+from declora.reporting.rundir import RunDir, RunDirBusy, record_lost_run
 from declora.runners import launch
 from declora.runners.sweep import Cell, run_cell
 from tests.conftest import run_adapters, run_cli, write_tiny_job
@@ -548,12 +548,24 @@ def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_pat
         assert holder.stdout.readline().strip() == "held"
         line = _error_line(runner.invoke(app, ["report", str(run)]))
         assert f"is not complete: it is still running, in process {holder.pid} on " in line
+        assert not record_lost_run(run, "lost")  # a launcher leaves a held run alone
     finally:
         holder.kill()
         holder.wait()
     line = _error_line(runner.invoke(app, ["report", str(run)]))
     assert 'says "running" but no process holds the run' in line
     assert f"continue it with: declora run --resume {run}" in line
+    before = (run / "run.json").read_text()
+    assert record_lost_run(run, "peer 1 ended by SIGKILL")  # what `declora launch` does then
+    assert json.loads((run / "run.json").read_text()) == {
+        **json.loads(before),
+        "status": "failed",
+        "error": "peer 1 ended by SIGKILL",
+    }
+    assert not record_lost_run(run, "again")  # only ever a run that says "running"
+    line = _error_line(runner.invoke(app, ["report", str(run)]))
+    assert "peer 1 ended by SIGKILL" in line
+    (run / "run.json").write_text(before)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["checkpoint_every"] = 0  # nothing to continue from: it says so
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))

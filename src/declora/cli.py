@@ -218,8 +218,9 @@ def launch(
         run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
         typer.echo(run_command.get_help(run_command.make_context("declora run", [])))
         raise typer.Exit(0)
+    folder = None
     try:
-        _launch_preflight(extra, peers, nnodes)
+        folder = _launch_preflight(extra, peers, nnodes)
         launcher.run(
             ["declora", "run", *extra],
             peers=peers,
@@ -233,18 +234,37 @@ def launch(
         )
     except DecloraError as exc:
         _fail(exc)
-    except Exception as exc:  # torch's ChildFailedError: the peers already printed why
-        typer.echo(f"error: the distributed run failed ({type(exc).__name__})", err=True)
+    except launcher.PeersFailed as exc:
+        _peers_failed(exc, folder, peers)
+    except Exception as exc:  # the launcher's own failure: the peers, if any, printed theirs
+        typer.echo(f"error: the distributed run failed ({type(exc).__name__}: {exc})", err=True)
         raise typer.Exit(1) from None
 
 
-def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
+def _peers_failed(exc: Exception, folder: Path | None, peers: int) -> NoReturn:
+    """Say which peers ended and how (each one's own words are above), record it in the run
+    directory when no peer could (the launcher stopped them all), and say how to continue."""
+    from declora.reporting.rundir import record_lost_run
+
+    what = f"the distributed run failed: {exc}"
+    typer.echo(f"error: {what}; what each peer printed is above", err=True)
+    if folder is not None and folder.is_dir():
+        record_lost_run(folder, what)
+        if any((folder / "checkpoints").glob("peer-*/round-*")):
+            typer.echo(
+                f"continue it with: declora launch --peers {peers} -- --resume {folder}", err=True
+            )
+    raise typer.Exit(1) from None
+
+
+def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
     """On one machine, refuse in the launcher what every peer would refuse (a config error, a
     wrong process count, a baseline that needs no network), before any process starts. Across
     machines the peers' handshake does it, so that every machine stops with the message
-    instead of waiting for one that refused alone."""
+    instead of waiting for one that refused alone. Returns the run directory the peers will
+    write (on one machine, when the arguments name it)."""
     if nnodes != "1":
-        return
+        return None
 
     from declora.config.schema import load_config
     from declora.runners.build import check_inputs
@@ -254,7 +274,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
     try:
         params = command.commands["run"].make_context("run", list(extra)).params  # type: ignore[attr-defined]
     except (typer.Exit, typer.Abort):  # the peers say what made it stop
-        return
+        return None
     except Exception as exc:  # a UsageError of the click that typer uses (its own copy, lately)
         message = getattr(exc, "format_message", None)
         if message is None:
@@ -267,12 +287,13 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> None:
     if params.get("resume") is not None:
         config, sets = params["resume"] / "config.yaml", []
         if not config.is_file():
-            return  # the peers say why (same message as `declora run --resume`)
+            return None  # the peers say why (same message as `declora run --resume`)
     cfg = load_config(config, sets)
     check_inputs(cfg)
     why = refusal(cfg, peers)
     if why:
         raise DecloraError(why)
+    return params.get("resume") or params.get("out")
 
 
 @app.command()

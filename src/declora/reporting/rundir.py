@@ -177,6 +177,18 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
+def record_lost_run(path: Path, error: str) -> bool:
+    """Record as failed, with `error`, a run whose run.json still says "running" although no
+    process holds its folder: one whose processes were ended before they could say so (a
+    launcher stopping a distributed run's peers). True if it did."""
+    data = read_record(path) if (path / STATUS_FILE).is_file() else None
+    if data is None or data.get("status") != "running" or lock_holder(path) is not None:
+        return False
+    data.update(status="failed", error=error)
+    write_json(path / STATUS_FILE, data)
+    return True
+
+
 def _entries(path: Path) -> list[Path]:
     """What a run directory holds, apart from its lock file."""
     return [p for p in path.iterdir() if p.name != LOCK_FILE]

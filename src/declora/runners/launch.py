@@ -424,6 +424,28 @@ def machine_agent(exit_wait_s: float, endpoint: str) -> Iterator[None]:
         api.LocalElasticAgent = base
 
 
+class PeersFailed(Exception):
+    """Peers of a distributed run ended without a declora error of their own (a crash, a
+    signal): which, and how, from the launcher's view. Not a user mistake: exit code 1."""
+
+    def __init__(self, codes: dict[int, int]) -> None:
+        self.codes = dict(sorted(codes.items()))
+        # the launcher stops the other peers with SIGTERM once one fails: those are not causes
+        causes = {r: c for r, c in self.codes.items() if c != -signal.SIGTERM} or self.codes
+        text = "; ".join(f"peer {r} ended {ended_how(c)}" for r, c in causes.items())
+        if stopped := [str(r) for r in self.codes if r not in causes]:
+            text += f" (then peer(s) {', '.join(stopped)} got SIGTERM: the launcher stops the rest)"
+        super().__init__(text)
+
+
+def ended_how(code: int) -> str:
+    """A process's exit status in words: "by SIGKILL" for -9, "with exit code 1" for 1."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"by {signal.Signals(-code).name}"
+    return f"with exit code {code}"
+
+
 def run(
     module_args: list[str],
     *,
@@ -436,9 +458,9 @@ def run(
     rdzv_timeout_s: float = 300.0,
     exit_wait_s: float = 300.0,
 ) -> None:
-    """Start `python -m MODULE_ARGS...` once per peer under torchrun and wait for all of them;
-    torch's ChildFailedError propagates when a peer failed, except when every failed peer
-    stopped with a declora error (exit 2, its message already printed): DecloraError then."""
+    """Start `python -m MODULE_ARGS...` once per peer under torchrun and wait for all of them.
+    When peers failed: DecloraError when every failed peer stopped with a declora error (exit
+    2, its message already printed), else `PeersFailed`, naming each and how it ended."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser
@@ -459,7 +481,7 @@ def run(
             if causes and all(c == 2 for c in causes.values()):
                 ranks = ", ".join(map(str, sorted(causes)))
                 raise DecloraError(f"peer(s) {ranks} stopped with the error above") from None
-            raise
+            raise PeersFailed(codes) from None
         except RendezvousError as exc:
             where = f" at {plan.endpoint}" if plan else ""
             raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
