@@ -225,6 +225,35 @@ def test_a_failed_group_names_the_peer_that_ended_and_never_stays_running(job, t
         assert f"continue it with: declora launch --peers 4 -- --resume {out}" in res.stderr
 
 
+def test_ctrl_c_on_a_launch_stops_every_peer_records_it_and_says_how_to_continue(job, tmp_path):
+    """Ctrl-C reaches the launcher and every peer (one process group). The peers end at once
+    (before, each unwound a KeyboardInterrupt through gloo's threads: "terminate called
+    recursively", and peer 0 could record its neighbours' going as the cause); the launcher
+    records the interruption, says how to continue and exits 130."""
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "declora", "launch", "--peers", "4", "--", "--quiet"]
+    args += ["--config", str(job / "job.yaml"), "--out", str(out), "--set", "train.rounds=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        args, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not list(out.glob("checkpoints/peer-*/round-*")):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-3000:]
+    assert f"interrupted; continue it with: declora launch --peers 4 -- --resume {out}" in err
+    assert "terminate called" not in err and "Traceback" not in err, err[-3000:]
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+
+
 def test_a_peers_failure_tells_the_cause_from_the_peers_the_launcher_stopped():
     from declora.runners.launch import PeersFailed
 

@@ -563,6 +563,15 @@ def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_pat
         "error": "peer 1 ended by SIGKILL",
     }
     assert not record_lost_run(run, "again")  # only ever a run that says "running"
+    assert record_lost_run(run, "KeyboardInterrupt: interrupted (Ctrl-C)", over_failed=True)
+    status = json.loads((run / "run.json").read_text())  # a launcher's stop is the cause
+    assert status["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    assert status["peer_error"] == "peer 1 ended by SIGKILL"
+    (run / "run.json").write_text(json.dumps({**status, "status": "complete"}))
+    assert not record_lost_run(run, "late", over_failed=True)  # a finished run stays so
+    (run / "run.json").write_text(
+        json.dumps({**json.loads(before), "status": "failed", "error": "peer 1 ended by SIGKILL"})
+    )
     line = _error_line(runner.invoke(app, ["report", str(run)]))
     assert "peer 1 ended by SIGKILL" in line
     (run / "run.json").write_text(before)

@@ -156,9 +156,15 @@ def _print_outcome(path: Path, cfg) -> None:
 
 def _run_peer(cfg, out: Path, resume: bool, overwrite: bool, quiet: bool) -> None:
     """One peer of a torchrun job; rank 0 prints the outcome."""
+    import signal
+
     from declora.network import distributed
     from declora.runners.peer import run_peer
 
+    # Ctrl-C reaches the launcher too, which records the stop and says how to continue. As a
+    # KeyboardInterrupt here it would unwind through gloo's threads ("terminate called
+    # recursively") and race the neighbours' errors to run.json: end at once, as on SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         proc, _ = run_peer(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
     except DecloraError as exc:
@@ -236,9 +242,29 @@ def launch(
         _fail(exc)
     except launcher.PeersFailed as exc:
         _peers_failed(exc, folder, peers)
+    except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal to the launcher: see launch.run
+        _launch_stopped(exc, folder, peers)
     except Exception as exc:  # the launcher's own failure: the peers, if any, printed theirs
         typer.echo(f"error: the distributed run failed ({type(exc).__name__}: {exc})", err=True)
         raise typer.Exit(1) from None
+
+
+def _resume_hint(folder: Path | None, peers: int) -> str:
+    """How to continue a distributed run in `folder`; empty when it has no checkpoint yet."""
+    if folder is None or not any((folder / "checkpoints").glob("peer-*/round-*")):
+        return ""
+    return f"continue it with: declora launch --peers {peers} -- --resume {folder}"
+
+
+def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, peers: int) -> NoReturn:
+    """The launcher was stopped and stopped its peers: that is the run's outcome, whatever a
+    peer recorded while its neighbours went (one machine; the launcher holds no run there)."""
+    from declora.reporting.rundir import failure_text, record_lost_run
+
+    if folder is not None and folder.is_dir():
+        record_lost_run(folder, failure_text(exc), over_failed=True)
+    hint = _resume_hint(folder, peers)
+    _exit_stopped(exc, f"; {hint}" if hint else "")
 
 
 def _peers_failed(exc: Exception, folder: Path | None, peers: int) -> NoReturn:
@@ -250,10 +276,8 @@ def _peers_failed(exc: Exception, folder: Path | None, peers: int) -> NoReturn:
     typer.echo(f"error: {what}; what each peer printed is above", err=True)
     if folder is not None and folder.is_dir():
         record_lost_run(folder, what)
-        if any((folder / "checkpoints").glob("peer-*/round-*")):
-            typer.echo(
-                f"continue it with: declora launch --peers {peers} -- --resume {folder}", err=True
-            )
+    if hint := _resume_hint(folder, peers):
+        typer.echo(hint, err=True)
     raise typer.Exit(1) from None
 
 

@@ -177,13 +177,20 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
-def record_lost_run(path: Path, error: str) -> bool:
+def record_lost_run(path: Path, error: str, *, over_failed: bool = False) -> bool:
     """Record as failed, with `error`, a run whose run.json still says "running" although no
     process holds its folder: one whose processes were ended before they could say so (a
-    launcher stopping a distributed run's peers). True if it did."""
+    launcher stopping a distributed run's peers). With `over_failed`, a recorded failure gives
+    way too (kept as "peer_error"): a stop's true cause, when a peer recorded its neighbours'
+    going as its own. True if it wrote."""
     data = read_record(path) if (path / STATUS_FILE).is_file() else None
-    if data is None or data.get("status") != "running" or lock_holder(path) is not None:
+    if data is None or lock_holder(path) is not None:
         return False
+    status = data.get("status")
+    if not (status == "running" or (over_failed and status == "failed")):
+        return False
+    if status == "failed" and data.get("error") not in (None, error):
+        data["peer_error"] = data["error"]
     data.update(status="failed", error=error)
     write_json(path / STATUS_FILE, data)
     return True

@@ -35,6 +35,7 @@ from datetime import timedelta
 from typing import Any
 
 from declora.errors import DecloraError
+from declora.runners.signals import Stopped
 
 LOOPBACK = "127.0.0.1"
 
@@ -461,6 +462,7 @@ def run(
     """Start `python -m MODULE_ARGS...` once per peer under torchrun and wait for all of them.
     When peers failed: DecloraError when every failed peer stopped with a declora error (exit
     2, its message already printed), else `PeersFailed`, naming each and how it ended."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser
@@ -482,6 +484,10 @@ def run(
                 ranks = ", ".join(map(str, sorted(causes)))
                 raise DecloraError(f"peer(s) {ranks} stopped with the error above") from None
             raise PeersFailed(codes) from None
+        except SignalException as exc:  # the launcher got a stop signal and stopped its peers
+            if exc.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise Stopped(int(exc.sigval)) from None
         except RendezvousError as exc:
             where = f" at {plan.endpoint}" if plan else ""
             raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
