@@ -258,7 +258,8 @@ def _resume_hint(folder: Path | None, peers: int) -> str:
 
 def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, peers: int) -> NoReturn:
     """The launcher was stopped and stopped its peers: that is the run's outcome, whatever a
-    peer recorded while its neighbours went (one machine; the launcher holds no run there)."""
+    peer recorded while its neighbours went (recorded on one machine, where the launcher knows
+    the run directory)."""
     from declora.reporting.rundir import failure_text, record_lost_run
 
     if folder is not None and folder.is_dir():
