@@ -324,3 +324,27 @@ def test_resume_says_what_is_wrong_with_the_folder(tmp_path, make, expect):
     res = runner.invoke(app, ["run", "--resume", str(folder)])
     assert res.exit_code == 2, res.output
     assert expect in res.stderr and "Traceback" not in res.output
+
+
+def test_a_run_resumes_only_as_the_kind_of_run_it_was(tmp_path):
+    """A distributed run's folder (a folder per peer process) resumed by `declora run`, or a
+    simulated run's resumed by `declora launch`, finds none of its own checkpoints: it used to
+    start again from round 0 and call itself resumed. Each is refused, naming the command
+    that continues it, and the folder is left as it was."""
+    dist, sim = tmp_path / "dist", tmp_path / "sim"
+    for folder in (dist, sim):
+        folder.mkdir()
+        (folder / "config.yaml").write_text("topology:\n  peers: 2\n")
+    for i in range(2):
+        (dist / "peers" / f"peer-{i}").mkdir(parents=True)
+        (dist / "checkpoints" / f"peer-{i}" / "round-000002").mkdir(parents=True)
+    (sim / "checkpoints" / "round-000002").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    res = runner.invoke(app, ["run", "--resume", str(dist)])
+    assert res.exit_code == 2, res.output
+    assert f"continue it with: declora launch --peers 2 -- --resume {dist}" in res.stderr
+    res = runner.invoke(app, ["launch", "--peers", "2", "--", "--resume", str(sim)])
+    assert res.exit_code == 2, res.output
+    assert "is a simulated run (one process, every peer in its checkpoints); " in res.stderr
+    assert f"continue it with: declora run --resume {sim}" in res.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

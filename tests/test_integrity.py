@@ -574,6 +574,11 @@ def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_pat
     )
     line = _error_line(runner.invoke(app, ["report", str(run)]))
     assert "peer 1 ended by SIGKILL" in line
+    for i in range(3):  # what a distributed run's peers write: it continues with a launch
+        (run / "peers" / f"peer-{i}").mkdir(parents=True)
+    line = _error_line(runner.invoke(app, ["report", str(run)]))
+    assert f"continue it with: declora launch --peers 3 -- --resume {run}" in line
+    shutil.rmtree(run / "peers")
     (run / "run.json").write_text(before)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["checkpoint_every"] = 0  # nothing to continue from: it says so

@@ -63,7 +63,7 @@ def run(
     Under torchrun (`declora launch`), this process runs one peer of a distributed run instead."""
     from declora.config.schema import load_config
     from declora.network.distributed import launched
-    from declora.reporting.rundir import RunDir
+    from declora.reporting.rundir import RunDir, resume_mismatch
 
     distributed = launched()
     try:
@@ -82,6 +82,8 @@ def run(
                 raise DecloraError(
                     f"--resume {str(resume)!r} has no config.yaml; not a run directory"
                 )
+            if why := resume_mismatch(resume, distributed):
+                raise DecloraError(why)
         cfg = load_config(config, set_ or [])
         if resume is not None and cfg.train.checkpoint_every == 0:
             raise DecloraError(
@@ -292,6 +294,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
         return None
 
     from declora.config.schema import load_config
+    from declora.reporting.rundir import resume_mismatch
     from declora.runners.build import check_inputs
     from declora.runners.placement import refusal
 
@@ -313,6 +316,8 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
         config, sets = params["resume"] / "config.yaml", []
         if not config.is_file():
             return None  # the peers say why (same message as `declora run --resume`)
+        if why := resume_mismatch(params["resume"], distributed=True):
+            raise DecloraError(why)
     cfg = load_config(config, sets)
     check_inputs(cfg)
     why = refusal(cfg, peers)

@@ -177,6 +177,30 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
+def peer_folders(path: Path) -> int:
+    """How many peer processes wrote into this run directory (`peers/peer-<i>`): 0 for a
+    simulated run, whose one process holds every peer."""
+    return len(list(path.glob("peers/peer-*")))
+
+
+def resume_mismatch(path: Path, distributed: bool) -> str | None:
+    """Why `path` cannot be continued this way, else None: a distributed run's folder resumed
+    by one simulating process, or a simulated run's by peer processes. Neither finds its own
+    kind of checkpoint, so it would start again from round 0 while calling itself resumed."""
+    peers = peer_folders(path)
+    if not distributed and peers:
+        return (
+            f"--resume {str(path)!r} is a distributed run ({peers} peer processes); continue it "
+            f"with: declora launch --peers {peers} -- --resume {path}"
+        )
+    if distributed and not peers and any(path.glob("checkpoints/round-*")):
+        return (
+            f"--resume {str(path)!r} is a simulated run (one process, every peer in its "
+            f"checkpoints); continue it with: declora run --resume {path}"
+        )
+    return None
+
+
 def record_lost_run(path: Path, error: str, *, over_failed: bool = False) -> bool:
     """Record as failed, with `error`, a run whose run.json still says "running" although no
     process holds its folder: one whose processes were ended before they could say so (a
