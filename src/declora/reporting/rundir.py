@@ -207,7 +207,7 @@ def record_lost_run(path: Path, error: str, *, over_failed: bool = False) -> boo
     launcher stopping a distributed run's peers). With `over_failed`, a recorded failure gives
     way too (kept as "peer_error"): a stop's true cause, when a peer recorded its neighbours'
     going as its own. True if it wrote."""
-    data = read_record(path) if (path / STATUS_FILE).is_file() else None
+    data = read_record(path)
     if data is None or lock_holder(path) is not None:
         return False
     status = data.get("status")
