@@ -251,6 +251,15 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
             ["task=causal-lm", "data.name=file", "data.path={tmp}/chats.jsonl"],
             ["chats.jsonl does not exist"],
         ),
+        (
+            ["data.name=file", "data.path={tmp}/notes.txt"],
+            ["data.path", "unsupported extension '.txt'", ".parquet"],
+        ),
+        (["data.name=file", "data.path={tmp}"], ["data.path", "is not a file"]),
+        (
+            ["task=causal-lm", "data.name=file", "data.path={tmp}/notes.txt"],
+            ["notes.txt is not a .csv", ".jsonl"],
+        ),
         (["model.name={tmp}"], ["is not a model folder", "config.json"]),
         (["task=causal-lm", "model.name=./no-such-model"], ["no such folder"]),
     ],
@@ -263,6 +272,9 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
         "test-path-ignored-by-glue",
         "text-without-path",
         "missing-lm-file",
+        "unreadable-extension",
+        "folder-for-a-file",
+        "unreadable-lm-extension",
         "model-folder-without-config",
         "missing-model-folder",
     ],
@@ -274,6 +286,7 @@ def test_a_source_or_model_that_cannot_be_read_is_refused_before_the_run_is_anno
     banner that announces a run, and in the launcher before any peer starts. A path the
     source would ignore is refused too: the run would train on something else than asked."""
     out = tmp_path / "out"
+    (tmp_path / "notes.txt").write_text("text,label\nhello,0\n")
     args = [arg for s in sets for arg in ("--set", s.format(tmp=tmp_path))]
     res = runner.invoke(app, ["run", "--quiet", "--out", str(out), *args])
     assert res.exit_code == 2, res.output

@@ -101,8 +101,15 @@ def check_lm_dataset_source(
     if path is None:
         raise DataError(f"data.name={name} needs data.path=<{_path_hint(name)}>")
     for key, value in (("data.path", path), ("data.test_path", test_path)):
-        if value is not None and not Path(value).exists():
+        if value is None:
+            continue
+        if not Path(value).exists():
             raise DataError(f"{key} {value} does not exist; expected {_path_hint(name)}")
+        given = Path(value)
+        if name == "text" and (given.is_dir() or given.suffix.lower() == ".txt"):
+            continue
+        if not given.is_file() or given.suffix.lower() not in FILE_EXTENSIONS:
+            raise DataError(f"{key} {value} is not {_path_hint(name)}")
 
 
 def load_lm_data(

@@ -23,6 +23,7 @@ from declora.data.tables import (
     Options,
     cap,
     check_options,
+    check_table_path,
     is_missing,
     one_line,
     read_table,
@@ -191,6 +192,8 @@ def check_dataset_source(name: str, path: str | None, test_path: str | None) -> 
     for key, value in (("data.path", path), ("data.test_path", test_path)):
         if value is not None and not Path(value).exists():
             raise DataError(f"{key} {value} does not exist")
+        if value is not None and name == "file":
+            check_table_path(Path(value), key)
 
 
 # --------------------------------------------------------------------------- options

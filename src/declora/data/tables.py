@@ -46,8 +46,9 @@ def check_options(
             raise DataError(f"data.{key} must be >= 1 or unset; got {value}")
 
 
-def read_table(path: Path, key: str = "data.path") -> pd.DataFrame:
-    """Read a local table chosen by extension; text stays text (no NA guessing)."""
+def check_table_path(path: Path, key: str = "data.path") -> None:
+    """Refuse a table path that is not a file or whose extension no reader takes. Cheap (the
+    file is not opened), so a run refuses it before it is announced."""
     if not path.is_file():
         raise DataError(f"{key} {path} does not exist (or is not a file)")
     ext = path.suffix.lower()
@@ -56,6 +57,12 @@ def read_table(path: Path, key: str = "data.path") -> pd.DataFrame:
             f"{key} {path} has unsupported extension {ext or '(none)'!r}; "
             f"accepted: {', '.join(FILE_EXTENSIONS)}"
         )
+
+
+def read_table(path: Path, key: str = "data.path") -> pd.DataFrame:
+    """Read a local table chosen by extension; text stays text (no NA guessing)."""
+    check_table_path(path, key)
+    ext = path.suffix.lower()
     try:
         frame = read_by_extension(path, ext)
     except pd.errors.EmptyDataError as err:
