@@ -99,6 +99,26 @@ def find_head(model: nn.Module) -> str | None:
     return next((h for h in HEAD_NAMES if h in names), None)
 
 
+def head_linears(model: nn.Module, head: str) -> list[str]:
+    """The linear layers of the head module `head` (itself, if it is one)."""
+    root = model.get_submodule(head)
+    if isinstance(root, nn.Linear):
+        return [head]
+    return [f"{head}.{n}" for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+
+
+def head_state(model: nn.Module, heads: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the weights and biases of the head's linear layers, as trained tensors."""
+    state: dict[str, torch.Tensor] = {}
+    for name in heads:
+        lin = model.get_submodule(name)
+        dt = trainable_dtype(lin.weight.dtype)
+        state[f"{name}.weight"] = lin.weight.detach().to(dt, copy=True)
+        if lin.bias is not None:
+            state[f"{name}.bias"] = lin.bias.detach().to(dt, copy=True)
+    return state
+
+
 def _linear_names(model: nn.Module, skip: str | None) -> list[str]:
     return [
         n
@@ -145,13 +165,7 @@ def build_spec(
     if method not in METHODS:
         raise ConfigError(f"lora.method {method!r} is unknown; choose one of: {', '.join(METHODS)}")
     head = find_head(model) if train_head else None
-    heads: list[str] = []
-    if head is not None:
-        root = model.get_submodule(head)
-        if isinstance(root, nn.Linear):
-            heads = [head]
-        else:
-            heads = [f"{head}.{n}" for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+    heads = head_linears(model, head) if head is not None else []
     if method == "prompt-tuning":
         return AdapterSpec(
             (),
@@ -213,12 +227,7 @@ def initial_state(model: nn.Module, spec: AdapterSpec, seed: int) -> dict[str, t
         else:
             rows = torch.randint(0, emb.shape[0], (spec.virtual_tokens,), generator=gen)
             state[PROMPT] = emb[rows].float().clone()
-    for name in spec.head_modules:
-        lin = model.get_submodule(name)
-        dt = trainable_dtype(lin.weight.dtype)
-        state[f"{name}.weight"] = lin.weight.detach().to(dt, copy=True)
-        if lin.bias is not None:
-            state[f"{name}.bias"] = lin.bias.detach().to(dt, copy=True)
+    state.update(head_state(model, spec.head_modules))
     return state
 
 

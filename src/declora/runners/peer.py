@@ -196,7 +196,15 @@ def run_peer(
     kind = prep.peft_task_type
     own = {k: v[0] for k, v in result.final.items()}
     mine = (plan_ranks(cfg, 1, rank) or (prep.spec.r,))[0]  # lora.ranks: its true rank
-    save_at_rank(out / "adapters" / f"peer-{rank}", prep.spec, own, mine, prep.model_path, kind)
+    save_at_rank(
+        out / "adapters" / f"peer-{rank}",
+        prep.spec,
+        own,
+        mine,
+        prep.model_path,
+        kind,
+        model=prep.model,
+    )
     lost = sorted(getattr(gossip, "failed", ()))  # comm.on_peer_failure=skip: who went silent
     if lost:
         print(
@@ -213,7 +221,14 @@ def run_peer(
         avg = network.average(own)
         if proc.leader:
             avg_spec, avg = averaged_export(cfg, prep.spec, avg)
-            save_peft_adapter(out / "adapters" / "average", avg_spec, avg, prep.model_path, kind)
+            save_peft_adapter(
+                out / "adapters" / "average",
+                avg_spec,
+                avg,
+                prep.model_path,
+                kind,
+                model=prep.model,
+            )
     if not network.local:
         dd.barrier("waiting for every peer to save its adapter", slack)
     if proc.leader:

@@ -91,9 +91,8 @@ def evaluate_average(run_dir: str | Path) -> dict[str, Any]:
     engine.load_stacked({k: v.unsqueeze(0) for k, v in avg.items()})
     evaluator = make_evaluator(prep)
     metrics = evaluator.average(engine, final=True)
-    save_peft_adapter(
-        run / "adapters" / "average", prep.spec, avg, prep.model_path, prep.peft_task_type
-    )
+    where = run / "adapters" / "average"
+    save_peft_adapter(where, prep.spec, avg, prep.model_path, prep.peft_task_type, model=prep.model)
     rd.write_json("average_metrics.json", {"peers": n, **metrics})
     summary_file = run / "summary.json"
     if summary_file.is_file():

@@ -64,17 +64,21 @@ def run_algorithm(
         out.rewrite_metrics(result.records)
     kind = prep.peft_task_type
     avg_spec, avg = averaged_export(cfg, prep.spec, average(result.final))
-    save_peft_adapter(out.path / "adapters" / "average", avg_spec, avg, prep.model_path, kind)
+    save_peft_adapter(
+        out.path / "adapters" / "average", avg_spec, avg, prep.model_path, kind, model=prep.model
+    )
     best = getattr(run.evaluator, "best_values", None)
     if best is not None:
         where = out.path / "adapters" / "best-val"
-        save_peft_adapter(where, prep.spec, best, prep.model_path, kind)
+        save_peft_adapter(where, prep.spec, best, prep.model_path, kind, model=prep.model)
     if export_peers and plan.n > 1:
         ranks = plan_ranks(cfg, plan.n) or (prep.spec.r,) * plan.n  # each at its true rank
         for i in range(plan.n):
             values = {k: v[i] for k, v in result.final.items()}
             where = out.path / "adapters" / f"peer-{i}"
-            save_at_rank(where, prep.spec, values, ranks[i], prep.model_path, kind)
+            save_at_rank(
+                where, prep.spec, values, ranks[i], prep.model_path, kind, model=prep.model
+            )
     out.write_json("peer_metrics.json", result.peer_metrics)
     if trackers:
         trackers.peer_table(algorithm, result.peer_metrics)
