@@ -177,3 +177,32 @@ def test_plain_text_language_modelling(llama_dir, tmp_path):
     assert rec["eval_tokens"] == rec["eval_examples"] * 15  # 16-token blocks, shifted by one
     counts = json.loads((out / "label_counts.json").read_text())
     assert sum(map(sum, counts["counts"])) == counts["data"]["train_size"]  # documents
+
+
+def test_predict_answers_prompts_as_the_run_answered_its_sample_prompts(
+    llama_dir, chat_file, tmp_path
+):
+    """`declora predict` on a chat run: the same prompt format, generation length and model
+    as the run's own answers to eval.sample_prompts (samples.json), so the same answers."""
+    out = tmp_path / "run"
+    extra = ("baselines=[]", "eval.generate_examples=0", "eval.sample_prompts=[hello there]")
+    res = runner.invoke(app, _args(llama_dir, chat_file, out, *extra))
+    assert res.exit_code == 0, res.output
+    sample = json.loads((out / "samples.json").read_text())["samples"][0]
+    res = runner.invoke(app, ["predict", str(out), "hello there"])
+    assert res.exit_code == 0, res.output
+    assert f"hello there\n  -> {sample['answer']}\n" in res.stdout
+    # a file of prompts (its prompt column, as the run read it) to a JSONL file
+    answers = tmp_path / "answers.jsonl"
+    res = runner.invoke(app, ["predict", str(out), "--file", str(chat_file), "-o", str(answers)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    prompts = [json.loads(x)["prompt"] for x in chat_file.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts and all("answer" in r for r in rows)
+    res = runner.invoke(app, ["predict", str(out), "hi", "--max-new-tokens", "1"])
+    assert res.exit_code == 0, res.output
+    one = res.stdout.split("  -> ")[1].strip()
+    assert (
+        len(AutoTokenizer.from_pretrained(llama_dir)(one, add_special_tokens=False)["input_ids"])
+        <= 1
+    )

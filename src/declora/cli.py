@@ -467,6 +467,89 @@ def report(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    texts: Annotated[
+        list[str] | None,
+        typer.Argument(help="texts to label (a classifier) or prompts to answer (a causal LM)"),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", "-f", help="a .csv, .tsv, .json, .jsonl or .parquet table of inputs"
+        ),
+    ] = None,
+    column: Annotated[
+        str | None,
+        typer.Option(
+            help="the file's input column (default: the run's data.text_column; for a chat "
+            "model, data.prompt_column)"
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="best-val, average or peer-<i> (default: the model the run's summary reports)"
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="use a baseline's model instead, e.g. centralized")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="write the rows to a .jsonl, .json, .csv or .tsv file"),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="causal LM: answer length (default: the run's eval.max_new_tokens)"
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="inputs per forward pass")] = 32,
+) -> None:
+    """Label new texts, or answer new prompts, with a finished run's model.
+
+    The run's base model and exported adapter, loaded by PEFT, fed as the run fed its data.
+
+    Example: declora predict runs/demo "what a lovely day" --out labels.csv"""
+    from declora.runners import predict as p
+
+    try:
+        if (texts and file is not None) or (not texts and file is None):
+            raise DecloraError("give the inputs either as arguments or as --file, one of the two")
+        if out is not None:
+            p.check_output_path(out)
+        # every mistake is said before the model loads
+        cfg, _ = p.locate(run_dir, adapter, baseline)
+        d, causal = cfg.data, cfg.task == "causal-lm"
+        pairs = None
+        if file is not None:
+            chat = causal and d.name != "text"
+            col = column or (d.prompt_column if chat else d.text_column)
+            texts, pairs = p.read_inputs(file, col, None if causal else d.text_pair_column)
+        elif d.text_pair_column is not None and not causal:
+            raise DecloraError(
+                "this run classifies pairs of texts: give them with --file, in the columns "
+                f"{d.text_column!r} and {d.text_pair_column!r}"
+            )
+        _quiet_libraries()
+        model = p.load_predictor(run_dir, adapter, baseline)
+        typer.echo(f"model: {model.cfg.model.name} + {model.adapter}", err=True)
+        rows = p.predict_rows(model, list(texts or []), pairs, max_new_tokens, batch_size)
+        if out is not None:
+            typer.echo(f"{len(rows)} rows: {p.write_predictions(out, rows)}", err=True)
+            return
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    for r in rows:
+        if model.causal:
+            typer.echo(f"{r['prompt']}\n  -> {r['answer']}")
+        else:
+            typer.echo(f"{r['label']}\t{r['probability']:.3f}\t{r['text']}")
+
+
+@app.command()
 def algorithms() -> None:
     """List the algorithms `algorithm.name` and `baselines` accept, with what each does."""
     from declora.algorithms import algorithm_class, names
