@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -199,6 +200,23 @@ def test_predict_answers_prompts_as_the_run_answered_its_sample_prompts(
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
     prompts = [json.loads(x)["prompt"] for x in chat_file.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts and all("answer" in r for r in rows)
+    # merged into the base, it loads with transformers alone and answers the same
+    merged = tmp_path / "merged"
+    res = runner.invoke(app, ["export", str(out), str(merged)])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    tok = AutoTokenizer.from_pretrained(merged)
+    prompt = tok("User: hello there\nAssistant: ", add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(
+            input_ids=prompt["input_ids"],
+            attention_mask=prompt["attention_mask"],
+            max_new_tokens=4,
+            do_sample=False,
+        )
+    got = tok.decode(ids[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert got == sample["answer"]
     res = runner.invoke(app, ["predict", str(out), "hi", "--max-new-tokens", "1"])
     assert res.exit_code == 0, res.output
     one = res.stdout.split("  -> ")[1].strip()

@@ -188,3 +188,46 @@ def test_a_run_on_text_pairs_reads_both_columns(job, tmp_path):
     assert rows[0]["pair"] == " ".join(rows[0]["text"].split()[:: len(rows[0]["text"].split()) - 1])
     res = run_in_process("predict", str(run), "one text")
     assert res.returncode == 2 and "classifies pairs of texts" in res.stderr, res.stderr
+
+
+def test_export_merges_the_adapter_into_a_model_transformers_loads_alone(finished_run, tmp_path):
+    """`declora export`: the merged folder loads with transformers (no PEFT), with the label
+    names in its config, and gives the probabilities `declora predict` gives."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "merged"
+    res = run_in_process("export", str(finished_run), str(out))
+    assert res.returncode == 0, res.stderr
+    assert "merged" in res.stdout and not list(tmp_path.glob(".*partial"))
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    rows, _, _ = _labels_of_the_test_file(finished_run, tmp_path / "labels.jsonl")
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    with torch.no_grad():
+        probs = torch.softmax(model(**batch).logits, dim=-1)
+    want = torch.tensor([list(r["probabilities"].values()) for r in rows])
+    torch.testing.assert_close(probs, want, atol=1e-5, rtol=1e-4)
+    # an existing folder is kept unless --overwrite
+    res = run_in_process("export", str(finished_run), str(out), "--adapter", "peer-0")
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label[0] == "a"
+    res = run_in_process(
+        "export", str(finished_run), str(out), "--adapter", "peer-0", "--overwrite"
+    )
+    assert res.returncode == 0, res.stderr
+    peer0 = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert not torch.allclose(torch.softmax(peer0(**batch).logits, dim=-1), want, atol=1e-4)
+
+
+def test_a_prompt_tuning_run_has_nothing_to_merge(job, tmp_path):
+    run = _run(job, tmp_path / "run", "lora.method=prompt-tuning", "lora.virtual_tokens=4")
+    res = run_in_process("export", str(run), str(tmp_path / "merged"))
+    assert res.returncode == 2 and "no weights to merge" in res.stderr, res.stderr
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".*partial"))
+    res = run_in_process("predict", str(run), "alpha beta")  # it still predicts
+    assert res.returncode == 0, res.stderr

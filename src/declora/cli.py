@@ -550,6 +550,41 @@ def predict(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    out: Annotated[Path, typer.Argument(help="the folder the merged model goes to")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="best-val, average or peer-<i> (default: the model the run's summary reports)"
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="export a baseline's model instead, e.g. centralized")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+) -> None:
+    """Merge a finished run's adapter into its base model and save a plain transformers model.
+
+    It loads with transformers alone (pipelines too), tokenizer and label names included.
+
+    Example: declora export runs/demo models/demo-merged"""
+    from declora.runners import predict as p
+
+    try:
+        p.check_merge_target(out, overwrite)
+        cfg, _ = p.locate(run_dir, adapter, baseline)
+        p.check_mergeable(cfg)  # every mistake is said before the model loads
+        _quiet_libraries()
+        model = p.load_predictor(run_dir, adapter, baseline)
+        done = p.merge(model, out, overwrite)
+    except DecloraError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{model.cfg.model.name} + {model.adapter}, merged: {done}")
+
+
+@app.command()
 def algorithms() -> None:
     """List the algorithms `algorithm.name` and `baselines` accept, with what each does."""
     from declora.algorithms import algorithm_class, names

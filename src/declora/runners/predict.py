@@ -254,6 +254,58 @@ def predict_rows(
     ]
 
 
+def check_merge_target(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a folder the merged model cannot be written to, before any model is loaded."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise DecloraError(f"{out} already exists; give another folder or --overwrite")
+    if out.exists() and not out.is_dir():
+        raise DecloraError(f"{out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise DecloraError(f"the folder {out.parent} (where {out.name} would go) does not exist")
+    return out
+
+
+def check_mergeable(cfg: RunConfig) -> None:
+    """Refuse a run whose adapter cannot become plain weights of its base model."""
+    if cfg.lora.method == "prompt-tuning":
+        raise DecloraError(
+            "a prompt-tuning adapter adds virtual tokens in front of the input; it has no "
+            "weights to merge into the base model (use `declora predict`, or load the adapter "
+            "with PEFT)"
+        )
+    if cfg.model.quantize is not None:
+        raise DecloraError(
+            f"the run's base is quantized (model.quantize={cfg.model.quantize}); merging "
+            "into quantized weights would round the adapter away"
+        )
+
+
+def merge(pred: Predictor, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The adapter merged into the base weights, saved as a plain transformers model (with its
+    tokenizer and, for a classifier, the label names in its config), so any transformers tool
+    (a pipeline, an inference server, an ONNX export) uses it without PEFT or declora.
+
+    Written to a temporary folder beside `out_dir` and moved into place: a failure leaves
+    nothing under the asked name."""
+    import shutil
+
+    out = check_merge_target(out_dir, overwrite)
+    check_mergeable(pred.cfg)
+    merged = pred.model.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(str(tmp))
+        pred.tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def check_output_path(path: str | Path) -> Path:
     """Refuse an output file that could not be written, before any model is loaded."""
     out = Path(path)
@@ -301,10 +353,13 @@ __all__ = [
     "Predictor",
     "adapter_folder",
     "answer",
+    "check_merge_target",
+    "check_mergeable",
     "check_output_path",
     "classify",
     "load_predictor",
     "locate",
+    "merge",
     "predict_rows",
     "read_inputs",
     "write_predictions",
