@@ -347,3 +347,37 @@ def test_a_link_down_longer_than_the_timeout_stops_the_run_naming_the_neighbour(
     assert "peer(s) 0, 1 stopped with the error above" in results[0][1]
     assert "cannot be reached to end the run" in results[1][1]
     assert _not_complete(out)
+
+
+@pytest.mark.slow  # a 2-host run stopped by Ctrl-C on its first host, ~30 s: make test-slow
+def test_ctrl_c_on_the_first_machine_is_recorded_and_says_how_every_machine_continues(
+    long_job, hosts, tmp_path
+):
+    """Across machines too, the launcher of peer 0's machine records the stop in run.json
+    (before, it said "running" for good: the launcher ended peer 0 before peer 0 could say
+    anything), and each launcher says how to continue: every machine again, with its rank."""
+    import signal
+
+    at, out = _endpoint(hosts), tmp_path / "stopped"
+    procs = []
+    for i in (0, 1):
+        argv = [sys.executable, "-m", "declora", "launch", "--peers", "2", "--nnodes", "2"]
+        argv += ["--node-rank", str(i), "--rdzv-endpoint", at, "--rdzv-timeout", "60", "--"]
+        argv += ["--quiet", "--config", str(long_job / "job.yaml"), "--out", str(out)]
+        procs.append(
+            hosts.popen(i, argv, env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/peer-*/round-*")):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, _finish(procs)
+        time.sleep(0.2)
+    os.killpg(procs[0].pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    (code0, err0), (code1, err1) = _finish(procs)
+    assert code0 == 130, err0[-3000:]
+    again = "--peers 2 --nnodes 2 --node-rank <its rank> --rdzv-endpoint"
+    hint = f"continue it by starting every machine again with: declora launch {again} {at}"
+    assert f"interrupted; {hint} -- --resume {out}" in err0
+    assert code1 != 0 and f"{hint} -- --resume {out}" in err1, err1[-3000:]
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed", status
+    assert status["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)", status

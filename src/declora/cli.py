@@ -227,6 +227,9 @@ def launch(
         typer.echo(run_command.get_help(run_command.make_context("declora run", [])))
         raise typer.Exit(0)
     folder = None
+    again = f"--peers {peers}"  # what continues the run, with `-- --resume DIR`
+    if nnodes != "1":
+        again += f" --nnodes {nnodes} --node-rank <its rank> --rdzv-endpoint {rdzv_endpoint}"
     try:
         folder = _launch_preflight(extra, peers, nnodes)
         launcher.run(
@@ -241,36 +244,46 @@ def launch(
             exit_wait_s=exit_wait,
         )
     except DecloraError as exc:
+        if hint := _resume_hint(folder, again):  # peers' own errors, a lost rendezvous
+            typer.echo(f"error: {exc}", err=True)
+            typer.echo(hint, err=True)
+            raise typer.Exit(2) from None
         _fail(exc)
     except launcher.PeersFailed as exc:
-        _peers_failed(exc, folder, peers)
+        _peers_failed(exc, folder, again)
     except KeyboardInterrupt as exc:  # Ctrl-C or a stop signal to the launcher: see launch.run
-        _launch_stopped(exc, folder, peers)
+        _launch_stopped(exc, folder, again)
     except Exception as exc:  # the launcher's own failure: the peers, if any, printed theirs
         typer.echo(f"error: the distributed run failed ({type(exc).__name__}: {exc})", err=True)
         raise typer.Exit(1) from None
 
 
-def _resume_hint(folder: Path | None, peers: int) -> str:
-    """How to continue a distributed run in `folder`; empty when it has no checkpoint yet."""
+def _resume_hint(folder: Path | None, again: str) -> str:
+    """How to continue a distributed run in `folder` (`again`: the launch's options); empty
+    when this machine has no checkpoint of it yet, or the run is complete."""
+    from declora.reporting.rundir import read_record
+
     if folder is None or not any((folder / "checkpoints").glob("peer-*/round-*")):
         return ""
-    return f"continue it with: declora launch --peers {peers} -- --resume {folder}"
+    if (read_record(folder) or {}).get("status") == "complete":
+        return ""
+    every = "by starting every machine again " if "--nnodes" in again else ""
+    return f"continue it {every}with: declora launch {again} -- --resume {folder}"
 
 
-def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, peers: int) -> NoReturn:
+def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, again: str) -> NoReturn:
     """The launcher was stopped and stopped its peers: that is the run's outcome, whatever a
-    peer recorded while its neighbours went (recorded on one machine, where the launcher knows
-    the run directory)."""
+    peer recorded while its neighbours went. Recorded where the run directory holds run.json
+    and no process holds the folder any more (peer 0's machine)."""
     from declora.reporting.rundir import failure_text, record_lost_run
 
     if folder is not None and folder.is_dir():
         record_lost_run(folder, failure_text(exc), over_failed=True)
-    hint = _resume_hint(folder, peers)
+    hint = _resume_hint(folder, again)
     _exit_stopped(exc, f"; {hint}" if hint else "")
 
 
-def _peers_failed(exc: Exception, folder: Path | None, peers: int) -> NoReturn:
+def _peers_failed(exc: Exception, folder: Path | None, again: str) -> NoReturn:
     """Say which peers ended and how (each one's own words are above), record it in the run
     directory when no peer could (the launcher stopped them all), and say how to continue."""
     from declora.reporting.rundir import record_lost_run
@@ -279,7 +292,7 @@ def _peers_failed(exc: Exception, folder: Path | None, peers: int) -> NoReturn:
     typer.echo(f"error: {what}; what each peer printed is above", err=True)
     if folder is not None and folder.is_dir():
         record_lost_run(folder, what)
-    if hint := _resume_hint(folder, peers):
+    if hint := _resume_hint(folder, again):
         typer.echo(hint, err=True)
     raise typer.Exit(1) from None
 
@@ -289,10 +302,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
     wrong process count, a baseline that needs no network), before any process starts. Across
     machines the peers' handshake does it, so that every machine stops with the message
     instead of waiting for one that refused alone. Returns the run directory the peers will
-    write (on one machine, when the arguments name it)."""
-    if nnodes != "1":
-        return None
-
+    write (when the arguments name it; on every machine of a multi-machine run)."""
     from declora.config.schema import load_config
     from declora.reporting.rundir import resume_mismatch
     from declora.runners.build import check_inputs
@@ -307,10 +317,14 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
         message = getattr(exc, "format_message", None)
         if message is None:
             raise
+        if nnodes != "1":
+            return None  # every machine's peers say it (see above)
         raise DecloraError(
             f"`declora run` refuses the arguments the launcher passes on to it: {message()} "
             "(what `declora launch` does not take itself goes to every peer's `declora run`)"
         ) from None
+    if nnodes != "1":
+        return params.get("resume") or params.get("out")
     config, sets = params.get("config"), params.get("set_") or []
     if params.get("resume") is not None:
         config, sets = params["resume"] / "config.yaml", []
