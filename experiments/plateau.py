@@ -1665,11 +1665,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plan_text(args.task, size, args.ex_per_s, args.peer_ex_per_s, rows))
         return 0
     if not args.report_only:
+        from declora.runners.signals import Stopped, stop_on_signals
+
         try:
-            failed = _run(args.task, args.stage, args.out, args.rows, only=args.only)
+            with stop_on_signals():  # SIGTERM/SIGHUP reach the running cell (as Ctrl-C does)
+                failed = _run(args.task, args.stage, args.out, args.rows, only=args.only)
         except Incomplete as exc:
             print(exc, file=sys.stderr)
             return 3
+        except Stopped as exc:
+            print(
+                f"{exc}; the same command continues the study (rows are kept, a stopped run "
+                "resumes from its checkpoints)",
+                file=sys.stderr,
+            )
+            return exc.exit_code
         if failed:
             print("failed cells:", ", ".join(failed), file=sys.stderr)
     rows = read_rows(args.rows)

@@ -1137,3 +1137,29 @@ def test_each_row_records_its_machine_with_the_cpu_model_first(pl, tmp_path, mon
     assert pl.machine() == (
         f"Example CPU, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, 1 thread"
     )
+
+
+def test_a_stop_signal_stops_the_study_with_its_code_and_says_how_to_continue(
+    pl, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM to a lane's process becomes a stop that reaches its running cell (through
+    run_cell's Ctrl-C path) instead of ending the process and leaving the cell training as an
+    orphan. The handler this test sets first must not see the signal."""
+    import os
+    import signal
+    import time
+
+    def stopped_while_running(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between two bytecodes; this is never reached whole
+        return []
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    monkeypatch.setattr(pl, "_run", stopped_while_running)
+    try:
+        code = pl.main(["--task", "binary", "--rows", str(tmp_path / "rows.jsonl")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (code, seen) == (128 + signal.SIGTERM, [])
+    assert "stopped by SIGTERM; the same command continues the study" in capsys.readouterr().err
