@@ -315,3 +315,27 @@ def assert_equal_up_to_a_level(
     level = span / (2**bits - 1)
     worst = float(diff.max())
     assert worst <= level + atol, f"{msg}: {worst:.3g} beyond one {bits}-bit level ({level:.3g})"
+
+
+def main_stopped_by_sigterm(monkeypatch, module, work: str, main) -> tuple[int, list[int]]:
+    """Run `main()` (a script's entry point) with `module.work` replaced by a stand-in that
+    sends this process SIGTERM while it "works". Returns main's exit code and the signals
+    that reached the handler installed before main: none, when main handles the stop itself
+    (and passes it on to what it runs) instead of ending the process."""
+    import os
+    import signal
+    import time
+
+    def stopped_while_running(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs between two bytecodes; this is never reached whole
+        return []
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    monkeypatch.setattr(module, work, stopped_while_running)
+    try:
+        code = main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    return code, seen

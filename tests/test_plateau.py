@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from declora.config.schema import load_config
+from tests.conftest import main_stopped_by_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1145,21 +1146,9 @@ def test_a_stop_signal_stops_the_study_with_its_code_and_says_how_to_continue(
     """SIGTERM to a lane's process becomes a stop that reaches its running cell (through
     run_cell's Ctrl-C path) instead of ending the process and leaving the cell training as an
     orphan. The handler this test sets first must not see the signal."""
-    import os
     import signal
-    import time
 
-    def stopped_while_running(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler runs between two bytecodes; this is never reached whole
-        return []
-
-    seen: list[int] = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    monkeypatch.setattr(pl, "_run", stopped_while_running)
-    try:
-        code = pl.main(["--task", "binary", "--rows", str(tmp_path / "rows.jsonl")])
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    args = ["--task", "binary", "--rows", str(tmp_path / "rows.jsonl")]
+    code, seen = main_stopped_by_sigterm(monkeypatch, pl, "_run", lambda: pl.main(args))
     assert (code, seen) == (128 + signal.SIGTERM, [])
     assert "stopped by SIGTERM; the same command continues the study" in capsys.readouterr().err

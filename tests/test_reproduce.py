@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from declora.runners.sweep import Cell, slug
+from tests.conftest import main_stopped_by_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,22 +167,10 @@ def test_a_stop_signal_stops_the_suite_with_its_code_and_says_how_to_continue(
     """SIGTERM to the suite's process becomes a stop that reaches its running cells (through
     run_cells' Ctrl-C path) instead of ending the process and leaving them training as
     orphans. The handler this test sets first must not see the signal."""
-    import os
     import signal
-    import time
 
-    def stopped_while_running(todo, out, n_jobs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler runs between two bytecodes; this is never reached whole
-        return []
-
-    seen: list[int] = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    monkeypatch.setattr(rep, "run_all", stopped_while_running)
     monkeypatch.setattr(rep, "write_results", lambda *a: tmp_path / "results.md")
-    try:
-        code = rep.main(["--only", "quantization", "--quick", "--out", str(tmp_path)])
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    args = ["--only", "quantization", "--quick", "--out", str(tmp_path)]
+    code, seen = main_stopped_by_sigterm(monkeypatch, rep, "run_all", lambda: rep.main(args))
     assert (code, seen) == (128 + signal.SIGTERM, [])
     assert "stopped by SIGTERM; the same command continues the suite" in capsys.readouterr().err

@@ -480,6 +480,18 @@ def report(
     typer.echo(table_text(summary["rows"], summary.get("columns")))
 
 
+#: Which of a finished run's models `predict` and `export` use.
+AdapterOption = Annotated[
+    str | None,
+    typer.Option(
+        help="best-val, average or peer-<i> (default: the model the run's summary reports)"
+    ),
+]
+BaselineOption = Annotated[
+    str | None, typer.Option(help="a baseline's model instead, e.g. centralized")
+]
+
+
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
@@ -500,15 +512,8 @@ def predict(
             "model, data.prompt_column)"
         ),
     ] = None,
-    adapter: Annotated[
-        str | None,
-        typer.Option(
-            help="best-val, average or peer-<i> (default: the model the run's summary reports)"
-        ),
-    ] = None,
-    baseline: Annotated[
-        str | None, typer.Option(help="use a baseline's model instead, e.g. centralized")
-    ] = None,
+    adapter: AdapterOption = None,
+    baseline: BaselineOption = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="write the rows to a .jsonl, .json, .csv or .tsv file"),
@@ -567,15 +572,8 @@ def predict(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     out: Annotated[Path, typer.Argument(help="the folder the merged model goes to")],
-    adapter: Annotated[
-        str | None,
-        typer.Option(
-            help="best-val, average or peer-<i> (default: the model the run's summary reports)"
-        ),
-    ] = None,
-    baseline: Annotated[
-        str | None, typer.Option(help="export a baseline's model instead, e.g. centralized")
-    ] = None,
+    adapter: AdapterOption = None,
+    baseline: BaselineOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
 ) -> None:
     """Merge a finished run's adapter into its base model and save a plain transformers model.
