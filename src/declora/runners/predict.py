@@ -23,6 +23,7 @@ import torch
 from declora.config.schema import RunConfig, load_config
 from declora.data.tables import is_missing, one_line, read_table
 from declora.errors import DecloraError
+from declora.reporting.rundir import read_record
 
 #: What `adapter` accepts besides `peer-<i>`.
 NAMED_ADAPTERS = ("best-val", "average")
@@ -79,10 +80,7 @@ def adapter_folder(run: Path, adapter: str | None = None, baseline: str | None =
 
 
 def _no_adapter_message(run: Path, root: Path) -> str:
-    status = {}
-    if (run / "run.json").is_file():
-        status = json.loads((run / "run.json").read_text())
-    state = status.get("status", "unknown")
+    state = (read_record(run) or {}).get("status", "unknown")
     if state != "complete":
         return (
             f"{str(root)!r} has no exported adapter: the run is {state!r}, and adapters are "
@@ -124,10 +122,10 @@ def load_predictor(
     else:
         from declora.model.classifier import load_classifier
 
-        counts = run / "label_counts.json"
-        if not counts.is_file():
+        counts = read_record(run, "label_counts.json")
+        if counts is None or not counts.get("label_names"):
             raise DecloraError(f"{str(run)!r} lacks label_counts.json (the run's label names)")
-        label_names = list(json.loads(counts.read_text())["label_names"])
+        label_names = [str(name) for name in counts["label_names"]]
         # the run's seed: a head the run did not train is the one it drew at this seed
         base, tokenizer, _ = load_classifier(
             m.name, label_names, cfg.seed, dtype=m.dtype, quantize=m.quantize
