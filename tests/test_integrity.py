@@ -329,6 +329,22 @@ def test_a_run_folder_has_one_writer_and_the_lock_dies_with_it(job, tmp_path):
     RunDir.create(out, overwrite=True).set_status("complete")  # released when final
 
 
+def test_a_second_launch_on_a_held_run_is_refused_without_a_resume_hint(job, tmp_path):
+    """A launch whose peers refuse a folder that another process holds says so, and gives no
+    "continue it with ... --resume" (that would point at the run already going on)."""
+    cfg = yaml.safe_load((job / "job.yaml").read_text())
+    cfg["topology"]["peers"] = 2
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "held"
+    with _holder(out, tmp_path / "two.yaml") as proc:
+        (out / "checkpoints" / "peer-0" / "round-2").mkdir(parents=True)  # a run under way
+        (out / "peers" / "peer-0").mkdir(parents=True)
+        res = run_cli("launch", "--peers", "2", "--", "--quiet", "--resume", str(out))
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert f"in use by process {proc.pid}" in res.stderr
+        assert "continue it" not in res.stderr, res.stderr[-3000:]
+
+
 def test_a_sweep_leaves_a_cell_that_another_process_runs(tmp_path):
     cell = Cell((("lora.r", "2"),), 0)
     target = tmp_path / "cells" / cell.name

@@ -260,12 +260,17 @@ def launch(
 
 def _resume_hint(folder: Path | None, again: str) -> str:
     """How to continue a distributed run in `folder` (`again`: the launch's options); empty
-    when this machine has no checkpoint of it yet, or the run is complete."""
-    from declora.reporting.rundir import read_record
+    when this machine has no checkpoint of it yet, the run is complete, or another process
+    holds it (a second launch refused by the first one's lock)."""
+    from declora.reporting.rundir import lock_holder, read_record
 
     if folder is None or not any((folder / "checkpoints").glob("peer-*/round-*")):
         return ""
-    if (read_record(folder) or {}).get("status") == "complete":
+    try:
+        complete = (read_record(folder) or {}).get("status") == "complete"
+    except DecloraError:  # a damaged run.json: the hint still holds
+        complete = False
+    if complete or lock_holder(folder) is not None:
         return ""
     every = "by starting every machine again " if "--nnodes" in again else ""
     return f"continue it {every}with: declora launch {again} -- --resume {folder}"
