@@ -120,7 +120,9 @@ def run(
                     cfg, target, overwrite=overwrite, progress=not quiet, resume=resume is not None
                 )
         except KeyboardInterrupt as exc:
-            again = f"; continue it with: declora run --resume {target}"
+            from declora.reporting.rundir import resume_command
+
+            again = f"; continue it with: {resume_command(target)}"
             _exit_stopped(exc, again if cfg.train.checkpoint_every != 0 else "")
     except DecloraError as exc:
         _fail(exc)
@@ -227,9 +229,10 @@ def launch(
         typer.echo(run_command.get_help(run_command.make_context("declora run", [])))
         raise typer.Exit(0)
     folder = None
-    again = f"--peers {peers}"  # what continues the run, with `-- --resume DIR`
+    machines = ""  # what continues a multi-machine run, besides --peers
     if nnodes != "1":
-        again += f" --nnodes {nnodes} --node-rank <its rank> --rdzv-endpoint {rdzv_endpoint}"
+        machines = f" --nnodes {nnodes} --node-rank <its rank> --rdzv-endpoint {rdzv_endpoint}"
+    again = (peers, machines)
     try:
         folder = _launch_preflight(extra, peers, nnodes)
         launcher.run(
@@ -258,11 +261,12 @@ def launch(
         raise typer.Exit(1) from None
 
 
-def _resume_hint(folder: Path | None, again: str) -> str:
-    """How to continue a distributed run in `folder` (`again`: the launch's options); empty
+def _resume_hint(folder: Path | None, again: tuple[int, str]) -> str:
+    """How to continue a distributed run in `folder` (`again`: the launch's peers and
+    multi-machine options); empty
     when this machine has no checkpoint of it yet, the run is complete, or another process
     holds it (a second launch refused by the first one's lock)."""
-    from declora.reporting.rundir import lock_holder, read_record
+    from declora.reporting.rundir import lock_holder, read_record, resume_command
 
     if folder is None or not any((folder / "checkpoints").glob("peer-*/round-*")):
         return ""
@@ -272,11 +276,14 @@ def _resume_hint(folder: Path | None, again: str) -> str:
         complete = False
     if complete or lock_holder(folder) is not None:
         return ""
-    every = "by starting every machine again " if "--nnodes" in again else ""
-    return f"continue it {every}with: declora launch {again} -- --resume {folder}"
+    peers, machines = again
+    every = "by starting every machine again " if machines else ""
+    return f"continue it {every}with: {resume_command(folder, peers, machines)}"
 
 
-def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, again: str) -> NoReturn:
+def _launch_stopped(
+    exc: KeyboardInterrupt, folder: Path | None, again: tuple[int, str]
+) -> NoReturn:
     """The launcher was stopped and stopped its peers: that is the run's outcome, whatever a
     peer recorded while its neighbours went. Recorded where the run directory holds run.json
     and no process holds the folder any more (peer 0's machine)."""
@@ -288,7 +295,7 @@ def _launch_stopped(exc: KeyboardInterrupt, folder: Path | None, again: str) -> 
     _exit_stopped(exc, f"; {hint}" if hint else "")
 
 
-def _peers_failed(exc: Exception, folder: Path | None, again: str) -> NoReturn:
+def _peers_failed(exc: Exception, folder: Path | None, again: tuple[int, str]) -> NoReturn:
     """Say which peers ended and how (each one's own words are above), record it in the run
     directory when no peer could (the launcher stopped them all), and say how to continue."""
     from declora.reporting.rundir import record_lost_run

@@ -103,9 +103,9 @@ def check_lm_dataset_source(
     for key, value in (("data.path", path), ("data.test_path", test_path)):
         if value is None:
             continue
-        if not Path(value).exists():
-            raise DataError(f"{key} {value} does not exist; expected {_path_hint(name)}")
         given = Path(value)
+        if not given.exists():
+            raise DataError(f"{key} {value} does not exist; expected {_path_hint(name)}")
         if name == "text" and (given.is_dir() or given.suffix.lower() == ".txt"):
             continue
         if not given.is_file() or given.suffix.lower() not in FILE_EXTENSIONS:

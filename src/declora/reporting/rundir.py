@@ -183,6 +183,15 @@ def peer_folders(path: Path) -> int:
     return len(list(path.glob("peers/peer-*")))
 
 
+def resume_command(path: Path, peers: int = 0, machines: str = "") -> str:
+    """The command that continues the run in `path`: `declora run --resume` for a simulated
+    run (`peers` 0), else a launch of that many peer processes (`machines`: the multi-machine
+    options, each machine with its own rank)."""
+    if not peers:
+        return f"declora run --resume {path}"
+    return f"declora launch --peers {peers}{machines} -- --resume {path}"
+
+
 def resume_mismatch(path: Path, distributed: bool) -> str | None:
     """Why `path` cannot be continued this way, else None: a distributed run's folder resumed
     by one simulating process, or a simulated run's by peer processes. Neither finds its own
@@ -191,12 +200,12 @@ def resume_mismatch(path: Path, distributed: bool) -> str | None:
     if not distributed and peers:
         return (
             f"--resume {str(path)!r} is a distributed run ({peers} peer processes); continue it "
-            f"with: declora launch --peers {peers} -- --resume {path}"
+            f"with: {resume_command(path, peers)}"
         )
     if distributed and not peers and any(path.glob("checkpoints/round-*")):
         return (
             f"--resume {str(path)!r} is a simulated run (one process, every peer in its "
-            f"checkpoints); continue it with: declora run --resume {path}"
+            f"checkpoints); continue it with: {resume_command(path)}"
         )
     return None
 
