@@ -252,6 +252,7 @@ def test_ctrl_c_on_a_launch_stops_every_peer_records_it_and_says_how_to_continue
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "failed"
     assert status["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)"
+    assert status["launch"] == {"peers": 4, "nnodes": "1", "rdzv_endpoint": None}
 
 
 def test_a_peers_failure_tells_the_cause_from_the_peers_the_launcher_stopped():

@@ -594,6 +594,12 @@ def test_a_report_tells_a_run_still_going_from_one_that_was_killed(done, tmp_pat
         (run / "peers" / f"peer-{i}").mkdir(parents=True)
     line = _error_line(runner.invoke(app, ["report", str(run)]))
     assert f"continue it with: declora launch --peers 3 -- --resume {run}" in line
+    launched = {"peers": 2, "nnodes": "2", "rdzv_endpoint": "198.18.0.1:29400"}
+    failed = {**json.loads(before), "status": "failed", "error": "peer 1 ended by SIGKILL"}
+    (run / "run.json").write_text(json.dumps({**failed, "launch": launched}))
+    line = _error_line(runner.invoke(app, ["report", str(run)]))  # the launch, as recorded
+    again = "--peers 2 --nnodes 2 --node-rank <its rank> --rdzv-endpoint 198.18.0.1:29400"
+    assert f"by starting every machine again with: declora launch {again} -- --resume" in line
     shutil.rmtree(run / "peers")
     (run / "run.json").write_text(before)
     cfg = yaml.safe_load((run / "config.yaml").read_text())

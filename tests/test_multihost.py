@@ -381,3 +381,10 @@ def test_ctrl_c_on_the_first_machine_is_recorded_and_says_how_every_machine_cont
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "failed", status
     assert status["error"] == "KeyboardInterrupt: interrupted (Ctrl-C)", status
+    report = subprocess.run(  # read later, the folder says the same (both hosts' peers wrote it)
+        [sys.executable, "-m", "declora", "report", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert report.returncode == 2 and f"{hint} -- --resume {out}" in report.stderr, report.stderr

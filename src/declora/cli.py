@@ -228,11 +228,10 @@ def launch(
         run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
         typer.echo(run_command.get_help(run_command.make_context("declora run", [])))
         raise typer.Exit(0)
+    from declora.reporting.rundir import machine_options
+
     folder = None
-    machines = ""  # what continues a multi-machine run, besides --peers
-    if nnodes != "1":
-        machines = f" --nnodes {nnodes} --node-rank <its rank> --rdzv-endpoint {rdzv_endpoint}"
-    again = (peers, machines)
+    again = (peers, machine_options(nnodes, rdzv_endpoint))  # what continues it
     try:
         folder = _launch_preflight(extra, peers, nnodes)
         launcher.run(

@@ -19,11 +19,10 @@ from declora.errors import DecloraError
 from declora.reporting.rundir import (
     STATUS_FILE,
     RunDir,
+    continue_hint,
     lock_holder,
-    peer_folders,
     read_metrics,
     read_record,
-    resume_command,
 )
 
 
@@ -104,7 +103,7 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
 def unfinished_state(run: Path, status: str) -> str:
     """Why a run is not complete, in words: still going (a process holds its lock), stopped
     with its recorded error, or stopped without a word (killed: it still says "running")."""
-    again = f"continue it with: {resume_command(run, peer_folders(run))}"
+    again = continue_hint(run)
     if run_settings(run).get("train.checkpoint_every") == "0":
         again = "it wrote no checkpoints (train.checkpoint_every=0): run it again with --overwrite"
     if status == "running":

@@ -183,6 +183,14 @@ def peer_folders(path: Path) -> int:
     return len(list(path.glob("peers/peer-*")))
 
 
+def machine_options(nnodes: str, endpoint: str | None) -> str:
+    """The options besides `--peers` that a multi-machine launch is started again with on
+    every machine, each with its own rank; empty for one machine (`nnodes` "1")."""
+    if nnodes == "1":
+        return ""
+    return f" --nnodes {nnodes} --node-rank <its rank> --rdzv-endpoint {endpoint}"
+
+
 def resume_command(path: Path, peers: int = 0, machines: str = "") -> str:
     """The command that continues the run in `path`: `declora run --resume` for a simulated
     run (`peers` 0), else a launch of that many peer processes (`machines`: the multi-machine
@@ -192,6 +200,21 @@ def resume_command(path: Path, peers: int = 0, machines: str = "") -> str:
     return f"declora launch --peers {peers}{machines} -- --resume {path}"
 
 
+def continue_hint(path: Path) -> str:
+    """ "continue it with: ..." for the run in `path`, from what its launch recorded in run.json
+    (`launch`: peers on peer 0's machine, machines, rendezvous endpoint; every machine starts
+    again), else from its folders (a peer folder per process on this machine)."""
+    try:
+        launch = (read_record(path) or {}).get("launch")
+    except DecloraError:  # a damaged run.json: its folders still tell
+        launch = None
+    if isinstance(launch, dict) and isinstance(launch.get("peers"), int) and launch["peers"] > 0:
+        machines = machine_options(str(launch.get("nnodes", "1")), launch.get("rdzv_endpoint"))
+        every = "by starting every machine again " if machines else ""
+        return f"continue it {every}with: {resume_command(path, launch['peers'], machines)}"
+    return f"continue it with: {resume_command(path, peer_folders(path))}"
+
+
 def resume_mismatch(path: Path, distributed: bool) -> str | None:
     """Why `path` cannot be continued this way, else None: a distributed run's folder resumed
     by one simulating process, or a simulated run's by peer processes. Neither finds its own
@@ -199,8 +222,8 @@ def resume_mismatch(path: Path, distributed: bool) -> str | None:
     peers = peer_folders(path)
     if not distributed and peers:
         return (
-            f"--resume {str(path)!r} is a distributed run ({peers} peer processes); continue it "
-            f"with: {resume_command(path, peers)}"
+            f"--resume {str(path)!r} is a distributed run (one process per peer); "
+            f"{continue_hint(path)}"
         )
     if distributed and not peers and any(path.glob("checkpoints/round-*")):
         return (

@@ -38,6 +38,7 @@ from declora.errors import DecloraError
 from declora.runners.signals import Stopped
 
 LOOPBACK = "127.0.0.1"
+LAUNCH_ENV = "DECLORA_LAUNCH"  # how the peers were launched, for run.json (JSON)
 
 
 def loopback_interface() -> str | None:
@@ -492,12 +493,13 @@ def run(
             where = f" at {plan.endpoint}" if plan else ""
             raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
 
+    record = {"peers": peers, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint}
     if rdzv_endpoint:
         plan = multi_host(nnodes, node_rank, rdzv_endpoint, local_addr, rdzv_timeout_s)
         store = None
         if ":" not in nnodes:
             store = roll_call(plan, int(nnodes), node_rank, peers)
-        with multi_host_env(plan):
+        with multi_host_env(plan), launch_record(record):
             go(None, plan)
         del store
         return
@@ -505,5 +507,28 @@ def run(
         raise DecloraError("--local-addr is for multi-machine launches (with --rdzv-endpoint)")
     if nnodes != "1":
         raise DecloraError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT")
-    with single_machine() as folder:
+    with single_machine() as folder, launch_record(record):
         go(folder)
+
+
+@contextmanager
+def launch_record(record: dict[str, Any]) -> Iterator[None]:
+    """Tell the peers how they were launched (`LAUNCH_ENV`, JSON), for run.json: what
+    continues the run is then known where the run is read (`declora report`), not only to
+    this launcher."""
+    with _restored_env([LAUNCH_ENV]):
+        os.environ[LAUNCH_ENV] = json.dumps(record)
+        yield
+
+
+def launched_as() -> dict[str, Any] | None:
+    """How this peer process's launch was started (peers on the machine of peer 0, machines,
+    rendezvous endpoint), as `launch_record` passed it on; None outside `declora launch` or
+    when the variable is not that launcher's JSON."""
+    try:
+        record = json.loads(os.environ.get(LAUNCH_ENV, ""))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("peers"), int):
+        return None
+    return {k: record.get(k) for k in ("peers", "nnodes", "rdzv_endpoint")}

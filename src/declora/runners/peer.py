@@ -40,6 +40,7 @@ from declora.runners.build import (
     plan_ranks,
     prepare,
 )
+from declora.runners.launch import launched_as
 from declora.runners.placement import refusal
 from declora.runners.simulate import total_cpu_seconds, write_setup
 
@@ -142,6 +143,8 @@ def run_peer(
     peer_dir = rundir.sub(f"peers/peer-{rank}")
     if proc.leader:
         write_setup(rundir, prep)
+        if launch := launched_as():  # what continues the run, for `declora report`
+            rundir.set_status("running", launch=launch)
     name = cfg.algorithm.name
     trackers = Trackers.for_peer(cfg, out, rank=rank, leader=proc.leader, resume=resume)
     torch.manual_seed(cfg.seed + rank)
