@@ -4,6 +4,7 @@ test_causal_run), prepared as the run prepared its own data."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -199,6 +200,11 @@ def test_export_merges_the_adapter_into_a_model_transformers_loads_alone(finishe
     res = run_in_process("export", str(finished_run), str(out))
     assert res.returncode == 0, res.stderr
     assert "merged" in res.stdout and not list(tmp_path.glob(".*partial"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable as any file the user writes (a server under another account loads it)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
     assert not any("lora" in name for name, _ in model.named_parameters())

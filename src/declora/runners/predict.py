@@ -11,6 +11,7 @@ model.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -296,12 +297,24 @@ def merge(pred: Predictor, out_dir: str | Path, overwrite: bool = False) -> Path
     try:
         merged.save_pretrained(str(tmp))
         pred.tokenizer.save_pretrained(str(tmp))
+        _as_umask_allows(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _as_umask_allows(folder: Path) -> None:
+    """Give the saved files the mode any file the user writes gets: transformers writes the
+    weights through a private temporary file (mode 0600), which a server running under
+    another account could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def check_output_path(path: str | Path) -> Path:
