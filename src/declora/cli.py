@@ -223,6 +223,7 @@ def launch(
     Example: declora launch --peers 4 -- --config job.yaml --out runs/dist"""
     from declora.runners import launch as launcher
 
+    launcher.quiet_cpp_warnings()
     extra = [a for a in ctx.args if a != "--"]
     if "--help" in extra:  # `declora run`'s help, once, instead of once from every peer
         run_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]

@@ -345,6 +345,24 @@ class _Missed(logging.Filter):
         return True
 
 
+class _Misleading(logging.Filter):
+    """Drops torchrun's "node_rank is only used for static rdzv_backend" warning: declora
+    uses `--node-rank` itself (the roll call checks that each machine has its own, and rank 0
+    hosts the rendezvous)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("node_rank is only used for static")
+
+
+def quiet_cpp_warnings() -> None:
+    """Hide torch's C++ warnings (its `TORCH_CPP_LOG_LEVEL`, unless the user set one) in this
+    process and the peers it starts: a lost store connection prints a C++ stack trace per
+    retry, and each machine "cannot retrieve the hostname of the client socket", while the
+    launcher and the peers say what happened in one line each. Read when torch is first
+    imported, so called before that."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie, exited but not yet reaped, does not)."""
     try:
@@ -472,6 +490,8 @@ def run(
     def go(rdzv_dir: str | None, plan: MultiHost | None = None) -> None:
         opts = torchrun_args(peers, nnodes, node_rank, rdzv_endpoint, max_restarts, rdzv_dir, plan)
         agent = machine_agent(exit_wait_s, plan.endpoint) if plan else contextlib.nullcontext()
+        misleading, log = _Misleading(), logging.getLogger("torch.distributed.run")
+        log.addFilter(misleading)
         try:
             with agent:
                 torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
@@ -492,6 +512,8 @@ def run(
         except RendezvousError as exc:
             where = f" at {plan.endpoint}" if plan else ""
             raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
+        finally:
+            log.removeFilter(misleading)
 
     record = {"peers": peers, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint}
     if rdzv_endpoint:
