@@ -21,7 +21,13 @@ from safetensors.torch import load_file
 
 from declora.network.compress import make_compressor
 from declora.network.compressed import ChocoGossip, CompressedGossip
-from declora.network.distributed import PeerFailure, PeerGossip, pack_wire, wire_layout
+from declora.network.distributed import (
+    PeerFailure,
+    PeerGossip,
+    failure_reason,
+    pack_wire,
+    wire_layout,
+)
 from declora.network.topology import build_topology
 from tests.conftest import (
     assert_equal_up_to_a_level,
@@ -66,6 +72,23 @@ def test_a_silent_neighbour_times_out_with_its_name(tmp_path):
     assert "neighbour 1 did not answer" in res["error"]
     assert "comm.timeout_s=1.5" in res["error"] and "on_peer_failure=skip" in res["error"]
     assert res["seconds"] < 6  # the timeout, not the silent peer's 8 s
+
+
+def test_a_transfer_failure_is_said_in_whole_sentences():
+    """gloo's words for a lost neighbour, without its source location and torch's generic
+    advice, which the old 160-character cut left as "... Check the logs of the r"."""
+    gloo = (
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [198.18.0.1]:42400: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging or bugs "
+        "in the application. Check the logs of the remote worker"
+    )
+    said = "Read error [198.18.0.1]:42400: Connection reset by peer."
+    assert failure_reason(RuntimeError(gloo)) == said
+    long = "First it says this. " + "and then it goes on " * 20
+    assert failure_reason(RuntimeError(long)) == "First it says this."
+    words = failure_reason(RuntimeError("word " * 60))
+    assert words.endswith("word ...") and len(words) <= 164
+    assert failure_reason(TimeoutError()) == "TimeoutError"
 
 
 def test_skip_mixes_with_the_neighbours_that_answered(tmp_path):

@@ -66,11 +66,20 @@ class SetupMismatch(DecloraError):
 _ABANDONED: list[Any] = []  # ops given up on; kept alive so nothing writes into freed memory
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException, limit: int = 160) -> str:
+    """What a failed transfer's exception says, in at most `limit` characters of whole
+    sentences (or words): gloo's source location and torch's generic advice ("This is
+    typically caused by ...", cut off mid-word before) left out."""
     text = str(exc).strip()
     # gloo prefixes its messages with a source location: keep what it says, not where
     last = text.splitlines()[-1] if text else ""
-    return re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", last)[:160] or type(exc).__name__
+    said = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", last)
+    said = re.sub(r"\s*This is typically caused by .*$", "", said).strip()
+    if len(said) > limit:
+        cut = said[:limit]
+        end = cut.rfind(". ")
+        said = cut[: end + 1] if end > 0 else cut.rsplit(" ", 1)[0] + " ..."
+    return said or type(exc).__name__
 
 
 def _wait_all(works: list[Any], deadline: float) -> list[str | None]:
@@ -99,7 +108,7 @@ def _wait_all(works: list[Any], deadline: float) -> list[str | None]:
             _ABANDONED.append(work)
             out.append("no answer in time")
         else:
-            out.append(_reason(failure[0]) if failure else None)
+            out.append(failure_reason(failure[0]) if failure else None)
     return out
 
 
@@ -119,7 +128,7 @@ def post_ops(ops: list[Any]) -> tuple[list[Any], list[str | None]]:
             problems.append(None)
         except RuntimeError as exc:  # the connection is gone: this neighbour's op fails
             works.append(None)
-            problems.append(_reason(exc))
+            problems.append(failure_reason(exc))
     return works, problems
 
 
@@ -611,7 +620,7 @@ class PeerGossip:
             packets = unpack_wire(buf.cpu(), layout)
             values = {k: self.compressor.decode(p) for k, p in packets.items()}
         except (ValueError, RuntimeError) as exc:
-            self._fail(peer, "sent a malformed buffer", _reason(exc))
+            self._fail(peer, "sent a malformed buffer", failure_reason(exc))
             return None
         bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
         if bad:

@@ -483,7 +483,10 @@ def run(
     2, its message already printed), else `PeersFailed`, naming each and how it ended."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousConnectionError,
+        RendezvousError,
+    )
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
@@ -509,6 +512,14 @@ def run(
             if exc.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None
             raise Stopped(int(exc.sigval)) from None
+        except RendezvousConnectionError as exc:  # torch: "See inner exception for details"
+            if plan is None:
+                raise DecloraError(f"the rendezvous failed: {exc}") from None
+            cause = str(exc.__cause__ or exc).strip().splitlines()[0][:160]
+            raise DecloraError(
+                f"lost the rendezvous at {plan.endpoint}: the machine with --node-rank 0, which "
+                f"hosts it, stopped or cannot be reached ({cause})"
+            ) from None
         except RendezvousError as exc:
             where = f" at {plan.endpoint}" if plan else ""
             raise DecloraError(f"the rendezvous{where} failed: {exc}") from None
