@@ -25,6 +25,7 @@ from declora.network.distributed import (
     PeerFailure,
     PeerGossip,
     failure_reason,
+    missing_checkpoints,
     pack_wire,
     wire_layout,
 )
@@ -225,6 +226,34 @@ def test_a_killed_peer_restarts_the_group_and_it_ends_identical(runs, job, tmp_p
         assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
     status = json.loads((out / "run.json").read_text())
     assert status["status"] == "complete" and status["resumed"] == 1
+
+
+def test_a_resume_whose_peers_lack_their_checkpoints_stops_and_keeps_the_others(runs, tmp_path):
+    """Peers 1 and 3 find no checkpoint of theirs (a machine whose address changed runs other
+    peers than before: ranks follow the addresses). The resume used to start every peer over
+    from round 1, overwriting the checkpoints peers 0 and 2 had; now every peer stops, says
+    which peers lack them, and the folder keeps what it had."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["fp32"][1], run)
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**status, "status": "failed", "error": "lost"}))
+    for i in (1, 3):
+        shutil.rmtree(run / "checkpoints" / f"peer-{i}")
+    kept = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    res = _cli("launch", "--peers", "4", "--", "--quiet", "--resume", str(run))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "peer(s) 1, 3 find no checkpoint of their own (rounds peer 0: 4, 6; peer 2: 4, 6)" in (
+        res.stderr
+    )
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == kept
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["status"] == "failed" and "find no checkpoint" in recorded["error"]
+    # peers that all have checkpoints, but no round in common, are refused alike
+    assert "no round is checkpointed by every peer (rounds peer 0: 4, 6; peer 1: 8)" in (
+        missing_checkpoints([[4, 6], [8]])
+    )
 
 
 def test_a_failed_group_names_the_peer_that_ended_and_never_stays_running(job, tmp_path):

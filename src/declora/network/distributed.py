@@ -373,14 +373,43 @@ def agree_to_resume(mine: bool, proc: PeerProcess) -> bool:
     return any(bool(x) for x in gather_json(bool(mine), proc))
 
 
-def agree_on_resume(available: list[int], proc: PeerProcess) -> int:
-    """The newest round every peer has a complete checkpoint of (0: start from scratch)."""
-    everyone = gather_json(sorted(available), proc)
-    for i, e in enumerate(everyone):
-        if not isinstance(e, list) or not all(isinstance(r, int) for r in e):
+def agree_on_resume(available: list[int], proc: PeerProcess, *, strict: bool = False) -> int:
+    """The newest round every peer has a complete checkpoint of (0: start from scratch).
+
+    `strict` (a `--resume` asked for, not an agent's restart): when some peers have
+    checkpoints and others none, or no round is common to all, every peer stops with
+    `DecloraError` instead of starting over, which would overwrite the checkpoints there are.
+    Across machines a peer's rank follows the machines' addresses, so a machine whose address
+    changed runs other peers than the ones whose checkpoints it holds."""
+    sent = gather_json({"rounds": sorted(available), "strict": bool(strict)}, proc)
+    everyone = []
+    for i, e in enumerate(sent):
+        rounds = e.get("rounds") if isinstance(e, dict) else None
+        if not isinstance(rounds, list) or not all(isinstance(r, int) for r in rounds):
             raise SetupMismatch(f"peer {i} sent no list of checkpoint rounds at resume")
+        everyone.append(rounds)
     common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+    # every peer decides alike: strict only when no peer was restarted by its agent
+    if all(e.get("strict") is True for e in sent) and not common and any(everyone):
+        raise DecloraError(missing_checkpoints(everyone))
     return max(common) if common else 0
+
+
+def missing_checkpoints(everyone: list[list[int]]) -> str:
+    """Why peers with these checkpoint rounds (in rank order) cannot resume together."""
+    lacking = [i for i, e in enumerate(everyone) if not e]
+    have = "; ".join(f"peer {i}: {', '.join(map(str, e))}" for i, e in enumerate(everyone) if e)
+    which = (
+        f"peer(s) {', '.join(map(str, lacking))} find no checkpoint of their own"
+        if lacking
+        else "no round is checkpointed by every peer"
+    )
+    return (
+        f"--resume: {which} (rounds {have}); starting over would overwrite the checkpoints "
+        "there are. A peer's checkpoints are checkpoints/peer-<i> on the machine that ran it, and "
+        "across machines a peer's rank follows the machines' addresses: put each peer's folder "
+        "on the machine that runs it now, or start the run over without --resume (--overwrite)"
+    )
 
 
 # ------------------------------------------------------------------ packed buffers

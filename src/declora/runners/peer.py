@@ -170,7 +170,13 @@ def run_peer(
     if checkpoints is not None:
         checkpoints.keep = max(2, checkpoints.keep)  # peers must share a round to resume from
         if resume:
-            checkpoints.at = dd.agree_on_resume(ckpt.rounds(checkpoints.root), proc)
+            try:  # an agent's restart may start over; a --resume asked for may not
+                at = dd.agree_on_resume(ckpt.rounds(checkpoints.root), proc, strict=not restarted())
+            except DecloraError as exc:
+                if proc.leader:
+                    rundir.set_status("failed", error=failure_text(exc))
+                raise
+            checkpoints.at = at
 
     def on_record(rec: dict[str, Any]) -> None:
         peer_dir.append_metrics(_peer_view(rec))
