@@ -266,7 +266,7 @@ def _resume_hint(folder: Path | None, again: tuple[int, str]) -> str:
     multi-machine options); empty
     when this machine has no checkpoint of it yet, the run is complete, or another process
     holds it (a second launch refused by the first one's lock)."""
-    from declora.reporting.rundir import lock_holder, read_record, resume_command
+    from declora.reporting.rundir import launch_hint, lock_holder, read_record
 
     if folder is None or not any((folder / "checkpoints").glob("peer-*/round-*")):
         return ""
@@ -276,9 +276,7 @@ def _resume_hint(folder: Path | None, again: tuple[int, str]) -> str:
         complete = False
     if complete or lock_holder(folder) is not None:
         return ""
-    peers, machines = again
-    every = "by starting every machine again " if machines else ""
-    return f"continue it {every}with: {resume_command(folder, peers, machines)}"
+    return launch_hint(folder, *again)
 
 
 def _launch_stopped(

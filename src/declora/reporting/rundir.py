@@ -210,9 +210,15 @@ def continue_hint(path: Path) -> str:
         launch = None
     if isinstance(launch, dict) and isinstance(launch.get("peers"), int) and launch["peers"] > 0:
         machines = machine_options(str(launch.get("nnodes", "1")), launch.get("rdzv_endpoint"))
-        every = "by starting every machine again " if machines else ""
-        return f"continue it {every}with: {resume_command(path, launch['peers'], machines)}"
+        return launch_hint(path, launch["peers"], machines)
     return f"continue it with: {resume_command(path, peer_folders(path))}"
+
+
+def launch_hint(path: Path, peers: int, machines: str) -> str:
+    """ "continue it with: declora launch ..." for a distributed run; across machines (some
+    `machines` options) every machine starts again."""
+    every = "by starting every machine again " if machines else ""
+    return f"continue it {every}with: {resume_command(path, peers, machines)}"
 
 
 def resume_mismatch(path: Path, distributed: bool) -> str | None:
