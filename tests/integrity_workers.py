@@ -61,6 +61,7 @@ def _launched_peer(out: str) -> None:
         "worker": listening(os.getpid()),
         "launcher": listening(os.getppid()),
         "master_addr": os.environ["MASTER_ADDR"],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     Path(out, f"peer-{proc.rank}.json").write_text(json.dumps(record))
     dist.barrier()

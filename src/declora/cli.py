@@ -10,11 +10,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from declora.errors import DecloraError
+
+if TYPE_CHECKING:
+    from declora.config.schema import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -68,36 +71,15 @@ def run(
     distributed = launched()
     try:
         if resume is not None:
-            if config is not None or set_:
-                raise DecloraError(
-                    "--resume continues with the run's own config.yaml; drop --config and --set"
-                )
-            if out is not None and out != resume:
-                raise DecloraError("--resume DIR writes into DIR; drop --out")
-            config, out = resume / "config.yaml", resume
-            if not resume.is_dir():
-                what = "is a file" if resume.exists() else "does not exist"
-                raise DecloraError(f"--resume {str(resume)!r} {what}; give a run directory")
-            if not config.is_file():
-                raise DecloraError(
-                    f"--resume {str(resume)!r} has no config.yaml; not a run directory"
-                )
+            config, out = _resume_arguments(resume, config, set_ or [], out), resume
             if why := resume_mismatch(resume, distributed):
                 raise DecloraError(why)
         cfg = load_config(config, set_ or [])
-        if resume is not None and cfg.train.checkpoint_every == 0:
-            raise DecloraError(
-                f"--resume {str(resume)!r}: this run writes no checkpoints "
-                "(train.checkpoint_every=0), so there is nothing to continue from; start it "
-                "again with --out DIR --overwrite"
-            )
+        _check_resumable(resume, cfg)
         _quiet_libraries()
         if distributed:
             if out is None:
-                raise DecloraError(
-                    "a distributed run needs --out DIR (the same on every peer; "
-                    "a default name would differ between processes)"
-                )
+                raise DecloraError(NEEDS_OUT)
             _run_peer(cfg, out, resume is not None, overwrite, quiet)
             return
         from declora.runners.build import check_inputs
@@ -128,6 +110,39 @@ def run(
         _fail(exc)
         return
     _print_outcome(rundir.path, cfg)
+
+
+NEEDS_OUT = (
+    "a distributed run needs --out DIR (the same on every peer; a default name would differ "
+    "between processes)"
+)
+
+
+def _resume_arguments(resume: Path, config: Path | None, sets: list[str], out: Path | None) -> Path:
+    """The config `--resume DIR` continues with (DIR's own config.yaml); refuses arguments
+    that would make it continue something else (another config, another folder, no run)."""
+    if config is not None or sets:
+        raise DecloraError(
+            "--resume continues with the run's own config.yaml; drop --config and --set"
+        )
+    if out is not None and out != resume:
+        raise DecloraError("--resume DIR writes into DIR; drop --out")
+    if not resume.is_dir():
+        what = "is a file" if resume.exists() else "does not exist"
+        raise DecloraError(f"--resume {str(resume)!r} {what}; give a run directory")
+    if not (resume / "config.yaml").is_file():
+        raise DecloraError(f"--resume {str(resume)!r} has no config.yaml; not a run directory")
+    return resume / "config.yaml"
+
+
+def _check_resumable(resume: Path | None, cfg: RunConfig) -> None:
+    """A run that writes no checkpoints has nothing to continue from."""
+    if resume is not None and cfg.train.checkpoint_every == 0:
+        raise DecloraError(
+            f"--resume {str(resume)!r}: this run writes no checkpoints "
+            "(train.checkpoint_every=0), so there is nothing to continue from; start it "
+            "again with --out DIR --overwrite"
+        )
 
 
 def _exit_stopped(exc: KeyboardInterrupt, then: str) -> NoReturn:
@@ -309,12 +324,13 @@ def _peers_failed(exc: Exception, folder: Path | None, again: tuple[int, str]) -
 
 def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
     """On one machine, refuse in the launcher what every peer would refuse (a config error, a
-    wrong process count, a baseline that needs no network), before any process starts. Across
+    wrong process count, a baseline that needs no network, `declora run`'s arguments that do
+    not go together, a run directory it would not write), before any process starts. Across
     machines the peers' handshake does it, so that every machine stops with the message
     instead of waiting for one that refused alone. Returns the run directory the peers will
     write (when the arguments name it; on every machine of a multi-machine run)."""
     from declora.config.schema import load_config
-    from declora.reporting.rundir import resume_mismatch
+    from declora.reporting.rundir import RunDir, resume_mismatch
     from declora.runners.build import check_inputs
     from declora.runners.placement import refusal
 
@@ -336,18 +352,23 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
     if nnodes != "1":
         return params.get("resume") or params.get("out")
     config, sets = params.get("config"), params.get("set_") or []
-    if params.get("resume") is not None:
-        config, sets = params["resume"] / "config.yaml", []
-        if not config.is_file():
-            return None  # the peers say why (same message as `declora run --resume`)
-        if why := resume_mismatch(params["resume"], distributed=True):
+    resume, out = params.get("resume"), params.get("out")
+    if resume is not None:
+        config, sets = _resume_arguments(resume, config, sets, out), []
+        if why := resume_mismatch(resume, distributed=True):
             raise DecloraError(why)
+    elif out is None:
+        raise DecloraError(NEEDS_OUT)
     cfg = load_config(config, sets)
+    _check_resumable(resume, cfg)
     check_inputs(cfg)
     why = refusal(cfg, peers)
     if why:
         raise DecloraError(why)
-    return params.get("resume") or params.get("out")
+    # the peers share this folder on one machine: a busy, non-empty or missing one is refused
+    # here, before they load data and model to find it out (and print it once per peer)
+    RunDir.preflight(resume or out, overwrite=params["overwrite"], resume=resume is not None)
+    return resume or out
 
 
 @app.command()

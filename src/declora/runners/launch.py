@@ -496,7 +496,11 @@ def run(
         misleading, log = _Misleading(), logging.getLogger("torch.distributed.run")
         log.addFilter(misleading)
         try:
-            with agent:
+            with agent, _restored_env(["OMP_NUM_THREADS"]):
+                # torchrun's own default for several peers on a machine, set here so that it
+                # prints no banner asking to tune it (a peer's threads are train.threads)
+                if peers > 1:
+                    os.environ.setdefault("OMP_NUM_THREADS", "1")
                 torchrun(get_args_parser().parse_args([*opts, "-m", *module_args]))
         except ChildFailedError as exc:
             codes = {r: f.exitcode for r, f in exc.failures.items()}
