@@ -64,22 +64,15 @@ def run(
     """Train the peers (and the configured baselines) and write a run directory.
 
     Under torchrun (`declora launch`), this process runs one peer of a distributed run instead."""
-    from declora.config.schema import load_config
     from declora.network.distributed import launched
-    from declora.reporting.rundir import RunDir, resume_mismatch
+    from declora.reporting.rundir import RunDir
 
     distributed = launched()
     try:
-        if resume is not None:
-            config, out = _resume_arguments(resume, config, set_ or [], out), resume
-            if why := resume_mismatch(resume, distributed):
-                raise DecloraError(why)
-        cfg = load_config(config, set_ or [])
-        _check_resumable(resume, cfg)
+        cfg, out = _run_config(config, set_ or [], out, resume, distributed)
         _quiet_libraries()
         if distributed:
-            if out is None:
-                raise DecloraError(NEEDS_OUT)
+            assert out is not None  # _run_config refuses a distributed run without one
             _run_peer(cfg, out, resume is not None, overwrite, quiet)
             return
         from declora.runners.build import check_inputs
@@ -112,37 +105,47 @@ def run(
     _print_outcome(rundir.path, cfg)
 
 
-NEEDS_OUT = (
-    "a distributed run needs --out DIR (the same on every peer; a default name would differ "
-    "between processes)"
-)
+def _run_config(
+    config: Path | None,
+    sets: list[str],
+    out: Path | None,
+    resume: Path | None,
+    distributed: bool,
+) -> tuple[RunConfig, Path | None]:
+    """The config and run directory `declora run`'s arguments ask for (`--resume DIR`: DIR's
+    own config.yaml, written into DIR); refuses arguments that do not go together. Shared by
+    `declora run` and the launcher, which refuses them once before any peer starts."""
+    from declora.config.schema import load_config
+    from declora.reporting.rundir import resume_mismatch
 
-
-def _resume_arguments(resume: Path, config: Path | None, sets: list[str], out: Path | None) -> Path:
-    """The config `--resume DIR` continues with (DIR's own config.yaml); refuses arguments
-    that would make it continue something else (another config, another folder, no run)."""
-    if config is not None or sets:
+    if resume is not None:
+        if config is not None or sets:
+            raise DecloraError(
+                "--resume continues with the run's own config.yaml; drop --config and --set"
+            )
+        if out is not None and out != resume:
+            raise DecloraError("--resume DIR writes into DIR; drop --out")
+        if not resume.is_dir():
+            what = "is a file" if resume.exists() else "does not exist"
+            raise DecloraError(f"--resume {str(resume)!r} {what}; give a run directory")
+        config, out = resume / "config.yaml", resume
+        if not config.is_file():
+            raise DecloraError(f"--resume {str(resume)!r} has no config.yaml; not a run directory")
+        if why := resume_mismatch(resume, distributed):
+            raise DecloraError(why)
+    elif distributed and out is None:
         raise DecloraError(
-            "--resume continues with the run's own config.yaml; drop --config and --set"
+            "a distributed run needs --out DIR (the same on every peer; a default name would "
+            "differ between processes)"
         )
-    if out is not None and out != resume:
-        raise DecloraError("--resume DIR writes into DIR; drop --out")
-    if not resume.is_dir():
-        what = "is a file" if resume.exists() else "does not exist"
-        raise DecloraError(f"--resume {str(resume)!r} {what}; give a run directory")
-    if not (resume / "config.yaml").is_file():
-        raise DecloraError(f"--resume {str(resume)!r} has no config.yaml; not a run directory")
-    return resume / "config.yaml"
-
-
-def _check_resumable(resume: Path | None, cfg: RunConfig) -> None:
-    """A run that writes no checkpoints has nothing to continue from."""
+    cfg = load_config(config, sets)
     if resume is not None and cfg.train.checkpoint_every == 0:
         raise DecloraError(
             f"--resume {str(resume)!r}: this run writes no checkpoints "
             "(train.checkpoint_every=0), so there is nothing to continue from; start it "
             "again with --out DIR --overwrite"
         )
+    return cfg, out
 
 
 def _exit_stopped(exc: KeyboardInterrupt, then: str) -> NoReturn:
@@ -329,8 +332,7 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
     machines the peers' handshake does it, so that every machine stops with the message
     instead of waiting for one that refused alone. Returns the run directory the peers will
     write (when the arguments name it; on every machine of a multi-machine run)."""
-    from declora.config.schema import load_config
-    from declora.reporting.rundir import RunDir, resume_mismatch
+    from declora.reporting.rundir import RunDir
     from declora.runners.build import check_inputs
     from declora.runners.placement import refusal
 
@@ -351,24 +353,18 @@ def _launch_preflight(extra: list[str], peers: int, nnodes: str) -> Path | None:
         ) from None
     if nnodes != "1":
         return params.get("resume") or params.get("out")
-    config, sets = params.get("config"), params.get("set_") or []
-    resume, out = params.get("resume"), params.get("out")
-    if resume is not None:
-        config, sets = _resume_arguments(resume, config, sets, out), []
-        if why := resume_mismatch(resume, distributed=True):
-            raise DecloraError(why)
-    elif out is None:
-        raise DecloraError(NEEDS_OUT)
-    cfg = load_config(config, sets)
-    _check_resumable(resume, cfg)
+    resume = params.get("resume")
+    cfg, out = _run_config(
+        params.get("config"), params.get("set_") or [], params.get("out"), resume, True
+    )
     check_inputs(cfg)
     why = refusal(cfg, peers)
     if why:
         raise DecloraError(why)
     # the peers share this folder on one machine: a busy, non-empty or missing one is refused
     # here, before they load data and model to find it out (and print it once per peer)
-    RunDir.preflight(resume or out, overwrite=params["overwrite"], resume=resume is not None)
-    return resume or out
+    RunDir.preflight(out, overwrite=params["overwrite"], resume=resume is not None)
+    return out
 
 
 @app.command()
